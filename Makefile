@@ -1,0 +1,76 @@
+# The one task runner: the README, CI (.ci/run) and developers all call these targets.
+SHELL := /bin/bash
+.SHELLFLAGS := -eu -o pipefail -c
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+SERVICES ?= kafka nats redis postgres
+PYTEST_ARGS ?=
+PACKAGES := schemas producer consumer jobstream
+
+.DEFAULT_GOAL := help
+.PHONY: fmt-check schemas help venv up down status test test-unit check fmt lint types imports schemas-check bench lock clean
+
+help: ## list the targets
+	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-14s %s\n", $$1, $$2}'
+
+$(BIN)/.installed: pyproject.toml constraints.txt
+	@command -v $(PYTHON) >/dev/null || { echo "python3 not found: install python3 (3.11+) and python3-venv"; exit 1; }
+	@$(PYTHON) -c 'import sys; sys.exit(sys.version_info < (3, 11))' || { echo "python 3.11+ required, found $$($(PYTHON) --version)"; exit 1; }
+	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	@$(BIN)/pip install -q --upgrade pip
+	@PIP_CACHE_DIR=.cache/pip $(BIN)/pip install -q -c constraints.txt -e '.[dev]'
+	@touch $@
+
+venv: $(BIN)/.installed ## create or update the virtualenv (pinned by constraints.txt)
+
+up: venv ## start Kafka, NATS, Redis and PostgreSQL on 127.0.0.1 (reuses what runs)
+	@$(BIN)/python scripts/services.py up $(SERVICES)
+
+down: ## stop every local service; leaves no process behind
+	@if test -x $(BIN)/python; then $(BIN)/python scripts/services.py down; else $(PYTHON) scripts/services.py down; fi
+
+status: ## say which local services run
+	@$(PYTHON) scripts/services.py status
+
+test: up ## the whole suite: unit and integration tests against the real brokers
+	@$(BIN)/pytest $(PYTEST_ARGS)
+
+test-unit: venv ## unit tests only (no brokers)
+	@$(BIN)/pytest -m 'not integration' $(PYTEST_ARGS)
+
+check: venv fmt-check lint types imports schemas-check ## format, lint, types, import contract, schema export
+
+fmt: venv ## reformat the code
+	@$(BIN)/ruff format .
+	@$(BIN)/ruff check --fix .
+
+fmt-check:
+	@$(BIN)/ruff format --check .
+
+lint: venv
+	@$(BIN)/ruff check .
+
+types: venv
+	@$(BIN)/mypy $(PACKAGES)
+
+imports: venv
+	@$(BIN)/lint-imports
+
+schemas-check: venv ## the checked-in JSON Schemas match the job models
+	@$(BIN)/jobstream schemas export --check
+
+schemas: venv ## regenerate schemas/jsonschema/ from the job models
+	@$(BIN)/jobstream schemas export
+
+bench: up ## run the benchmarks (compare with the raw clients; prints ratios)
+	@for script in bench/bench_*.py; do echo "== $$script"; $(BIN)/python $$script; done
+
+lock: ## re-resolve constraints.txt from pyproject.toml in a scratch virtualenv
+	@rm -rf .cache/lockenv && $(PYTHON) -m venv .cache/lockenv
+	@.cache/lockenv/bin/pip install -q -e '.[dev]'
+	@.cache/lockenv/bin/pip freeze --exclude-editable | grep -v '^-e' > constraints.txt
+	@rm -rf .cache/lockenv && echo "constraints.txt updated"
+
+clean: down ## stop services and remove the run state (keeps the download caches)
+	@rm -rf .run

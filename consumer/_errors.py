@@ -1,0 +1,62 @@
+"""What a job's failure causes, as exception classes.
+
+```
+JobstreamError (schemas)                    root of every jobstream error
+├── JobDecodeError (schemas)                dead-letter: the record cannot become a job
+│   ├── InvalidAttributes, UndecodableBody, UnknownJobType,
+│   └── UnsupportedVersion, InvalidPayload
+├── PublishError (producer)                 the broker did not take a record
+├── Retry(delay_s=None)                     raised by a handler: retry, optionally after delay_s
+├── DeadLetter(reason)                      raised by a handler: do not retry, dead-letter now
+├── JobTimeout                              retriable: the job ran past its timeout
+└── WorkerError                             fatal: the worker exits non-zero, the
+                                            orchestrator restarts it
+```
+
+Any other exception a handler raises is retriable, unless its type is listed in
+`retry.non_retriable` (settings).
+"""
+
+from __future__ import annotations
+
+from typing import ClassVar
+
+from schemas import JobstreamError
+
+
+class Retry(JobstreamError):
+    """Raise in a handler to ask for another attempt, optionally after `delay_s`."""
+
+    retriable: ClassVar[bool] = True
+    reason: ClassVar[str] = "retry-requested"
+
+    def __init__(
+        self, message: str = "retry requested by the handler", *, delay_s: float | None = None
+    ) -> None:
+        super().__init__(message)
+        self.delay_s = delay_s
+
+
+class DeadLetter(JobstreamError):
+    """Raise in a handler when retrying cannot help: the job goes to the dead-letter topic."""
+
+    retriable: ClassVar[bool] = False
+    reason: ClassVar[str] = "dead-letter-requested"
+
+
+class JobTimeout(JobstreamError):
+    """The job ran past its timeout (retriable)."""
+
+    retriable: ClassVar[bool] = True
+    reason: ClassVar[str] = "timeout"
+
+    def __init__(self, limit_s: float) -> None:
+        super().__init__(f"job did not finish within its timeout of {limit_s:g}s")
+        self.limit_s = limit_s
+
+
+class WorkerError(JobstreamError):
+    """A fault of the worker itself: it stops and exits non-zero."""
+
+    retriable: ClassVar[bool] = False
+    reason: ClassVar[str] = "worker-error"

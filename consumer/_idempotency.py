@@ -1,0 +1,95 @@
+"""Idempotency stores: a redelivered job that already completed runs no second time.
+
+Semantics every store implements (and `tests/integration/test_idempotency_stores.py`
+checks against each real server):
+
+- `claim(key, owner, lease_s)`: CLAIMED if nobody holds the key (or our own claim, or an
+  expired one); COMPLETED if the job already completed; BUSY while another worker's lease
+  is live (during a rebalance two workers can see the same record: only one runs it).
+- `renew` extends a live claim (the runtime renews at a third of the lease while a job
+  runs); `complete` records completion for `retention_s` (before the offset is committed);
+  `release` gives a claim up after a failure, so the retry can claim it.
+
+The in-memory store is per process: use it for tests and single-worker setups only.
+"""
+
+from __future__ import annotations
+
+import enum
+import time
+from typing import Protocol
+
+from consumer._settings import IdempotencySettings
+
+
+class ClaimState(enum.Enum):
+    CLAIMED = "claimed"
+    COMPLETED = "completed"
+    BUSY = "busy"
+
+
+class IdempotencyStore(Protocol):
+    async def claim(self, key: str, owner: str, lease_s: float) -> ClaimState: ...
+    async def renew(self, key: str, owner: str, lease_s: float) -> bool: ...
+    async def complete(self, key: str, owner: str, retention_s: float) -> None: ...
+    async def release(self, key: str, owner: str) -> None: ...
+    async def close(self) -> None: ...
+
+
+class MemoryIdempotencyStore:
+    """Claims in a dict of this process. Not shared between workers."""
+
+    def __init__(self) -> None:
+        # key -> (completed?, owner, expires at monotonic)
+        self._entries: dict[str, tuple[bool, str, float]] = {}
+
+    async def claim(self, key: str, owner: str, lease_s: float) -> ClaimState:
+        now = time.monotonic()
+        entry = self._entries.get(key)
+        if entry is not None and entry[2] > now:
+            done, holder, _ = entry
+            if done:
+                return ClaimState.COMPLETED
+            if holder != owner:
+                return ClaimState.BUSY
+        self._entries[key] = (False, owner, now + lease_s)
+        return ClaimState.CLAIMED
+
+    async def renew(self, key: str, owner: str, lease_s: float) -> bool:
+        entry = self._entries.get(key)
+        if entry is None or entry[0] or entry[1] != owner:
+            return False
+        self._entries[key] = (False, owner, time.monotonic() + lease_s)
+        return True
+
+    async def complete(self, key: str, owner: str, retention_s: float) -> None:
+        self._entries[key] = (True, owner, time.monotonic() + retention_s)
+        if len(self._entries) % 1024 == 0:
+            self._expire()
+
+    async def release(self, key: str, owner: str) -> None:
+        entry = self._entries.get(key)
+        if entry is not None and not entry[0] and entry[1] == owner:
+            del self._entries[key]
+
+    async def close(self) -> None:
+        self._entries.clear()
+
+    def _expire(self) -> None:
+        now = time.monotonic()
+        for key in [k for k, (_, _, expires) in self._entries.items() if expires <= now]:
+            del self._entries[key]
+
+
+async def open_store(settings: IdempotencySettings) -> IdempotencyStore:
+    """The store the settings name, connected."""
+    if settings.backend == "memory":
+        return MemoryIdempotencyStore()
+    url = settings.url.get_secret_value() if settings.url else ""
+    if settings.backend == "redis":
+        from consumer._idempotency_redis import RedisIdempotencyStore  # noqa: PLC0415
+
+        return await RedisIdempotencyStore.connect(url, settings.namespace)
+    from consumer._idempotency_postgres import PostgresIdempotencyStore  # noqa: PLC0415
+
+    return await PostgresIdempotencyStore.connect(url, settings.namespace)

@@ -1,0 +1,175 @@
+"""Kafka as a `Source`: consumer-group membership, batched commits after settle.
+
+Auto-commit is off. Every fetched record is tracked by the `OffsetTracker`; settled records
+advance the commit position, and commits happen in batches (`commit_every` settled records
+or `commit_interval_s`, whichever first), on revoke (after the runtime drained the revoked
+partitions) and on shutdown. Nothing else in jobstream commits offsets.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections import deque
+from collections.abc import Sequence
+
+from aiokafka import AIOKafkaConsumer, ConsumerRecord, TopicPartition
+from aiokafka.abc import ConsumerRebalanceListener
+from aiokafka.errors import CommitFailedError, IllegalStateError, KafkaError
+from aiokafka.structs import OffsetAndMetadata
+
+from consumer._offsets import OffsetTracker
+from consumer._settings import Settings
+from consumer._source import Delivery, RevokeCallback
+from producer import kafka_client_options
+from schemas import JobDecodeError, from_kafka
+
+log = logging.getLogger("jobstream.kafka")
+
+
+class _Listener(ConsumerRebalanceListener):  # type: ignore[misc]
+    def __init__(self, source: KafkaSource) -> None:
+        self._source = source
+
+    async def on_partitions_revoked(self, revoked: list[TopicPartition]) -> None:
+        await self._source._revoked(revoked)
+
+    async def on_partitions_assigned(self, assigned: list[TopicPartition]) -> None:
+        self._source._assigned(assigned)
+
+
+class KafkaSource:
+    """A member of the consumer group `settings.worker.group` reading `topics`."""
+
+    def __init__(self, settings: Settings, topics: Sequence[str]) -> None:
+        worker = settings.worker
+        self._topics = list(topics)
+        self._settings = settings
+        self._consumer = AIOKafkaConsumer(
+            **kafka_client_options(settings.kafka),
+            group_id=worker.group,
+            enable_auto_commit=False,
+            auto_offset_reset="earliest",
+            isolation_level="read_committed",
+            max_poll_records=worker.fetch_max_records,
+            session_timeout_ms=int(worker.session_timeout_s * 1000),
+            heartbeat_interval_ms=int(worker.session_timeout_s * 1000 / 3),
+            max_poll_interval_ms=int(worker.max_poll_interval_s * 1000),
+        )
+        self._tracker: OffsetTracker[TopicPartition] = OffsetTracker()
+        self._on_revoke: RevokeCallback | None = None
+        self._assignment: set[TopicPartition] = set()
+        self._ready = False
+        self._paused = False
+        self._commit_lock = asyncio.Lock()
+        self._fetch_max = worker.fetch_max_records
+        self._held: deque[tuple[TopicPartition, ConsumerRecord[bytes, bytes]]] = deque()
+
+    @property
+    def ready(self) -> bool:
+        return self._ready
+
+    @property
+    def tracker(self) -> OffsetTracker[TopicPartition]:
+        return self._tracker
+
+    async def start(self, on_revoke: RevokeCallback) -> None:
+        self._on_revoke = on_revoke
+        await self._consumer.start()
+        self._consumer.subscribe(self._topics, listener=_Listener(self))
+
+    async def fetch(self, max_records: int, timeout_s: float) -> list[Delivery]:
+        # Records that arrive beyond `max_records` (a fetch racing a pause) wait in `_held`
+        # instead of overrunning the runtime's in-flight bound.
+        if len(self._held) < max(max_records, 1):
+            batches = await self._consumer.getmany(
+                timeout_ms=int(timeout_s * 1000), max_records=self._fetch_max
+            )
+            for tp, records in batches.items():
+                self._held.extend((tp, record) for record in records)
+        deliveries: list[Delivery] = []
+        while self._held and len(deliveries) < max_records:
+            tp, record = self._held.popleft()
+            if tp not in self._assignment:
+                continue  # fetched just before a revoke: the new owner reads it again
+            self._tracker.track(tp, record.offset)
+            deliveries.append(_delivery(tp, record))
+        return deliveries
+
+    def pause(self) -> None:
+        if not self._paused and self._assignment:
+            self._consumer.pause(*self._assignment)
+            self._paused = True
+
+    def resume(self) -> None:
+        if self._paused:
+            self._consumer.resume(*self._consumer.assignment())
+            self._paused = False
+
+    def settle(self, delivery: Delivery) -> None:
+        tp = delivery.partition
+        if isinstance(tp, TopicPartition) and tp in self._assignment:
+            try:
+                self._tracker.settle(tp, delivery.offset)
+            except ValueError:
+                # From an earlier assignment of this partition: already redelivered.
+                log.debug("stale settle ignored: %s", delivery.describe)
+
+    def owns(self, delivery: Delivery) -> bool:
+        return delivery.partition in self._assignment
+
+    def pending_commits(self) -> int:
+        return self._tracker.pending_commit()
+
+    async def commit(self) -> None:
+        async with self._commit_lock:
+            positions = self._tracker.committable()
+            if not positions:
+                return
+            offsets = {tp: OffsetAndMetadata(pos, "") for tp, pos in positions.items()}
+            try:
+                await self._consumer.commit(offsets)
+            except (CommitFailedError, IllegalStateError) as error:
+                # The group moved on (rebalance): these records will be redelivered to the
+                # new owner and skipped there by the idempotency store.
+                log.warning("commit failed, records will be redelivered: %s", error)
+                return
+            self._tracker.mark_committed(positions)
+            log.debug("committed %s", {f"{tp.topic}[{tp.partition}]": p for tp, p in positions.items()})
+
+    async def stop(self) -> None:
+        await self._consumer.stop()
+
+    async def _revoked(self, revoked: list[TopicPartition]) -> None:
+        revoked_set = set(revoked)
+        if self._on_revoke is not None and revoked_set:
+            await self._on_revoke(list(revoked_set))
+        try:
+            await self.commit()
+        except KafkaError as error:
+            log.warning("commit on revoke failed: %s", error)
+        self._assignment -= revoked_set
+        self._tracker.forget(revoked_set)
+        self._held = deque(item for item in self._held if item[0] not in revoked_set)
+        self._paused = False
+
+    def _assigned(self, assigned: list[TopicPartition]) -> None:
+        self._assignment = set(self._consumer.assignment())
+        self._paused = False
+        self._ready = True
+        log.info("assigned %s", sorted(f"{tp.topic}[{tp.partition}]" for tp in assigned))
+
+
+def _delivery(tp: TopicPartition, record: ConsumerRecord[bytes, bytes]) -> Delivery:
+    headers = list(record.headers or ())
+    value = record.value or b""
+    try:
+        attributes = from_kafka(record.key, headers)
+        error: JobDecodeError | None = None
+    except JobDecodeError as exc:
+        attributes, error = None, exc
+    return Delivery(
+        partition=tp, offset=record.offset, topic=tp.topic, attributes=attributes,
+        body=value, raw_key=record.key, raw_headers=headers, error=error,
+    )  # fmt: skip
+

@@ -1,0 +1,66 @@
+"""How one job is processed: a chain of steps, composed in one visible place.
+
+Order (outermost first): logging -> idempotency -> failure routing -> timeout -> handler.
+(Tracing wraps them all once telemetry lands.) Each step is a module of its own and sees
+the `JobRun`; it calls the next step and may act on the outcome or on the exception.
+Handler exceptions end in the failure step; `asyncio.CancelledError` (shutdown cut-off)
+passes through every step untouched, so a cut-off job is never settled.
+"""
+
+from __future__ import annotations
+
+import enum
+import time
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass, field
+
+from consumer._app import HandlerSpec, JobContext
+from consumer._source import Delivery
+from schemas import Job, JobAttributes, JobDecodeError
+
+
+class Outcome(enum.Enum):
+    """How a job run ended. Every outcome but ABANDONED settles the delivery."""
+
+    COMPLETED = "completed"
+    DUPLICATE = "duplicate"  # completed earlier (idempotency store): skipped
+    FAILED = "failed"  # failed and handed to retry / dead-letter routing
+    RETRYING = "retrying"  # handed to a retry tier (broker acknowledged)
+    DEAD_LETTERED = "dead_lettered"  # handed to the dead-letter topic (broker acknowledged)
+    CANCELLED = "cancelled"  # cancelled by id before or while it ran
+
+
+@dataclass(slots=True)
+class JobRun:
+    """One attempt at one delivery, as it moves through the steps."""
+
+    delivery: Delivery
+    job: Job | None
+    spec: HandlerSpec | None
+    context: JobContext | None
+    decode_error: JobDecodeError | None = None
+    started: float = field(default_factory=time.monotonic)
+    error: BaseException | None = None
+
+    @property
+    def attributes(self) -> JobAttributes | None:
+        return self.delivery.attributes
+
+
+Next = Callable[[JobRun], Awaitable[Outcome]]
+Step = Callable[[JobRun, Next], Awaitable[Outcome]]
+
+
+def compose(steps: Sequence[Step], terminal: Next) -> Next:
+    """Chain `steps` around `terminal`, the first step outermost."""
+    chain = terminal
+    for step in reversed(steps):
+        chain = _bind(step, chain)
+    return chain
+
+
+def _bind(step: Step, following: Next) -> Next:
+    async def call(run: JobRun) -> Outcome:
+        return await step(run, following)
+
+    return call

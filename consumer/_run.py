@@ -1,0 +1,68 @@
+"""Assemble and run a worker from settings: source, health endpoint, signals.
+
+`run_worker` is what `jobstream worker MODULE:APP` calls. SIGTERM or SIGINT starts a
+graceful drain; a second signal exits at once (non-zero, nothing more is committed).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import signal
+
+from consumer._app import App
+from consumer._health import HealthServer
+from consumer._settings import Settings
+from consumer._source import Source
+from consumer._worker import Worker
+
+log = logging.getLogger("jobstream.worker")
+
+
+def topics_for(app: App, settings: Settings) -> list[str]:
+    types = settings.worker.subscribe_types or app.job_types()
+    return sorted({settings.routing.topic(job_type) for job_type in types})
+
+
+def build_source(app: App, settings: Settings) -> Source:
+    if settings.transport == "kafka":
+        from consumer._kafka_source import KafkaSource  # noqa: PLC0415
+
+        return KafkaSource(settings, topics_for(app, settings))
+    msg = f"transport {settings.transport!r} has no worker source yet: use JOBSTREAM_TRANSPORT=kafka"
+    raise NotImplementedError(msg)
+
+
+async def run_worker(app: App, settings: Settings, *, source: Source | None = None) -> Worker:
+    """Run until SIGTERM/SIGINT (or `worker.stop()`), drain, and return the worker."""
+    worker = Worker(app, settings, source or build_source(app, settings))
+    loop = asyncio.get_running_loop()
+    signals = 0
+
+    def on_signal(signum: int) -> None:
+        nonlocal signals
+        signals += 1
+        if signals > 1:
+            log.error("second signal: exiting at once, in-flight jobs will be redelivered")
+            os._exit(128 + signum)
+        log.info("signal %s: draining (up to %.0fs)", signal.Signals(signum).name, settings.worker.drain_timeout_s)
+        worker.stop()
+
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, on_signal, signum)
+    health = None
+    if settings.health.port:
+        health = HealthServer(
+            settings.health.host, settings.health.port,
+            live=lambda: not worker.stopped_by_fault, ready=lambda: worker.ready,
+        )  # fmt: skip
+        await health.start()
+    try:
+        await worker.run()
+    finally:
+        if health is not None:
+            await health.stop()
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            loop.remove_signal_handler(signum)
+    return worker

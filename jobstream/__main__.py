@@ -1,0 +1,5 @@
+"""`python -m jobstream` is the `jobstream` command."""
+
+from jobstream._cli import main
+
+main()

@@ -1,0 +1,60 @@
+"""`jobstream worker MODULE:APP`: run a worker for an app's handlers."""
+
+from __future__ import annotations
+
+import asyncio
+import importlib
+import sys
+from typing import Annotated
+
+import typer
+
+from consumer import App, Settings, WorkerError, run_worker
+from consumer._logging import configure_logging
+from jobstream._config import fail, load_settings
+from schemas import JobstreamError
+
+
+def load_app(target: str) -> App:
+    """Import `module:attribute` and check that it is an `App`."""
+    module_name, _, attribute = target.partition(":")
+    if not module_name or not attribute:
+        raise fail(f"{target!r} is not MODULE:APP (for example `myservice.jobs:app`)", 2)
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as error:
+        raise fail(f"cannot import {module_name!r}: {error}; is it on PYTHONPATH?", 2) from None
+    app = getattr(module, attribute, None)
+    if not isinstance(app, App):
+        raise fail(f"{target!r} is not a jobstream App (found {type(app).__name__})", 2)
+    return app
+
+
+def register(cli: typer.Typer) -> None:
+    @cli.command("worker")
+    def worker(
+        target: Annotated[str, typer.Argument(help="The app to run, as MODULE:APP.")],
+        group: Annotated[str | None, typer.Option(help="Consumer group \\[env: JOBSTREAM_WORKER__GROUP].")] = None,
+        transport: Annotated[str | None, typer.Option(help="kafka or nats \\[env: JOBSTREAM_TRANSPORT].")] = None,
+        max_in_flight: Annotated[int | None, typer.Option(help="Bound on jobs in flight \\[env: JOBSTREAM_WORKER__MAX_IN_FLIGHT].")] = None,
+        ordering: Annotated[str | None, typer.Option(help="key, partition or none \\[env: JOBSTREAM_WORKER__ORDERING].")] = None,
+        health_port: Annotated[int | None, typer.Option(help="Port of /livez and /readyz, 0 = off \\[env: JOBSTREAM_HEALTH__PORT].")] = None,
+    ) -> None:
+        """Consume jobs for the handlers of MODULE:APP until SIGTERM, then drain and exit 0."""
+        settings = load_settings(
+            Settings,
+            **{
+                "worker.group": group, "transport": transport,
+                "worker.max_in_flight": max_in_flight, "worker.ordering": ordering,
+                "health.port": health_port,
+            },
+        )  # fmt: skip
+        app = load_app(target)
+        configure_logging(settings.logging)
+        try:
+            asyncio.run(run_worker(app, settings))
+        except WorkerError as error:
+            raise fail(str(error)) from None
+        except (JobstreamError, NotImplementedError, OSError) as error:
+            raise fail(f"{error}") from None
+        sys.stdout.flush()

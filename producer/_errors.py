@@ -1,0 +1,89 @@
+"""Errors raised while publishing jobs.
+
+    JobstreamError (schemas)            root of every error jobstream raises
+     └── PublishError                   publish-error: the broker refused or failed a publish
+          ├── BrokerUnavailable         broker-unavailable (retriable): cannot reach the broker
+          ├── PublishTimeout            publish-timeout (retriable): no acknowledgement in time
+          └── DestinationMissing        destination-missing: the topic or stream does not
+                                         exist; run `jobstream topics ensure`
+
+A payload that fails validation raises `schemas.InvalidPayload` before anything is sent.
+
+Every message names the transport and the address or destination, and says what to do.
+`PublishTimeout` means the outcome is unknown: the job may have been stored. Publishing it
+again with the same id is safe (JetStream drops the repeat within its duplicate window;
+workers skip a job id that already completed).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from schemas import JobstreamError
+
+__all__ = ["BrokerUnavailable", "DestinationMissing", "PublishError", "PublishTimeout"]
+
+
+class PublishError(JobstreamError):
+    """A publish failed. Root of the producer's errors."""
+
+    retriable = False
+    reason = "publish-error"
+
+
+class BrokerUnavailable(PublishError):
+    """The broker cannot be reached (at start, or while the connection is down)."""
+
+    retriable = True
+    reason = "broker-unavailable"
+
+    def __init__(self, transport: str, address: str, detail: str) -> None:
+        self.transport = transport
+        self.address = address
+        self.detail = detail
+        super().__init__(
+            f"{transport} is not reachable at {address} ({detail}); check that the broker "
+            "runs and that the address and credentials are right (locally: `make up`)"
+        )
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (type(self), (self.transport, self.address, self.detail))
+
+
+class PublishTimeout(PublishError):
+    """The broker did not acknowledge a publish within `publish_timeout_s`."""
+
+    retriable = True
+    reason = "publish-timeout"
+
+    def __init__(self, transport: str, destination: str, timeout_s: float) -> None:
+        self.transport = transport
+        self.destination = destination
+        self.timeout_s = timeout_s
+        super().__init__(
+            f"{transport} did not acknowledge the publish to {destination!r} within "
+            f"{timeout_s:g}s; the job may or may not be stored: check the broker, then publish "
+            "again with the same job id (repeats are deduplicated by id)"
+        )
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (type(self), (self.transport, self.destination, self.timeout_s))
+
+
+class DestinationMissing(PublishError):
+    """The topic (Kafka) or the stream capturing the subject (NATS) does not exist."""
+
+    reason = "destination-missing"
+
+    def __init__(self, transport: str, destination: str) -> None:
+        self.transport = transport
+        self.destination = destination
+        what = "no JetStream stream captures subject" if transport == "nats" else "no topic"
+        super().__init__(
+            f"{transport}: {what} {destination!r}; create it with `jobstream topics ensure` "
+            "(or set JOBSTREAM_CREATE_MISSING=true to create it on first publish, in "
+            "development only)"
+        )
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (type(self), (self.transport, self.destination))

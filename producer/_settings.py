@@ -1,0 +1,184 @@
+"""Connection and routing settings shared by the producer and the worker.
+
+Every field is read from the environment with the prefix `JOBSTREAM_`, nested with `__`
+(`JOBSTREAM_KAFKA__BOOTSTRAP_SERVERS`), from an optional TOML file named by
+`JOBSTREAM_CONFIG_FILE`, or given explicitly. Secrets are `SecretStr`: their values never
+appear in `repr`, logs or error messages. docs/configuration.md lists every setting.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator
+from pydantic_settings import (
+    BaseSettings,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+    TomlConfigSettingsSource,
+)
+
+Transport = Literal["kafka", "nats", "memory"]
+ENV_PREFIX = "JOBSTREAM_"
+CONFIG_FILE_ENV = "JOBSTREAM_CONFIG_FILE"
+
+
+class _Frozen(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+
+class KafkaSettings(_Frozen):
+    """How to reach Kafka."""
+
+    bootstrap_servers: str = "127.0.0.1:9092"
+    """Comma-separated host:port list of brokers to bootstrap from."""
+    client_id: str = "jobstream"
+    """Client id reported to the brokers (shows up in broker logs and quotas)."""
+    security_protocol: Literal["PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"] = "PLAINTEXT"
+    """Transport security; SASL_SSL is what managed Kafka services expect."""
+    sasl_mechanism: Literal["PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512"] | None = None
+    """SASL mechanism when `security_protocol` is SASL_*."""
+    sasl_username: str | None = None
+    """SASL user name."""
+    sasl_password: SecretStr | None = None
+    """SASL password (secret)."""
+    ssl_cafile: Path | None = None
+    """CA bundle to verify the brokers' certificates (default: the system store)."""
+    ssl_certfile: Path | None = None
+    """Client certificate for mutual TLS."""
+    ssl_keyfile: Path | None = None
+    """Private key of the client certificate."""
+    ssl_password: SecretStr | None = None
+    """Password of the private key (secret)."""
+    connect_timeout_s: float = Field(default=10.0, gt=0)
+    """How long `start()` keeps trying to reach a broker (retrying with backoff) before it
+    fails with `BrokerUnavailable`."""
+    request_timeout_s: float = Field(default=30.0, gt=0)
+    """Timeout of one request to a broker. The producer uses at most `publish_timeout_s`, so
+    a record that cannot be delivered in time expires instead of being sent later."""
+    publish_timeout_s: float = Field(default=15.0, gt=0)
+    """How long a publish may wait for the broker's acknowledgement before it fails."""
+    linger_ms: int = Field(default=5, ge=0)
+    """How long the producer waits to fill a batch; small values favour latency."""
+    max_batch_bytes: int = Field(default=1024 * 1024, ge=1024)
+    """Largest record batch the producer builds per partition."""
+    compression: Literal["none", "gzip"] = "none"
+    """Record batch compression."""
+
+
+class NatsSettings(_Frozen):
+    """How to reach NATS JetStream."""
+
+    servers: list[str] = Field(default_factory=lambda: ["nats://127.0.0.1:4222"])
+    """NATS server URLs (env: a JSON list, e.g. `["nats://a:4222","nats://b:4222"]`)."""
+    name: str = "jobstream"
+    """Connection name shown by the server's monitoring."""
+    credentials_file: Path | None = None
+    """A `.creds` file (JWT + nkey seed) for decentralised auth."""
+    nkey_seed_file: Path | None = None
+    """A file holding an nkey seed."""
+    token: SecretStr | None = None
+    """Token authentication (secret)."""
+    user: str | None = None
+    """User name for user/password authentication."""
+    password: SecretStr | None = None
+    """Password for user/password authentication (secret)."""
+    tls_ca_file: Path | None = None
+    """CA bundle to verify the server (turns TLS on)."""
+    tls_cert_file: Path | None = None
+    """Client certificate for mutual TLS."""
+    tls_key_file: Path | None = None
+    """Private key of the client certificate."""
+    connect_timeout_s: float = Field(default=5.0, gt=0)
+    """How long `start()` keeps trying to connect (each attempt is bounded by it too) before
+    it fails with `BrokerUnavailable`."""
+    publish_timeout_s: float = Field(default=15.0, gt=0)
+    """How long a publish may wait for the JetStream acknowledgement."""
+    max_reconnect_attempts: int = Field(default=60, ge=-1)
+    """Reconnect attempts before the connection is given up (-1: forever)."""
+    reconnect_wait_s: float = Field(default=2.0, gt=0)
+    """Pause between reconnect attempts."""
+    reconnect_buffer_bytes: int = Field(default=0, ge=0)
+    """Bytes of publishes buffered while reconnecting. 0 (the default) fails a publish at once
+    while the connection is down, so a publish that reported an error is never sent later."""
+    max_in_flight: int = Field(default=1000, ge=1)
+    """Most publishes awaiting their JetStream acknowledgement at once in `publish_many`."""
+
+
+class RoutingSettings(_Frozen):
+    """Where each job type is published: topic (Kafka) or subject and stream (NATS)."""
+
+    topic_prefix: str = "jobs."
+    """Default Kafka topic of a job type: prefix + type (`jobs.email.welcome`)."""
+    routes: dict[str, str] = Field(default_factory=dict)
+    """Per-type overrides, job type -> topic / subject (env: JSON object)."""
+    subject_prefix: str = "jobs."
+    """Default NATS subject of a job type: prefix + type."""
+    stream: str = "JOBS"
+    """JetStream stream that captures `<subject_prefix>>`."""
+    stream_max_age_s: float = Field(default=7 * 24 * 3600.0, ge=0)
+    """How long the stream keeps a message (0: no limit)."""
+    stream_max_bytes: int = Field(default=-1, ge=-1)
+    """Size limit of the stream in bytes (-1: no limit); the oldest messages go first."""
+    duplicate_window_s: float = Field(default=120.0, gt=0)
+    """Window in which JetStream drops a publish whose `Nats-Msg-Id` (the job id) it saw."""
+    partitions: int = Field(default=6, ge=1)
+    """Partitions of topics created by `jobstream topics ensure`."""
+    replication_factor: int = Field(default=1, ge=1)
+    """Replication factor of topics created by `topics ensure` (and stream replicas)."""
+
+    @field_validator("topic_prefix", "subject_prefix")
+    @classmethod
+    def _no_spaces(cls, value: str) -> str:
+        if any(ch.isspace() for ch in value):
+            msg = "must not contain whitespace"
+            raise ValueError(msg)
+        return value
+
+    def topic(self, job_type: str) -> str:
+        return self.routes.get(job_type, f"{self.topic_prefix}{job_type}")
+
+    def subject(self, job_type: str) -> str:
+        return self.routes.get(job_type, f"{self.subject_prefix}{job_type}")
+
+
+class ProducerSettings(BaseSettings):
+    """Everything a service needs to publish jobs."""
+
+    model_config = SettingsConfigDict(
+        env_prefix=ENV_PREFIX, env_nested_delimiter="__", frozen=True, extra="ignore"
+    )
+
+    transport: Transport = "kafka"
+    """Broker to publish to: `kafka`, `nats`, or `memory` (in-process, for tests/examples)."""
+    source: str = "/jobstream"
+    """CloudEvents `source` of published jobs: a URI-reference naming the producing service."""
+    create_missing: bool = False
+    """Create missing topics/streams at publish time. Off in production: provision with
+    `jobstream topics ensure` so a typo in a job type never creates a topic silently."""
+    job_modules: list[str] = Field(default_factory=lambda: ["schemas.examples"])
+    """Python modules imported by the CLI to register job types."""
+    kafka: KafkaSettings = Field(default_factory=KafkaSettings)
+    """How to reach Kafka (`JOBSTREAM_KAFKA__*`)."""
+    nats: NatsSettings = Field(default_factory=NatsSettings)
+    """How to reach NATS JetStream (`JOBSTREAM_NATS__*`)."""
+    routing: RoutingSettings = Field(default_factory=RoutingSettings)
+    """Topic, subject and stream names, and how `topics ensure` creates them."""
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        # Precedence: explicit arguments (CLI flags), environment, then the config file.
+        sources: list[PydanticBaseSettingsSource] = [init_settings, env_settings]
+        config_file = os.environ.get(CONFIG_FILE_ENV)
+        if config_file:
+            sources.append(TomlConfigSettingsSource(settings_cls, toml_file=Path(config_file)))
+        return (*sources, file_secret_settings)

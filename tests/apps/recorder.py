@@ -1,0 +1,58 @@
+"""A test app whose handler records every run to a sink file, one line per run.
+
+Each line is appended with a single `os.write` on an O_APPEND descriptor, so lines from
+concurrent workers never interleave and a SIGKILL loses at most the run it interrupted.
+Line format: `job_id key seq pid attempt start end outcome` (times from time.time()).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import time
+from typing import Literal
+
+from consumer import App, DeadLetter, JobContext, Retry
+from schemas import Job
+
+
+class RecordJob(Job, type="test.record", version=1):
+    seq: int
+    key: str
+    sleep_ms: int = 0
+    behaviour: Literal["ok", "raise", "fail-once", "fail-twice", "dead-letter", "hang"] = "ok"
+
+
+app = App("recorder")
+_fd: int | None = None
+
+
+def _sink() -> int:
+    global _fd  # noqa: PLW0603 - one descriptor per process
+    if _fd is None:
+        _fd = os.open(os.environ["JOBSTREAM_TEST_SINK"], os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+    return _fd
+
+
+def record(job: RecordJob, ctx: JobContext, start: float, outcome: str) -> None:
+    line = f"{ctx.job_id} {job.key} {job.seq} {os.getpid()} {ctx.attempt} {start:.6f} {time.time():.6f} {outcome}\n"
+    os.write(_sink(), line.encode())
+
+
+@app.handler(RecordJob)
+async def handle(job: RecordJob, ctx: JobContext) -> None:
+    start = time.time()
+    if job.behaviour == "hang":
+        await asyncio.sleep(3600)
+    if job.sleep_ms:
+        await asyncio.sleep(job.sleep_ms / 1000)
+    if job.behaviour == "raise":
+        record(job, ctx, start, "raised")
+        raise RuntimeError(f"job {job.seq} always fails")
+    if job.behaviour == "fail-once" and ctx.attempt < 2 or job.behaviour == "fail-twice" and ctx.attempt < 3:
+        record(job, ctx, start, "raised")
+        raise Retry(f"job {job.seq} fails on attempt {ctx.attempt}")
+    if job.behaviour == "dead-letter":
+        record(job, ctx, start, "raised")
+        raise DeadLetter(f"job {job.seq} cannot be done")
+    record(job, ctx, start, "done")

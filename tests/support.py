@@ -1,0 +1,99 @@
+"""Helpers for tests that run workers against the real brokers."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from aiokafka import AIOKafkaProducer
+
+from schemas import Job, encode, to_kafka
+from tests.conftest import KAFKA_BOOTSTRAP
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@dataclass(frozen=True)
+class SinkLine:
+    job_id: str
+    key: str
+    seq: int
+    pid: int
+    attempt: int
+    start: float
+    end: float
+    outcome: str
+
+
+def read_sink(path: Path) -> list[SinkLine]:
+    if not path.exists():
+        return []
+    lines = []
+    for raw in path.read_text().splitlines():
+        f = raw.split()
+        lines.append(SinkLine(f[0], f[1], int(f[2]), int(f[3]), int(f[4]), float(f[5]), float(f[6]), f[7]))
+    return lines
+
+
+async def publish_raw(topic: str, jobs: Iterable[tuple[str | None, Job]], *, ids: Sequence[str] | None = None) -> list[str]:
+    """Publish with a plain aiokafka producer (the wire contract, nothing of ours)."""
+    producer = AIOKafkaProducer(bootstrap_servers=KAFKA_BOOTSTRAP, acks="all", linger_ms=5)
+    await producer.start()
+    published: list[str] = []
+    try:
+        futures = []
+        for index, (key, job) in enumerate(jobs):
+            message = encode(job, source="/tests", key=key, id=ids[index] if ids else None)
+            record_key, headers = to_kafka(message.attributes)
+            futures.append(await producer.send(topic, message.body, key=record_key, headers=headers))
+            published.append(message.attributes.id)
+        await asyncio.gather(*futures)
+    finally:
+        await producer.stop()
+    return published
+
+
+async def wait_until(condition: Callable[[], bool], timeout_s: float, what: str) -> None:
+    """Poll `condition` until it holds; fail with `what` after `timeout_s`."""
+    deadline = time.monotonic() + timeout_s
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout_s}s waiting for {what}")
+        await asyncio.sleep(0.1)
+
+
+def worker_env(topic: str, group: str, sink: Path, **extra: str) -> dict[str, str]:
+    env = {
+        **os.environ,
+        "JOBSTREAM_KAFKA__BOOTSTRAP_SERVERS": KAFKA_BOOTSTRAP,
+        "JOBSTREAM_ROUTING__ROUTES": json.dumps({"test.record": topic}),
+        "JOBSTREAM_WORKER__GROUP": group,
+        "JOBSTREAM_HEALTH__PORT": "0",
+        "JOBSTREAM_TEST_SINK": str(sink),
+        "JOBSTREAM_LOGGING__LEVEL": "WARNING",
+        "PYTHONPATH": str(ROOT),
+    }
+    env.update(extra)
+    return env
+
+
+def start_worker(env: dict[str, str], log: Path, app: str = "tests.apps.recorder:app") -> subprocess.Popen[bytes]:
+    with log.open("ab") as out:
+        return subprocess.Popen(
+            [sys.executable, "-m", "jobstream", "worker", app],
+            env=env, stdout=out, stderr=subprocess.STDOUT, cwd=ROOT,
+        )  # fmt: skip
+
+
+def stop_worker(process: subprocess.Popen[bytes], sig: int = signal.SIGTERM, timeout_s: float = 60) -> int:
+    if process.poll() is None:
+        process.send_signal(sig)
+    return process.wait(timeout_s)
