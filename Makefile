@@ -9,7 +9,7 @@ PYTEST_ARGS ?=
 PACKAGES := schemas producer consumer jobstream
 
 .DEFAULT_GOAL := help
-.PHONY: fmt-check schemas help venv up down status test test-unit check fmt lint types imports schemas-check bench lock clean
+.PHONY: demo fmt-check schemas help venv up down status test test-unit check fmt lint types imports schemas-check bench lock clean
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-14s %s\n", $$1, $$2}'
@@ -32,6 +32,10 @@ down: ## stop every local service; leaves no process behind
 
 status: ## say which local services run
 	@$(PYTHON) scripts/services.py status
+
+demo: ## the main job: start the services, publish example jobs, run a worker, show the outcome
+	@$(MAKE) --no-print-directory up SERVICES="kafka nats"
+	@JOBSTREAM_LOGGING__LEVEL=WARNING $(BIN)/python -m examples.roundtrip
 
 test: up ## the whole suite: unit and integration tests against the real brokers
 	@$(BIN)/pytest $(PYTEST_ARGS)

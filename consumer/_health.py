@@ -26,7 +26,7 @@ class HealthServer:
 
     @property
     def port(self) -> int:
-        assert self._server is not None  # noqa: S101
+        assert self._server is not None
         return int(self._server.sockets[0].getsockname()[1])
 
     def route(self, path: str, handler: Callable[[], tuple[int, str]]) -> None:
@@ -54,7 +54,8 @@ class HealthServer:
             content_type = "text/plain; version=0.0.4" if path == "/metrics" else "text/plain"
             writer.write(
                 f"HTTP/1.1 {status} {reason}\r\nContent-Type: {content_type}\r\n"
-                f"Content-Length: {len(payload)}\r\nConnection: close\r\n\r\n".encode() + payload
+                f"Content-Length: {len(payload)}\r\nConnection: close\r\n\r\n".encode()
+                + payload
             )
             await writer.drain()
         except (TimeoutError, ConnectionError, UnicodeDecodeError):

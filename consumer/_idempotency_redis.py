@@ -6,7 +6,8 @@ disappear by themselves (the lease), completed ids after `retention_s`.
 
 from __future__ import annotations
 
-from typing import Any
+from collections.abc import Awaitable
+from typing import Any, cast
 
 import redis.asyncio as redis
 
@@ -44,7 +45,7 @@ class RedisIdempotencyStore:
     @classmethod
     async def connect(cls, url: str, namespace: str) -> RedisIdempotencyStore:
         client = redis.Redis.from_url(url, decode_responses=True, socket_connect_timeout=5)
-        await client.ping()
+        await cast("Awaitable[Any]", client.ping())
         return cls(client, namespace)
 
     async def claim(self, key: str, owner: str, lease_s: float) -> ClaimState:
@@ -56,7 +57,9 @@ class RedisIdempotencyStore:
         return bool(renewed)
 
     async def complete(self, key: str, owner: str, retention_s: float) -> None:
-        await self._client.set(self._prefix + key, "done", px=_ms(retention_s))
+        await cast(
+            "Awaitable[Any]", self._client.set(self._prefix + key, "done", px=_ms(retention_s))
+        )
 
     async def release(self, key: str, owner: str) -> None:
         await self._release(keys=[self._prefix + key], args=[_running(owner)])

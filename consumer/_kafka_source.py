@@ -135,7 +135,9 @@ class KafkaSource:
                 log.warning("commit failed, records will be redelivered: %s", error)
                 return
             self._tracker.mark_committed(positions)
-            log.debug("committed %s", {f"{tp.topic}[{tp.partition}]": p for tp, p in positions.items()})
+            log.debug(
+                "committed %s", {f"{tp.topic}[{tp.partition}]": p for tp, p in positions.items()}
+            )
 
     async def stop(self) -> None:
         await self._consumer.stop()
@@ -172,4 +174,3 @@ def _delivery(tp: TopicPartition, record: ConsumerRecord[bytes, bytes]) -> Deliv
         partition=tp, offset=record.offset, topic=tp.topic, attributes=attributes,
         body=value, raw_key=record.key, raw_headers=headers, error=error,
     )  # fmt: skip
-

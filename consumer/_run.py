@@ -30,7 +30,9 @@ def build_source(app: App, settings: Settings) -> Source:
         from consumer._kafka_source import KafkaSource  # noqa: PLC0415
 
         return KafkaSource(settings, topics_for(app, settings))
-    msg = f"transport {settings.transport!r} has no worker source yet: use JOBSTREAM_TRANSPORT=kafka"
+    msg = (
+        f"transport {settings.transport!r} has no worker source yet: use JOBSTREAM_TRANSPORT=kafka"
+    )
     raise NotImplementedError(msg)
 
 
@@ -46,7 +48,11 @@ async def run_worker(app: App, settings: Settings, *, source: Source | None = No
         if signals > 1:
             log.error("second signal: exiting at once, in-flight jobs will be redelivered")
             os._exit(128 + signum)
-        log.info("signal %s: draining (up to %.0fs)", signal.Signals(signum).name, settings.worker.drain_timeout_s)
+        log.info(
+            "signal %s: draining (up to %.0fs)",
+            signal.Signals(signum).name,
+            settings.worker.drain_timeout_s,
+        )
         worker.stop()
 
     for signum in (signal.SIGTERM, signal.SIGINT):

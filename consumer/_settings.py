@@ -73,8 +73,7 @@ class IdempotencySettings(_Frozen):
     def _url_for_remote_backends(self) -> Self:
         if self.backend != "memory" and self.url is None:
             msg = (
-                f"idempotency backend {self.backend!r} needs a URL: set "
-                "JOBSTREAM_IDEMPOTENCY__URL"
+                f"idempotency backend {self.backend!r} needs a URL: set JOBSTREAM_IDEMPOTENCY__URL"
             )
             raise ValueError(msg)
         return self

@@ -21,7 +21,9 @@ class HandlerStep:
         if run.decode_error is not None:
             raise run.decode_error
         spec, job, context = run.spec, run.job, run.context
-        assert spec is not None and job is not None and context is not None  # noqa: S101
+        assert spec is not None
+        assert job is not None
+        assert context is not None
         loop = asyncio.get_running_loop()
         if spec.is_async:
             await spec.func(job, context)

@@ -8,7 +8,7 @@ from consumer._errors import JobTimeout
 from consumer._pipeline import JobRun, Next, Outcome
 
 
-def timeout_step(default_timeout_s: float) -> "TimeoutStep":
+def timeout_step(default_timeout_s: float) -> TimeoutStep:
     return TimeoutStep(default_timeout_s)
 
 

@@ -7,8 +7,9 @@ Guarantees (SPEC G1-G4, G6, G8), and where each is kept:
 - Jobs of one lane (a key, a partition) run one at a time in fetch order (G3).
 - A delivery is settled only when its run returned an outcome; the source's
   `OffsetTracker` commits nothing past an unsettled delivery (G2).
-- On revoke, queued deliveries of the revoked partitions are dropped (not settled) and
-  running ones get `revoke_timeout_s` to finish before the source commits and lets go.
+- On revoke, the admitted deliveries of the revoked partitions (running and queued) get
+  `revoke_timeout_s` to finish; then the source commits and lets go. What is still queued
+  after that is dropped unsettled, so the new owner reads it again.
 - On stop, fetching stops, running jobs get `drain_timeout_s`, what is still running is
   cancelled (not settled: redelivered), the settled offsets are committed (G6).
 - A handler's exception never reaches this module (the failure step settles it); any
@@ -66,6 +67,8 @@ class Worker:
         self._lanes: LaneScheduler[Delivery] = LaneScheduler()
         self._tasks: dict[int, tuple[Delivery, asyncio.Task[None]]] = {}
         self._admitted = 0
+        self._per_partition: dict[Hashable, int] = {}
+        self._partition_drained = asyncio.Event()
         self._room = asyncio.Event()
         self._commit_due = asyncio.Event()
         self._stopping = asyncio.Event()
@@ -132,11 +135,18 @@ class Worker:
         self.source.pause()
         running = [task for _, task in self._tasks.values()]
         if running:
-            log.info("draining %d running jobs (up to %.0fs)", len(running), self.settings.worker.drain_timeout_s)
+            log.info(
+                "draining %d running jobs (up to %.0fs)",
+                len(running),
+                self.settings.worker.drain_timeout_s,
+            )
             _, late = await asyncio.wait(running, timeout=self.settings.worker.drain_timeout_s)
             for delivery, task in list(self._tasks.values()):
                 if task in late:
-                    log.warning("job cut off by the drain timeout, it will be redelivered: %s", delivery.describe)
+                    log.warning(
+                        "job cut off by the drain timeout, it will be redelivered: %s",
+                        delivery.describe,
+                    )
                     task.cancel()
             if late:
                 await asyncio.wait(late)
@@ -176,6 +186,7 @@ class Worker:
 
     def _admit(self, delivery: Delivery) -> None:
         self._admitted += 1
+        self._per_partition[delivery.partition] = self._per_partition.get(delivery.partition, 0) + 1
         lane = lane_for(self.settings.worker.ordering, delivery.partition, delivery.key)
         if self._lanes.submit(lane, delivery):
             self._start(delivery, lane)
@@ -205,15 +216,24 @@ class Worker:
             self._finish(delivery, lane)
 
     def _finish(self, delivery: Delivery, lane: Hashable | None) -> None:
-        self._admitted -= 1
-        self._room.set()
+        self._release(delivery)
         following = self._lanes.done(lane, delivery)
         while following is not None and self._stopping.is_set():
             # Stopping: what waited behind this lane is left unsettled (redelivered).
-            self._admitted -= 1
+            self._release(following)
             following = self._lanes.done(lane, following)
         if following is not None:
             self._start(following, lane)
+
+    def _release(self, delivery: Delivery) -> None:
+        self._admitted -= 1
+        left = self._per_partition.get(delivery.partition, 1) - 1
+        if left:
+            self._per_partition[delivery.partition] = left
+        else:
+            self._per_partition.pop(delivery.partition, None)
+            self._partition_drained.set()
+        self._room.set()
 
     def _job_run(self, delivery: Delivery) -> JobRun:
         attributes = delivery.attributes
@@ -230,7 +250,13 @@ class Worker:
             attributes=attributes,
             logger=logging.LoggerAdapter(
                 logging.getLogger("jobstream.handler"),
-                {"job": {"job_id": attributes.id, "job_type": attributes.type, "attempt": attributes.attempt}},
+                {
+                    "job": {
+                        "job_id": attributes.id,
+                        "job_type": attributes.type,
+                        "attempt": attributes.attempt,
+                    }
+                },
             ),
             deadline=time.monotonic() + timeout_s,
         )
@@ -251,11 +277,16 @@ class Worker:
 
     async def _on_revoke(self, partitions: Sequence[Hashable]) -> None:
         revoked = set(partitions)
-        dropped = self._lanes.drop(lambda d: d.partition in revoked)
-        self._admitted -= len(dropped)
-        running = [task for d, task in self._tasks.values() if d.partition in revoked]
-        if running:
-            _, late = await asyncio.wait(running, timeout=self.settings.worker.revoke_timeout_s)
-            if late:
-                log.warning("%d jobs of revoked partitions still running: not committed", len(late))
-
+        deadline = time.monotonic() + self.settings.worker.revoke_timeout_s
+        while any(p in self._per_partition for p in revoked):
+            self._partition_drained.clear()
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                break
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._partition_drained.wait(), remaining)
+        for delivery in self._lanes.drop(lambda d: d.partition in revoked):
+            self._release(delivery)
+        late = sum(self._per_partition.get(p, 0) for p in revoked)
+        if late:
+            log.warning("%d jobs of revoked partitions still running: not committed", late)

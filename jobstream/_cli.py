@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import typer
 
-from jobstream import _cli_schemas, _cli_worker
+from jobstream import _cli_publish, _cli_schemas, _cli_topics, _cli_worker
 
 app = typer.Typer(
     name="jobstream",
@@ -19,6 +19,8 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
 )
 _cli_schemas.register(app)
+_cli_publish.register(app)
+_cli_topics.register(app)
 _cli_worker.register(app)
 
 

@@ -34,11 +34,26 @@ def register(cli: typer.Typer) -> None:
     @cli.command("worker")
     def worker(
         target: Annotated[str, typer.Argument(help="The app to run, as MODULE:APP.")],
-        group: Annotated[str | None, typer.Option(help="Consumer group \\[env: JOBSTREAM_WORKER__GROUP].")] = None,
-        transport: Annotated[str | None, typer.Option(help="kafka or nats \\[env: JOBSTREAM_TRANSPORT].")] = None,
-        max_in_flight: Annotated[int | None, typer.Option(help="Bound on jobs in flight \\[env: JOBSTREAM_WORKER__MAX_IN_FLIGHT].")] = None,
-        ordering: Annotated[str | None, typer.Option(help="key, partition or none \\[env: JOBSTREAM_WORKER__ORDERING].")] = None,
-        health_port: Annotated[int | None, typer.Option(help="Port of /livez and /readyz, 0 = off \\[env: JOBSTREAM_HEALTH__PORT].")] = None,
+        group: Annotated[
+            str | None, typer.Option(help="Consumer group \\[env: JOBSTREAM_WORKER__GROUP].")
+        ] = None,
+        transport: Annotated[
+            str | None, typer.Option(help="kafka or nats \\[env: JOBSTREAM_TRANSPORT].")
+        ] = None,
+        max_in_flight: Annotated[
+            int | None,
+            typer.Option(help="Bound on jobs in flight \\[env: JOBSTREAM_WORKER__MAX_IN_FLIGHT]."),
+        ] = None,
+        ordering: Annotated[
+            str | None,
+            typer.Option(help="key, partition or none \\[env: JOBSTREAM_WORKER__ORDERING]."),
+        ] = None,
+        health_port: Annotated[
+            int | None,
+            typer.Option(
+                help="Port of /livez and /readyz, 0 = off \\[env: JOBSTREAM_HEALTH__PORT]."
+            ),
+        ] = None,
     ) -> None:
         """Consume jobs for the handlers of MODULE:APP until SIGTERM, then drain and exit 0."""
         settings = load_settings(

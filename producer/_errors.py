@@ -78,9 +78,12 @@ class DestinationMissing(PublishError):
     def __init__(self, transport: str, destination: str) -> None:
         self.transport = transport
         self.destination = destination
-        what = "no JetStream stream captures subject" if transport == "nats" else "no topic"
+        if transport == "nats":
+            what = f"no JetStream stream captures subject {destination!r} (is JetStream on?)"
+        else:
+            what = f"topic {destination!r} does not exist"
         super().__init__(
-            f"{transport}: {what} {destination!r}; create it with `jobstream topics ensure` "
+            f"{transport}: {what}; create it with `jobstream topics ensure` "
             "(or set JOBSTREAM_CREATE_MISSING=true to create it on first publish, in "
             "development only)"
         )

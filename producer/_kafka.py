@@ -17,7 +17,7 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import AsyncIterator, Iterable, Sequence
 from typing import Any
 
 from aiokafka import AIOKafkaProducer
@@ -94,12 +94,12 @@ class KafkaPublisher:
             except (KafkaError, OSError, TimeoutError) as error:
                 await producer.stop()
                 left = deadline - time.monotonic()
-                if left <= backoff:
+                if left <= 0:
                     raise BrokerUnavailable(
                         "kafka", self._settings.bootstrap_servers, _describe(error)
                     ) from error
                 log.debug("kafka not reachable yet (%r); retrying in %.1fs", error, backoff)
-                await asyncio.sleep(backoff)
+                await asyncio.sleep(min(backoff, left))  # the last attempt is at the deadline
                 backoff = min(backoff * 2, _MAX_BACKOFF_S)
             else:
                 self._producer = producer
@@ -202,33 +202,41 @@ class KafkaPublisher:
     async def _enqueue(
         self, topic: str, key: bytes | None, headers: list[tuple[str, bytes]], value: bytes
     ) -> asyncio.Future[Any]:
+        """Hand a record to the client's batch. aiokafka bounds this by its request timeout
+        (capped to ours) when the partition's batch is full."""
         producer = self._running()
         if topic not in self._known_topics:
             await self._check_topic(topic)
-        async with self._deadline(topic):
+        try:
             future: asyncio.Future[Any] = await producer.send(
                 topic, value, key=key, headers=headers
             )
-            return future
+        except KafkaError as error:
+            raise self._translate(error, topic) from error
+        return future
 
     async def _receipt(self, job_id: str, topic: str, future: asyncio.Future[Any]) -> Receipt:
         metadata = await future
         return Receipt(job_id, "kafka", metadata.topic, metadata.partition, metadata.offset)
 
     @contextlib.asynccontextmanager
-    async def _deadline(self, topic: str) -> Any:
-        """Bound a step by `publish_timeout_s`; translate client errors to ours."""
+    async def _deadline(self, topic: str) -> AsyncIterator[None]:
+        """Bound waiting for acknowledgements by `publish_timeout_s`; translate errors."""
         try:
             async with asyncio.timeout(self._timeout):
                 yield
-        except (TimeoutError, KafkaTimeoutError) as error:
+        except TimeoutError as error:
             raise PublishTimeout("kafka", topic, self._timeout) from error
-        except UnknownTopicOrPartitionError as error:
-            self._known_topics.discard(topic)
-            raise DestinationMissing("kafka", topic) from error
         except KafkaError as error:
-            msg = f"kafka refused the publish to {topic!r}: {_describe(error)}"
-            raise PublishError(msg) from error
+            raise self._translate(error, topic) from error
+
+    def _translate(self, error: KafkaError, topic: str) -> PublishError:
+        if isinstance(error, KafkaTimeoutError):
+            return PublishTimeout("kafka", topic, self._timeout)
+        if isinstance(error, UnknownTopicOrPartitionError):
+            self._known_topics.discard(topic)
+            return DestinationMissing("kafka", topic)
+        return PublishError(f"kafka refused the publish to {topic!r}: {_describe(error)}")
 
 
 def _describe(error: BaseException) -> str:

@@ -135,17 +135,17 @@ class MemoryBroker:
         return self._committed.get((group, topic, partition))
 
     async def wait_for_records(
-        self, positions: Mapping[Position, int], timeout: float | None = None
+        self, positions: Mapping[Position, int], max_wait_s: float | None = None
     ) -> bool:
         """Wait until a partition in `positions` has a record at or after its offset.
-        Returns False if `timeout` seconds passed first."""
+        Returns False if `max_wait_s` seconds passed first (None: wait as long as needed)."""
 
         def available() -> bool:
             return any(self.end_offset(t, p) > offset for (t, p), offset in positions.items())
 
         async with self._appended:
             try:
-                async with asyncio.timeout(timeout):
+                async with asyncio.timeout(max_wait_s):
                     await self._appended.wait_for(available)
             except TimeoutError:
                 return False
@@ -184,7 +184,9 @@ class MemoryPublisher:
     async def send(self, destination: str, message: JobMessage) -> Receipt:
         key, headers = to_kafka(message.attributes)
         record = await self.broker.append(destination, key, headers, message.body)
-        return Receipt(message.attributes.id, "memory", destination, record.partition, record.offset)
+        return Receipt(
+            message.attributes.id, "memory", destination, record.partition, record.offset
+        )
 
     async def send_many(self, items: Sequence[tuple[str, JobMessage]]) -> list[Receipt]:
         return [await self.send(destination, message) for destination, message in items]
@@ -198,4 +200,6 @@ class MemoryPublisher:
         return Receipt(job_id, "memory", topic, record.partition, record.offset)
 
     async def ensure(self, destinations: Sequence[str]) -> list[str]:
-        return [t for t in dict.fromkeys(destinations) if self.broker.create_topic(t, self._partitions)]
+        return [
+            t for t in dict.fromkeys(destinations) if self.broker.create_topic(t, self._partitions)
+        ]

@@ -15,6 +15,7 @@ more per job type (retry tiers, a dead-letter topic) without changing this modul
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any
@@ -37,6 +38,8 @@ __all__ = [
 ]
 
 log = logging.getLogger("jobstream.producer")
+
+_LEADER_WAIT_S = 30.0
 
 DestinationHook = Callable[[str, str], Iterable[str]]
 """(job type, its main topic or subject) -> more destinations to provision for it."""
@@ -77,7 +80,27 @@ async def ensure_kafka_topics(
             detail = entry[2] if len(entry) > 2 and entry[2] else error.description
             msg = f"kafka refused to create topic {topic!r}: {error.message} ({detail})"
             raise PublishError(f"{msg}; check the broker's permissions and limits")
+    await _wait_for_leaders(admin, created)
     return created
+
+
+async def _wait_for_leaders(admin: AIOKafkaAdminClient, topics: list[str]) -> None:
+    """Return once every partition of `topics` has a leader (a new topic takes a moment),
+    so the first publish does not bounce off NOT_LEADER_FOR_PARTITION."""
+    pause = 0.05
+    async with asyncio.timeout(_LEADER_WAIT_S):
+        while topics:
+            described = await admin.describe_topics(topics)
+            topics = [
+                t["topic"]
+                for t in described
+                if t["error_code"] != 0
+                or not t["partitions"]
+                or any(p["leader"] < 0 for p in t["partitions"])
+            ]
+            if topics:
+                await asyncio.sleep(pause)
+                pause = min(pause * 2, 1.0)
 
 
 def stream_subjects(prefix: str, subjects: Iterable[str]) -> list[str]:
@@ -121,9 +144,9 @@ async def ensure_nats_stream(
 def _covers(pattern: str, subject: str) -> bool:
     """Does the subject filter `pattern` (with `*` and `>`) match every message of `subject`?"""
     want, have = pattern.split("."), subject.split(".")
-    for i, token in enumerate(want):
-        if token == ">":
+    for i, part in enumerate(want):
+        if part == ">":
             return len(have) > i
-        if i >= len(have) or (token not in ("*", have[i])):
+        if i >= len(have) or (part not in ("*", have[i])):
             return False
     return len(want) == len(have)

@@ -64,20 +64,20 @@ class JobDecodeError(JobstreamError):
     reason = "decode-error"
 
 
-class InvalidAttributes(JobDecodeError):  # noqa: N818 - public name, reads as a reason
+class InvalidAttributes(JobDecodeError):
     """A required CloudEvents attribute is missing or malformed, or the attributes are too
     large to travel as headers."""
 
     reason = "invalid-attributes"
 
 
-class UndecodableBody(JobDecodeError):  # noqa: N818 - public name, reads as a reason
+class UndecodableBody(JobDecodeError):
     """The body is not UTF-8 JSON, or not a JSON object."""
 
     reason = "undecodable-body"
 
 
-class UnknownJobType(JobDecodeError):  # noqa: N818 - public name, reads as a reason
+class UnknownJobType(JobDecodeError):
     """No model is registered for the job type (`ce_type`)."""
 
     reason = "unknown-type"
@@ -95,7 +95,7 @@ class UnknownJobType(JobDecodeError):  # noqa: N818 - public name, reads as a re
         return (type(self), (self.job_type, self.known_types))
 
 
-class UnsupportedVersion(JobDecodeError):  # noqa: N818 - public name, reads as a reason
+class UnsupportedVersion(JobDecodeError):
     """The job type is registered, but not in the version the record carries."""
 
     reason = "unsupported-version"
@@ -114,7 +114,7 @@ class UnsupportedVersion(JobDecodeError):  # noqa: N818 - public name, reads as 
         return (type(self), (self.job_type, self.version, self.supported))
 
 
-class InvalidPayload(JobDecodeError):  # noqa: N818 - public name, reads as a reason
+class InvalidPayload(JobDecodeError):
     """The payload does not validate against the job's model.
 
     `errors` holds pydantic's error dicts (`type`, `loc`, `msg`), without the offending

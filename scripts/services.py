@@ -99,11 +99,16 @@ def _port_open(port: int) -> bool:
 def _java_major() -> int:
     java = shutil.which("java")
     if java is None:
-        _fail("java 17+ not found: install openjdk-17-jre-headless (apt-get install -y openjdk-17-jre-headless)")
+        _fail(
+            "java 17+ not found: install openjdk-17-jre-headless "
+            "(apt-get install -y openjdk-17-jre-headless)"
+        )
     out = subprocess.run([java, "-version"], capture_output=True, text=True, check=False).stderr
     match = re.search(r'version "(\d+)(?:\.(\d+))?', out)
     if not match:
-        _fail(f"could not read the java version from {out.strip()!r}: install openjdk-17-jre-headless")
+        _fail(
+            f"could not read the java version from {out.strip()!r}: install openjdk-17-jre-headless"
+        )
     major = int(match.group(1))
     return int(match.group(2)) if major == 1 and match.group(2) else major
 
@@ -114,8 +119,14 @@ def _kafka_jars() -> Path:
         return lib
     mvn = shutil.which("mvn")
     if mvn is None:
-        _fail("mvn not found, and the Kafka jars are not cached yet: install maven (apt-get install -y maven)")
-    print("resolving the Kafka jars from Maven Central (once; cached in .cache/kafka/lib) ...", flush=True)
+        _fail(
+            "mvn not found, and the Kafka jars are not cached yet: "
+            "install maven (apt-get install -y maven)"
+        )
+    print(
+        "resolving the Kafka jars from Maven Central (once; cached in .cache/kafka/lib) ...",
+        flush=True,
+    )
     cmd = [
         mvn, "-q", "-B", "-f", str(ROOT / "services/kafka/pom.xml"),
         f"-Dmaven.repo.local={CACHE / 'm2'}",
@@ -194,7 +205,9 @@ def _kafka_ready() -> bool:
     async def probe() -> bool:
         from aiokafka.admin import AIOKafkaAdminClient  # noqa: PLC0415 - venv-only import
 
-        admin = AIOKafkaAdminClient(bootstrap_servers=f"{HOST}:{KAFKA_PORT}", request_timeout_ms=3000)
+        admin = AIOKafkaAdminClient(
+            bootstrap_servers=f"{HOST}:{KAFKA_PORT}", request_timeout_ms=3000
+        )
         try:
             await admin.start()
             await admin.list_topics()
@@ -226,7 +239,7 @@ def _nats_command() -> list[str]:
 def _nats_ready() -> bool:
     url = f"http://{HOST}:{NATS_MONITOR_PORT}/healthz?js-enabled-only=true"
     try:
-        with urllib.request.urlopen(url, timeout=2) as response:  # noqa: S310 - fixed loopback URL
+        with urllib.request.urlopen(url, timeout=2) as response:
             return bool(json.loads(response.read()).get("status") == "ok")
     except (OSError, ValueError):
         return False
@@ -316,7 +329,9 @@ def _postgres_ready() -> bool:
 SERVICES = {
     "kafka": Service("kafka", f"{HOST}:{KAFKA_PORT}", _kafka_command, _kafka_ready, KAFKA_PORT),
     "nats": Service("nats", f"nats://{HOST}:{NATS_PORT}", _nats_command, _nats_ready, NATS_PORT),
-    "redis": Service("redis", f"redis://{HOST}:{REDIS_PORT}/0", _redis_command, _redis_ready, REDIS_PORT),
+    "redis": Service(
+        "redis", f"redis://{HOST}:{REDIS_PORT}/0", _redis_command, _redis_ready, REDIS_PORT
+    ),
     "postgres": Service(
         "postgres", f"postgresql://jobstream@{HOST}:{POSTGRES_PORT}/postgres",
         _postgres_command, _postgres_ready, POSTGRES_PORT,
@@ -337,7 +352,7 @@ def up(service: Service) -> None:
         home = RUN / service.name
         home.mkdir(parents=True, exist_ok=True)
         with (home / "server.log").open("ab") as log:
-            process = subprocess.Popen(  # noqa: S603
+            process = subprocess.Popen(
                 cmd, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                 start_new_session=True, cwd=home,
             )  # fmt: skip
@@ -387,7 +402,9 @@ def status(service: Service) -> bool:
 
 def main(argv: list[str]) -> int:
     if not argv or argv[0] not in {"up", "down", "status"}:
-        print("usage: services.py up|down|status [kafka] [nats] [redis] [postgres]", file=sys.stderr)
+        print(
+            "usage: services.py up|down|status [kafka] [nats] [redis] [postgres]", file=sys.stderr
+        )
         return 2
     command, names = argv[0], argv[1:] or (["kafka", "nats"] if argv[0] == "up" else list(SERVICES))
     unknown = [name for name in names if name not in SERVICES]

@@ -20,7 +20,9 @@ from nats.js.api import StreamConfig
 KAFKA_BOOTSTRAP = os.environ.get("JOBSTREAM_TEST_KAFKA", "127.0.0.1:9092")
 NATS_URL = os.environ.get("JOBSTREAM_TEST_NATS", "nats://127.0.0.1:4222")
 REDIS_URL = os.environ.get("JOBSTREAM_TEST_REDIS", "redis://127.0.0.1:6379/0")
-POSTGRES_DSN = os.environ.get("JOBSTREAM_TEST_POSTGRES", "postgresql://jobstream@127.0.0.1:5432/postgres")
+POSTGRES_DSN = os.environ.get(
+    "JOBSTREAM_TEST_POSTGRES", "postgresql://jobstream@127.0.0.1:5432/postgres"
+)
 
 
 def unique_name(request: pytest.FixtureRequest, prefix: str = "t") -> str:

@@ -6,9 +6,12 @@ import asyncio
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
+import urllib.error
+import urllib.request
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -33,17 +36,24 @@ class SinkLine:
     outcome: str
 
 
-def read_sink(path: Path) -> list[SinkLine]:
+def read_sink(path: Path, outcome: str | None = "done") -> list[SinkLine]:
+    """The sink's lines, by default only those of completed runs."""
     if not path.exists():
         return []
     lines = []
     for raw in path.read_text().splitlines():
+        if outcome is not None and not raw.endswith(f" {outcome}"):
+            continue
         f = raw.split()
-        lines.append(SinkLine(f[0], f[1], int(f[2]), int(f[3]), int(f[4]), float(f[5]), float(f[6]), f[7]))
+        lines.append(
+            SinkLine(f[0], f[1], int(f[2]), int(f[3]), int(f[4]), float(f[5]), float(f[6]), f[7])
+        )
     return lines
 
 
-async def publish_raw(topic: str, jobs: Iterable[tuple[str | None, Job]], *, ids: Sequence[str] | None = None) -> list[str]:
+async def publish_raw(
+    topic: str, jobs: Iterable[tuple[str | None, Job]], *, ids: Sequence[str] | None = None
+) -> list[str]:
     """Publish with a plain aiokafka producer (the wire contract, nothing of ours)."""
     producer = AIOKafkaProducer(bootstrap_servers=KAFKA_BOOTSTRAP, acks="all", linger_ms=5)
     await producer.start()
@@ -53,7 +63,9 @@ async def publish_raw(topic: str, jobs: Iterable[tuple[str | None, Job]], *, ids
         for index, (key, job) in enumerate(jobs):
             message = encode(job, source="/tests", key=key, id=ids[index] if ids else None)
             record_key, headers = to_kafka(message.attributes)
-            futures.append(await producer.send(topic, message.body, key=record_key, headers=headers))
+            futures.append(
+                await producer.send(topic, message.body, key=record_key, headers=headers)
+            )
             published.append(message.attributes.id)
         await asyncio.gather(*futures)
     finally:
@@ -85,7 +97,40 @@ def worker_env(topic: str, group: str, sink: Path, **extra: str) -> dict[str, st
     return env
 
 
-def start_worker(env: dict[str, str], log: Path, app: str = "tests.apps.recorder:app") -> subprocess.Popen[bytes]:
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def http_status(port: int, path: str) -> int:
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=2) as response:
+            return int(response.status)
+    except urllib.error.HTTPError as error:
+        return error.code
+    except OSError:
+        return 0
+
+
+async def start_ready_workers(
+    env: dict[str, str], logs: Path, count: int
+) -> list[subprocess.Popen[bytes]]:
+    """Start `count` workers and wait until every one has joined the group (/readyz)."""
+    ports = [free_port() for _ in range(count)]
+    workers = [
+        start_worker({**env, "JOBSTREAM_HEALTH__PORT": str(port)}, logs / f"worker-{i}.log")
+        for i, port in enumerate(ports)
+    ]
+    await wait_until(
+        lambda: all(http_status(port, "/readyz") == 200 for port in ports), 60, "workers ready"
+    )
+    return workers
+
+
+def start_worker(
+    env: dict[str, str], log: Path, app: str = "tests.apps.recorder:app"
+) -> subprocess.Popen[bytes]:
     with log.open("ab") as out:
         return subprocess.Popen(
             [sys.executable, "-m", "jobstream", "worker", app],
@@ -93,7 +138,9 @@ def start_worker(env: dict[str, str], log: Path, app: str = "tests.apps.recorder
         )  # fmt: skip
 
 
-def stop_worker(process: subprocess.Popen[bytes], sig: int = signal.SIGTERM, timeout_s: float = 60) -> int:
+def stop_worker(
+    process: subprocess.Popen[bytes], sig: int = signal.SIGTERM, timeout_s: float = 60
+) -> int:
     if process.poll() is None:
         process.send_signal(sig)
     return process.wait(timeout_s)

@@ -20,7 +20,9 @@ class RecordJob(Job, type="test.record", version=1):
     seq: int
     key: str
     sleep_ms: int = 0
-    behaviour: Literal["ok", "raise", "fail-once", "fail-twice", "dead-letter", "hang"] = "ok"
+    behaviour: Literal[
+        "ok", "raise", "fail-once", "fail-twice", "dead-letter", "hang", "hang-once", "cancelled"
+    ] = "ok"
 
 
 app = App("recorder")
@@ -30,26 +32,45 @@ _fd: int | None = None
 def _sink() -> int:
     global _fd  # noqa: PLW0603 - one descriptor per process
     if _fd is None:
-        _fd = os.open(os.environ["JOBSTREAM_TEST_SINK"], os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+        _fd = os.open(
+            os.environ["JOBSTREAM_TEST_SINK"], os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644
+        )
     return _fd
 
 
 def record(job: RecordJob, ctx: JobContext, start: float, outcome: str) -> None:
-    line = f"{ctx.job_id} {job.key} {job.seq} {os.getpid()} {ctx.attempt} {start:.6f} {time.time():.6f} {outcome}\n"
+    line = (
+        f"{ctx.job_id} {job.key} {job.seq} {os.getpid()} {ctx.attempt} "
+        f"{start:.6f} {time.time():.6f} {outcome}\n"
+    )
     os.write(_sink(), line.encode())
 
 
 @app.handler(RecordJob)
 async def handle(job: RecordJob, ctx: JobContext) -> None:
     start = time.time()
+    record(job, ctx, start, "start")
     if job.behaviour == "hang":
         await asyncio.sleep(3600)
+    if job.behaviour == "hang-once":
+        # Hangs on its first run anywhere (a marker file says it ran), completes afterwards.
+        marker = f"{os.environ['JOBSTREAM_TEST_SINK']}.{ctx.job_id}.ran"
+        if not os.path.exists(marker):  # noqa: ASYNC240 - a test double, microseconds
+            open(marker, "w").close()  # noqa: ASYNC230
+            await asyncio.sleep(3600)
+    if job.behaviour == "cancelled":
+        inner = asyncio.create_task(asyncio.sleep(3600))
+        inner.cancel()
+        record(job, ctx, start, "raised")
+        await inner
     if job.sleep_ms:
         await asyncio.sleep(job.sleep_ms / 1000)
     if job.behaviour == "raise":
         record(job, ctx, start, "raised")
         raise RuntimeError(f"job {job.seq} always fails")
-    if job.behaviour == "fail-once" and ctx.attempt < 2 or job.behaviour == "fail-twice" and ctx.attempt < 3:
+    if (job.behaviour == "fail-once" and ctx.attempt < 2) or (
+        job.behaviour == "fail-twice" and ctx.attempt < 3
+    ):
         record(job, ctx, start, "raised")
         raise Retry(f"job {job.seq} fails on attempt {ctx.attempt}")
     if job.behaviour == "dead-letter":

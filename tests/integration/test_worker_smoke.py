@@ -15,11 +15,15 @@ from tests.support import publish_raw, read_sink, wait_until
 pytestmark = pytest.mark.integration
 
 
-async def test_worker_processes_every_job_and_commits(new_topic, group_id, tmp_path, monkeypatch, kafka_admin) -> None:
+async def test_worker_processes_every_job_and_commits(
+    new_topic, group_id, tmp_path, monkeypatch, kafka_admin
+) -> None:
     sink = tmp_path / "sink"
     monkeypatch.setenv("JOBSTREAM_TEST_SINK", str(sink))
     topic = await new_topic(partitions=3)
-    ids = await publish_raw(topic, [(f"k{i % 7}", RecordJob(seq=i, key=f"k{i % 7}")) for i in range(300)])
+    ids = await publish_raw(
+        topic, [(f"k{i % 7}", RecordJob(seq=i, key=f"k{i % 7}")) for i in range(300)]
+    )
     monkeypatch.setenv("JOBSTREAM_ROUTING__ROUTES", json.dumps({"test.record": topic}))
     settings = Settings(worker={"group": group_id, "commit_interval_s": 0.2})
     worker = Worker(app, settings, KafkaSource(settings, [topic]))

@@ -2,8 +2,10 @@
 
 import subprocess
 import sys
+from typing import assert_type
 
 import schemas
+from schemas.examples import GenerateReport
 
 EXPECTED = {
     "MAX_HEADER_BYTES",
@@ -62,3 +64,10 @@ def test_importing_schemas_does_not_register_the_examples() -> None:
         [sys.executable, "-c", code], check=False, capture_output=True, text=True
     )
     assert result.stdout.strip() == "0", result.stderr
+
+
+def test_validate_payload_returns_the_model_it_was_given() -> None:
+    report = schemas.validate_payload(GenerateReport, {"account_id": "a", "month": "2025-01"})
+    assert_type(report, GenerateReport)
+    assert isinstance(report, GenerateReport)
+    assert_type(schemas.default_registry.resolve("report.generate", 1), type[schemas.Job])

@@ -1,0 +1,70 @@
+"""`jobstream topics ensure`: create the topics (Kafka) or the stream (NATS) jobs need.
+
+Provisioning is explicit: publishing never creates a topic unless `create_missing` is on.
+The command is idempotent; run it on deploy, before workers and producers start.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Literal
+
+import typer
+
+from jobstream._cli_schemas import USAGE, import_job_modules, run, settings_for
+from jobstream._config import fail
+from producer import DestinationHook, JobProducer, ProducerSettings, plan_destinations
+from schemas import default_registry
+
+DESTINATION_HOOKS: list[DestinationHook] = []
+"""More destinations per job type, e.g. retry tiers and the dead-letter topic: each hook
+maps (job type, main topic or subject) to extra topics or subjects to provision."""
+
+
+def register(app: typer.Typer) -> None:
+    topics = typer.Typer(help="Topics (Kafka) and streams (NATS) for the registered job types.")
+    app.add_typer(topics, name="topics")
+
+    @topics.command("ensure")
+    def ensure(
+        transport: Annotated[
+            Literal["kafka", "nats"] | None,
+            typer.Option(help="Broker to provision (default: JOBSTREAM_TRANSPORT, kafka)."),
+        ] = None,
+    ) -> None:
+        """Create every missing topic / the stream for the job types in JOBSTREAM_JOB_MODULES.
+
+        Kafka topics get JOBSTREAM_ROUTING__PARTITIONS partitions and
+        JOBSTREAM_ROUTING__REPLICATION_FACTOR replicas; existing topics are left unchanged.
+        The NATS stream JOBSTREAM_ROUTING__STREAM is created, or extended with missing subjects
+        and the configured limits."""
+        settings = settings_for(transport=transport)
+        import_job_modules(settings)
+        job_types = default_registry.job_types()
+        if not job_types:
+            raise fail(
+                "no job types registered: set JOBSTREAM_JOB_MODULES to the modules that "
+                "declare them",
+                USAGE,
+            )
+        destinations = plan_destinations(settings, job_types, DESTINATION_HOOKS)
+        created = run(lambda: _ensure(settings, destinations))
+        _report(settings, destinations, created)
+
+
+async def _ensure(settings: ProducerSettings, destinations: list[str]) -> list[str]:
+    async with JobProducer(settings) as producer:
+        return await producer.publisher.ensure(destinations)
+
+
+def _report(settings: ProducerSettings, destinations: list[str], created: list[str]) -> None:
+    if settings.transport == "nats":
+        stream = settings.routing.stream
+        state = (
+            "created" if stream in created else "exists (subjects and limits brought up to date)"
+        )
+        typer.echo(f"nats stream {stream}: {state}; captures {', '.join(destinations)}")
+        return
+    for topic in destinations:
+        typer.echo(
+            f"{settings.transport} topic {topic}: {'created' if topic in created else 'exists'}"
+        )

@@ -1,0 +1,218 @@
+"""`JobProducer`: publish typed jobs to Kafka, NATS JetStream or the in-memory broker.
+
+    async with JobProducer() as producer:          # settings from JOBSTREAM_* variables
+        receipt = await producer.publish(SendWelcomeEmail(user_id="42", ...), key="user-42")
+
+Guarantees:
+
+- `publish` returns after the broker acknowledged the job, or raises a `PublishError`
+  subclass (or `InvalidAttributes` for oversized headers) and the job is not acknowledged.
+- A `Job` instance is valid by construction and is not validated again; `publish_data`
+  validates a plain payload first and raises `InvalidPayload` before anything is sent.
+- The current OpenTelemetry context (if any) travels as `traceparent`/`tracestate`, and
+  as the job's origin (`joborigin`/`joboriginstate`): the context that created the job.
+- Nothing is created implicitly unless `create_missing=True`: then each destination is
+  ensured once per producer, before its first publish.
+- `publish_many` is pipelined (no round trip per job), returns receipts in input order, and
+  holds at most `MAX_BATCH` encoded jobs at once. It is not atomic: if it raises, jobs
+  before the failing one may be stored. Publishing them again with the same ids is safe.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Iterable, Mapping
+from datetime import datetime
+from types import TracebackType
+from typing import Any, Self
+
+from producer._kafka import KafkaPublisher
+from producer._memory import MemoryBroker, MemoryPublisher
+from producer._nats import NatsPublisher
+from producer._publisher import Publisher, Receipt
+from producer._settings import ProducerSettings
+from producer._tracecontext import current_trace_headers
+from schemas import Job, JobMessage, JobRegistry, default_registry, encode, validate_payload
+
+__all__ = ["MAX_BATCH", "JobProducer", "PublishRequest", "make_publisher"]
+
+MAX_BATCH = 10_000
+"""Most jobs `publish_many` encodes and hands to the publisher at once."""
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class PublishRequest:
+    """One job for `publish_many`, with the options `publish` takes as keywords."""
+
+    job: Job
+    """The job payload."""
+    key: str | None = None
+    """Ordering key: jobs with the same key are processed one at a time, in order."""
+    id: str | None = None
+    """Job id (default: a random UUID). Reuse it to publish the same job again safely."""
+    idempotency_key: str | None = None
+    """Deduplication key for the workers (default: the job id)."""
+    not_before: datetime | None = None
+    """Do not start the job before this (timezone-aware) time."""
+    subject: str | None = None
+    """CloudEvents `subject`: what the job is about, e.g. `user/42`."""
+
+
+def make_publisher(settings: ProducerSettings) -> Publisher:
+    """The publisher for `settings.transport`, not started."""
+    if settings.transport == "kafka":
+        return KafkaPublisher(settings.kafka, settings.routing)
+    if settings.transport == "nats":
+        return NatsPublisher(settings.nats, settings.routing)
+    return MemoryPublisher(MemoryBroker(), partitions=settings.routing.partitions)
+
+
+class JobProducer:
+    """Publishes jobs; an async context manager that connects on enter."""
+
+    def __init__(
+        self,
+        settings: ProducerSettings | None = None,
+        *,
+        publisher: Publisher | None = None,
+        registry: JobRegistry | None = None,
+    ) -> None:
+        """`settings` default to `ProducerSettings()` (environment and config file).
+        `publisher` replaces the one `settings.transport` selects (e.g. a `MemoryPublisher`
+        on a broker the test reads). `registry` resolves job types for `publish_data`."""
+        self._settings = settings if settings is not None else ProducerSettings()
+        self._publisher = publisher if publisher is not None else make_publisher(self._settings)
+        self._registry = registry if registry is not None else default_registry
+        self._started = False
+        self._ensured: set[str] = set()
+
+    @property
+    def settings(self) -> ProducerSettings:
+        return self._settings
+
+    @property
+    def publisher(self) -> Publisher:
+        return self._publisher
+
+    async def start(self) -> None:
+        """Connect to the broker; `BrokerUnavailable` if it cannot within the timeout."""
+        await self._publisher.start()
+        self._started = True
+
+    async def stop(self) -> None:
+        """Wait for jobs already handed to the client, then disconnect. Idempotent."""
+        self._started = False
+        await self._publisher.stop()
+
+    async def __aenter__(self) -> Self:
+        await self.start()
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        traceback: TracebackType | None,
+    ) -> None:
+        await self.stop()
+
+    def destination(self, job_type: str) -> str:
+        """Where jobs of `job_type` go: the topic (Kafka, memory) or subject (NATS)."""
+        routing = self._settings.routing
+        if self._publisher.transport == "nats":
+            return routing.subject(job_type)
+        return routing.topic(job_type)
+
+    async def publish(
+        self,
+        job: Job,
+        *,
+        key: str | None = None,
+        id: str | None = None,  # named after the CloudEvents attribute, shadowing is fine
+        idempotency_key: str | None = None,
+        not_before: datetime | None = None,
+        subject: str | None = None,
+    ) -> Receipt:
+        """Publish one job; returns when the broker acknowledged it."""
+        request = PublishRequest(job, key, id, idempotency_key, not_before, subject)
+        destination, message = self._encode(request, current_trace_headers())
+        await self._prepare([destination])
+        return await self._publisher.send(destination, message)
+
+    async def publish_many(self, jobs: Iterable[Job | PublishRequest]) -> list[Receipt]:
+        """Publish many jobs, pipelined; receipts in input order."""
+        trace = current_trace_headers()  # one context for the whole call
+        receipts: list[Receipt] = []
+        batch: list[tuple[str, JobMessage]] = []
+        for item in jobs:
+            request = item if isinstance(item, PublishRequest) else PublishRequest(item)
+            batch.append(self._encode(request, trace))
+            if len(batch) >= MAX_BATCH:
+                receipts += await self._send_batch(batch)
+                batch = []
+        if batch or not receipts:
+            receipts += await self._send_batch(batch)
+        return receipts
+
+    async def publish_data(
+        self,
+        job_type: str,
+        data: Mapping[str, Any] | str | bytes,
+        version: int | None = None,
+        **options: Any,
+    ) -> Receipt:
+        """Validate `data` (a mapping or JSON text) against the registered model of
+        `job_type` (the latest version unless `version`), then publish it. Raises
+        `UnknownJobType`, `UnsupportedVersion`, `UndecodableBody` or `InvalidPayload`
+        before anything is sent. `options` are `publish`'s keywords."""
+        return await self.publish(self.validate(job_type, data, version), **options)
+
+    def validate(
+        self, job_type: str, data: Mapping[str, Any] | str | bytes, version: int | None = None
+    ) -> Job:
+        """`data` as an instance of the registered model (see `publish_data`)."""
+        registry = self._registry
+        model = (
+            registry.latest(job_type) if version is None else registry.resolve(job_type, version)
+        )
+        return validate_payload(model, data)
+
+    async def ensure(self, job_types: Iterable[str]) -> list[str]:
+        """Create the topics or stream that `job_types` need; returns what was created."""
+        return await self._publisher.ensure([self.destination(t) for t in job_types])
+
+    def _encode(
+        self, request: PublishRequest, trace: tuple[str | None, str | None]
+    ) -> tuple[str, JobMessage]:
+        message = encode(
+            request.job,
+            source=self._settings.source,
+            id=request.id,
+            key=request.key,
+            idempotency_key=request.idempotency_key,
+            not_before=request.not_before,
+            subject=request.subject,
+            traceparent=trace[0],
+            tracestate=trace[1],
+        )
+        return self.destination(message.attributes.type), message
+
+    async def _send_batch(self, batch: list[tuple[str, JobMessage]]) -> list[Receipt]:
+        if not batch:
+            self._check_started()
+            return []
+        await self._prepare(list(dict.fromkeys(d for d, _ in batch)))
+        return await self._publisher.send_many(batch)
+
+    async def _prepare(self, destinations: list[str]) -> None:
+        self._check_started()
+        if self._settings.create_missing:
+            missing = [d for d in destinations if d not in self._ensured]
+            if missing:
+                await self._publisher.ensure(missing)
+                self._ensured.update(missing)
+
+    def _check_started(self) -> None:
+        if not self._started:
+            msg = "JobProducer is not started: use `async with JobProducer(...)` or await start()"
+            raise RuntimeError(msg)
