@@ -13,7 +13,7 @@ async def send_welcome(job: SendWelcomeEmail, ctx: JobContext) -> None: ...
 from consumer._app import App, JobContext
 from consumer._errors import DeadLetter, JobTimeout, Retry, WorkerError
 from consumer._idempotency import ClaimState, IdempotencyStore, MemoryIdempotencyStore
-from consumer._run import run_worker
+from consumer._run import open_worker, run_worker
 from consumer._settings import Settings
 from consumer._worker import Worker
 
@@ -29,5 +29,6 @@ __all__ = [
     "Settings",
     "Worker",
     "WorkerError",
+    "open_worker",
     "run_worker",
 ]

@@ -1,5 +1,10 @@
 """Kafka as a `Source`: consumer-group membership, batched commits after settle.
 
+The source reads the main topics and their retry tier topics in one consumer. A tier
+record that is not due yet (`jobnotbefore` in the future) is not handed out: its partition
+is paused and rewound to it, and resumed when it is due, so a waiting retry blocks neither
+other partitions nor the main topics, and holds no memory while it waits.
+
 Auto-commit is off. Every fetched record is tracked by the `OffsetTracker`; settled records
 advance the commit position, and commits happen in batches (`commit_every` settled records
 or `commit_interval_s`, whichever first), on revoke (after the runtime drained the revoked
@@ -10,7 +15,10 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import random
+import time
 from collections import deque
+from datetime import UTC, datetime
 from collections.abc import Sequence
 
 from aiokafka import AIOKafkaConsumer, ConsumerRecord, TopicPartition
@@ -18,6 +26,7 @@ from aiokafka.abc import ConsumerRebalanceListener
 from aiokafka.errors import CommitFailedError, IllegalStateError, KafkaError
 from aiokafka.structs import OffsetAndMetadata
 
+from consumer._errors import WorkerError
 from consumer._offsets import OffsetTracker
 from consumer._settings import Settings
 from consumer._source import Delivery, RevokeCallback
@@ -43,7 +52,8 @@ class KafkaSource:
 
     def __init__(self, settings: Settings, topics: Sequence[str]) -> None:
         worker = settings.worker
-        self._topics = list(topics)
+        self._tiers = {tier for topic in topics for tier in settings.retry.tier_topics(topic)}
+        self._topics = sorted({*topics, *self._tiers})
         self._settings = settings
         self._consumer = AIOKafkaConsumer(
             **kafka_client_options(settings.kafka),
@@ -64,6 +74,7 @@ class KafkaSource:
         self._commit_lock = asyncio.Lock()
         self._fetch_max = worker.fetch_max_records
         self._held: deque[tuple[TopicPartition, ConsumerRecord[bytes, bytes]]] = deque()
+        self._waiting: dict[TopicPartition, asyncio.TimerHandle] = {}
 
     @property
     def ready(self) -> bool:
@@ -75,7 +86,25 @@ class KafkaSource:
 
     async def start(self, on_revoke: RevokeCallback) -> None:
         self._on_revoke = on_revoke
-        await self._consumer.start()
+        budget = self._settings.worker.broker_wait_s
+        deadline = time.monotonic() + budget
+        delay = 0.5
+        while True:
+            try:
+                await self._consumer.start()
+                break
+            except KafkaError as error:
+                if time.monotonic() + delay > deadline:
+                    servers = self._settings.kafka.bootstrap_servers
+                    msg = (
+                        f"Kafka at {servers} did not answer within {budget:g}s ({error}): "
+                        "check JOBSTREAM_KAFKA__BOOTSTRAP_SERVERS and that the broker runs"
+                    )
+                    await self._consumer.stop()
+                    raise WorkerError(msg) from error
+                log.warning("Kafka not reachable yet (%s); retrying in %.1fs", error, delay)
+                await asyncio.sleep(delay * (0.5 + random.random()))
+                delay = min(delay * 2, 10.0)
         self._consumer.subscribe(self._topics, listener=_Listener(self))
 
     async def fetch(self, max_records: int, timeout_s: float) -> list[Delivery]:
@@ -90,11 +119,31 @@ class KafkaSource:
         deliveries: list[Delivery] = []
         while self._held and len(deliveries) < max_records:
             tp, record = self._held.popleft()
-            if tp not in self._assignment:
-                continue  # fetched just before a revoke: the new owner reads it again
+            if tp not in self._assignment or tp in self._waiting:
+                continue  # revoked (the new owner reads it again) or rewound (read again)
+            delivery = _delivery(tp, record)
+            if tp.topic in self._tiers and self._hold_until_due(tp, delivery):
+                continue
             self._tracker.track(tp, record.offset)
-            deliveries.append(_delivery(tp, record))
+            deliveries.append(delivery)
         return deliveries
+
+    def _hold_until_due(self, tp: TopicPartition, delivery: Delivery) -> bool:
+        due = delivery.attributes.not_before if delivery.attributes is not None else None
+        wait = (due - datetime.now(UTC)).total_seconds() if due is not None else 0.0
+        if wait <= 0:
+            return False
+        self._consumer.pause(tp)
+        self._consumer.seek(tp, delivery.offset)
+        self._held = deque(item for item in self._held if item[0] != tp)
+        loop = asyncio.get_running_loop()
+        self._waiting[tp] = loop.call_later(wait, self._due, tp)
+        return True
+
+    def _due(self, tp: TopicPartition) -> None:
+        self._waiting.pop(tp, None)
+        if not self._paused and tp in self._assignment:
+            self._consumer.resume(tp)
 
     def pause(self) -> None:
         if not self._paused and self._assignment:
@@ -103,7 +152,8 @@ class KafkaSource:
 
     def resume(self) -> None:
         if self._paused:
-            self._consumer.resume(*self._consumer.assignment())
+            ready = [tp for tp in self._consumer.assignment() if tp not in self._waiting]
+            self._consumer.resume(*ready)
             self._paused = False
 
     def settle(self, delivery: Delivery) -> None:
@@ -153,6 +203,8 @@ class KafkaSource:
         self._assignment -= revoked_set
         self._tracker.forget(revoked_set)
         self._held = deque(item for item in self._held if item[0] not in revoked_set)
+        for tp in revoked_set & self._waiting.keys():
+            self._waiting.pop(tp).cancel()
         self._paused = False
 
     def _assigned(self, assigned: list[TopicPartition]) -> None:

@@ -9,6 +9,7 @@ passes through every step untouched, so a cut-off job is never settled.
 
 from __future__ import annotations
 
+import dataclasses
 import enum
 import time
 from collections.abc import Awaitable, Callable, Sequence
@@ -45,6 +46,17 @@ class JobRun:
     @property
     def attributes(self) -> JobAttributes | None:
         return self.delivery.attributes
+
+    def next_attempt(self) -> JobRun:
+        """The same job again, one attempt later (an in-place retry), with a fresh deadline."""
+        assert self.attributes is not None and self.context is not None  # noqa: S101
+        attributes = self.attributes.replace(attempt=self.attributes.attempt + 1)
+        timeout = self.context.deadline - self.started
+        context = dataclasses.replace(
+            self.context, attributes=attributes, deadline=time.monotonic() + timeout
+        )
+        delivery = dataclasses.replace(self.delivery, attributes=attributes)
+        return JobRun(delivery, self.job, self.spec, context, started=self.started)
 
 
 Next = Callable[[JobRun], Awaitable[Outcome]]

@@ -7,15 +7,20 @@ graceful drain; a second signal exits at once (non-zero, nothing more is committ
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 import signal
+from collections.abc import AsyncIterator
 
 from consumer._app import App
 from consumer._health import HealthServer
 from consumer._settings import Settings
 from consumer._source import Source
+from consumer._routing import KafkaFailureRouter
+from consumer._step_failure import FailureRouter
 from consumer._worker import Worker
+from producer import KafkaPublisher
 
 log = logging.getLogger("jobstream.worker")
 
@@ -36,9 +41,48 @@ def build_source(app: App, settings: Settings) -> Source:
     raise NotImplementedError(msg)
 
 
-async def run_worker(app: App, settings: Settings, *, source: Source | None = None) -> Worker:
+def routing_topics(app: App, settings: Settings) -> list[str]:
+    """The retry tier and dead-letter topics the worker publishes failed jobs to."""
+    topics: list[str] = []
+    for topic in topics_for(app, settings):
+        if not settings.retry.in_place:
+            topics.extend(settings.retry.tier_topics(topic))
+        topics.append(settings.retry.dead_letter_topic(topic))
+    return topics
+
+
+async def _failure_router(
+    app: App, settings: Settings, stack: contextlib.AsyncExitStack
+) -> FailureRouter:
+    publisher = KafkaPublisher(settings.kafka, settings.routing)
+    await publisher.start()
+    stack.push_async_callback(publisher.stop)
+    needed = routing_topics(app, settings)
+    if settings.create_missing:
+        await publisher.ensure(needed)
+    else:
+        await publisher.check(needed)
+    return KafkaFailureRouter(settings, publisher)
+
+
+@contextlib.asynccontextmanager
+async def open_worker(app: App, settings: Settings) -> AsyncIterator[Worker]:
+    """A worker wired for `settings.transport` (source, failure routing), not yet running."""
+    async with contextlib.AsyncExitStack() as stack:
+        router = None
+        if settings.transport == "kafka":
+            router = await _failure_router(app, settings, stack)
+        yield Worker(app, settings, build_source(app, settings), router=router)
+
+
+async def run_worker(app: App, settings: Settings) -> Worker:
     """Run until SIGTERM/SIGINT (or `worker.stop()`), drain, and return the worker."""
-    worker = Worker(app, settings, source or build_source(app, settings))
+    async with open_worker(app, settings) as worker:
+        return await _run(worker)
+
+
+async def _run(worker: Worker) -> Worker:
+    settings = worker.settings
     loop = asyncio.get_running_loop()
     signals = 0
 

@@ -46,6 +46,9 @@ class WorkerSettings(_Frozen):
     """Kafka group session timeout: a worker silent this long is evicted."""
     max_poll_interval_s: float = Field(default=300.0, gt=0)
     """Kafka: longest gap between fetches before the worker is considered stuck."""
+    broker_wait_s: float = Field(default=60.0, gt=0)
+    """At start-up, how long to retry (with backoff) a broker that does not answer before
+    the worker exits non-zero with a clear error."""
     thread_pool_size: int = Field(default=8, ge=1)
     """Threads for synchronous handlers."""
     process_pool_size: int = Field(default=0, ge=0)
@@ -79,6 +82,77 @@ class IdempotencySettings(_Frozen):
         return self
 
 
+class RetryPolicy(_Frozen):
+    """How often, and how far apart, a failed job is tried again."""
+
+    max_attempts: int = Field(default=5, ge=1, le=1000)
+    """Attempts in all, the first included; after the last the job is dead-lettered."""
+    initial_delay_s: float = Field(default=1.0, ge=0)
+    """Delay before the second attempt."""
+    multiplier: float = Field(default=2.0, ge=1)
+    """Each further delay is this many times the previous one (exponential backoff)."""
+    max_delay_s: float = Field(default=600.0, ge=0)
+    """Cap on one delay."""
+    jitter: float = Field(default=0.2, ge=0, le=1)
+    """Each delay is drawn uniformly from [delay * (1 - jitter), delay], so retries of jobs
+    that failed together spread out."""
+    budget_s: float = Field(default=24 * 3600.0, gt=0)
+    """Total time from the first failure after which no retry is scheduled."""
+
+    def delay_s(self, failed_attempt: int, draw: float) -> float:
+        """The delay after attempt `failed_attempt` failed; `draw` is uniform in [0, 1)."""
+        base = min(self.max_delay_s, self.initial_delay_s * self.multiplier ** (failed_attempt - 1))
+        return base * (1 - self.jitter * draw)
+
+
+class RetrySettings(_Frozen):
+    """Failure routing: retry tiers, the dead-letter topic, what is never retried."""
+
+    policy: RetryPolicy = Field(default_factory=RetryPolicy)
+    """The default policy (env: `JOBSTREAM_RETRY__POLICY__MAX_ATTEMPTS`, ...)."""
+    per_type: dict[str, RetryPolicy] = Field(default_factory=dict)
+    """Policies by job type, replacing the default (env: JSON object)."""
+    non_retriable: list[str] = Field(default_factory=list)
+    """Exception classes (`module.Qualname`, subclasses included) that dead-letter at once."""
+    tiers_s: list[float] = Field(default_factory=lambda: [5.0, 30.0, 300.0, 1800.0])
+    """Delays of the retry tier topics, ascending. A retry goes to the first tier at least
+    as long as its delay (the last tier for longer delays) and waits there until due."""
+    retry_topic_suffix: str = ".retry."
+    """Tier n of topic T is `T + suffix + n` (`jobs.email.welcome.retry.1`)."""
+    dead_letter_suffix: str = ".dlq"
+    """The dead-letter topic of topic T is `T + suffix` (`jobs.email.welcome.dlq`)."""
+    replay_ledger_topic: str = "jobstream.dlq-replays"
+    """Compacted topic that records which dead letters were replayed."""
+    in_place: bool = False
+    """Strict order: retry a failed job in its lane (with the policy's backoff) instead of
+    through a tier topic, so later jobs of the same key wait for it."""
+
+    @model_validator(mode="after")
+    def _tiers_ascending(self) -> Self:
+        if not self.tiers_s or sorted(self.tiers_s) != self.tiers_s or self.tiers_s[0] <= 0:
+            msg = "tiers_s must be a non-empty ascending list of positive delays in seconds"
+            raise ValueError(msg)
+        return self
+
+    def policy_for(self, job_type: str | None) -> RetryPolicy:
+        return self.per_type.get(job_type or "", self.policy)
+
+    def tier_topics(self, topic: str) -> list[str]:
+        return [f"{topic}{self.retry_topic_suffix}{n}" for n in range(1, len(self.tiers_s) + 1)]
+
+    def tier_for(self, topic: str, delay_s: float) -> str:
+        index = next((i for i, tier in enumerate(self.tiers_s) if tier >= delay_s), None)
+        return self.tier_topics(topic)[len(self.tiers_s) - 1 if index is None else index]
+
+    def dead_letter_topic(self, topic: str) -> str:
+        return f"{topic}{self.dead_letter_suffix}"
+
+    def main_topic(self, topic: str) -> str:
+        """The main topic a tier topic belongs to (a main topic maps to itself)."""
+        head, sep, tail = topic.rpartition(self.retry_topic_suffix)
+        return head if sep and tail.isdigit() else topic
+
+
 class HealthSettings(_Frozen):
     """The liveness / readiness HTTP endpoint."""
 
@@ -100,5 +174,6 @@ class Settings(ProducerSettings):
 
     worker: WorkerSettings = Field(default_factory=WorkerSettings)
     idempotency: IdempotencySettings = Field(default_factory=IdempotencySettings)
+    retry: RetrySettings = Field(default_factory=RetrySettings)
     health: HealthSettings = Field(default_factory=HealthSettings)
     logging: LoggingSettings = Field(default_factory=LoggingSettings)

@@ -1,9 +1,13 @@
-"""Step: turn a handler's exception into a settled outcome through a `FailureRouter`.
+"""Step: turn a handler's exception into a settled outcome.
 
-The router decides where a failed job goes (a retry tier, the dead-letter topic) and
-returns only once the broker acknowledged it, so the offset is committed after the hand-
-off, never before. A job cut off by shutdown (its task was cancelled) is not settled and
-is redelivered; a `CancelledError` the handler raised by itself is an ordinary failure.
+The failure is classified (`_failures.decide`): retry after a delay, or dead-letter. In
+strict order mode (`retry.in_place`) a retry happens right here, in the job's lane, after
+the backoff, so later jobs of the same key wait; otherwise the `FailureRouter` hands the
+job to a retry tier or the dead-letter destination and returns once the broker
+acknowledged it, so the offset is committed after the hand-off, never before.
+
+A job cut off by shutdown (its task was cancelled) is not settled and is redelivered; a
+`CancelledError` the handler raised by itself is an ordinary failure.
 """
 
 from __future__ import annotations
@@ -12,40 +16,48 @@ import asyncio
 import logging
 from typing import Protocol
 
+from consumer._failures import Decision, decide, utc_now
 from consumer._pipeline import JobRun, Next, Outcome
+from consumer._settings import RetrySettings
 
 log = logging.getLogger("jobstream.failure")
 
 
 class FailureRouter(Protocol):
-    async def route(self, run: JobRun, error: Exception) -> Outcome:
+    async def route(self, run: JobRun, error: Exception, decision: Decision) -> Outcome:
         """Hand the failed job on (broker-acknowledged) and say how it was settled."""
 
 
 class RecordFailures:
-    """The router without retry topics: the failure is logged and the job settled as failed,
-    so one bad job never blocks its partition."""
+    """The router of the in-memory setup: the failure is logged and the job settled as
+    failed, so one bad job never blocks its partition."""
 
-    async def route(self, run: JobRun, error: Exception) -> Outcome:
+    async def route(self, run: JobRun, error: Exception, decision: Decision) -> Outcome:
         return Outcome.FAILED
 
 
 class FailureStep:
-    def __init__(self, router: FailureRouter) -> None:
+    def __init__(self, router: FailureRouter, settings: RetrySettings) -> None:
         self._router = router
+        self._settings = settings
 
     async def __call__(self, run: JobRun, call_next: Next) -> Outcome:
-        try:
-            return await call_next(run)
-        except asyncio.CancelledError as cancelled:
-            current = asyncio.current_task()
-            if current is not None and current.cancelling():
-                raise  # the worker cut the job off (shutdown, revoke): leave it unsettled
-            # The handler itself raised CancelledError (a task it awaited was cancelled):
-            # an ordinary, retriable failure of this job.
-            error = RuntimeError(f"handler raised CancelledError: {cancelled}")
+        while True:
+            try:
+                return await call_next(run)
+            except asyncio.CancelledError as cancelled:
+                current = asyncio.current_task()
+                if current is not None and current.cancelling():
+                    raise  # the worker cut the job off (shutdown, revoke): leave it unsettled
+                error: Exception = RuntimeError(f"handler raised CancelledError: {cancelled}")
+            except Exception as caught:  # noqa: BLE001 - every handler failure is routed
+                error = caught
             run.error = error
-            return await self._router.route(run, error)
-        except Exception as error:  # noqa: BLE001 - every handler failure is routed
-            run.error = error
-            return await self._router.route(run, error)
+            decision = decide(run, error, self._settings, now=utc_now())
+            if not (decision.retry and self._settings.in_place):
+                return await self._router.route(run, error, decision)
+            log.info(
+                "retrying %s in place in %.1fs: %s", run.delivery.describe, decision.delay_s, error
+            )
+            await asyncio.sleep(decision.delay_s)
+            run = run.next_attempt()

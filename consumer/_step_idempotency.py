@@ -33,9 +33,10 @@ class IdempotencyStep:
 
     async def __call__(self, run: JobRun, call_next: Next) -> Outcome:
         attributes = run.attributes
-        if attributes is None or run.decode_error is not None:
-            return await call_next(run)  # nothing to deduplicate on: routed as a failure
-        key = attributes.dedup_key
+        delivery = run.delivery
+        # A record without attributes has no job id: its position identifies it, so that a
+        # redelivery after a crash is not dead-lettered twice.
+        key = attributes.dedup_key if attributes else f"record:{delivery.describe}"
         if not await self._claim(key):
             return Outcome.DUPLICATE
         renewer = asyncio.create_task(self._renew(key))
@@ -49,7 +50,9 @@ class IdempotencyStep:
                 await asyncio.shield(self._store.release(key, self._owner))
             raise
         renewer.cancel()
-        if outcome is Outcome.COMPLETED:
+        # Completed and dead-lettered are final: a redelivery is skipped. A retry releases
+        # the claim so that the retry record can take it.
+        if outcome in (Outcome.COMPLETED, Outcome.DEAD_LETTERED, Outcome.CANCELLED):
             await _persist(lambda: self._store.complete(key, self._owner, self._retention_s))
         else:
             await _persist(lambda: self._store.release(key, self._owner))

@@ -107,7 +107,7 @@ class Worker:
             [
                 logging_step,
                 IdempotencyStep(store, self.settings.idempotency, self.owner),
-                FailureStep(self._router),
+                FailureStep(self._router, self.settings.retry),
                 TimeoutStep(worker.job_timeout_s),
             ],
             HandlerStep(self._threads, self._processes),

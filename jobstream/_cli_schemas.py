@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import importlib
 import logging
+import re
 from collections.abc import Callable, Coroutine
 from pathlib import Path
 from typing import Annotated, Any, TypeVar
@@ -34,9 +35,11 @@ def settings_for(**flags: Any) -> ProducerSettings:
     try:
         return load_settings(ProducerSettings, **flags)
     except SettingsError as error:  # an env value that is not valid JSON for a list/object
+        field = re.search(r'field "(\w+)"', str(error))
+        where = f"JOBSTREAM_{field.group(1).upper()}*" if field else "a JOBSTREAM_* variable"
         raise fail(
-            f"invalid setting: {error} (environment values of lists and objects are JSON; "
-            "see docs/configuration.md)",
+            f"invalid setting in {where}: {error} (values of lists and objects are JSON, e.g. "
+            "JOBSTREAM_NATS__SERVERS='[\"nats://a:4222\"]'; see docs/configuration.md)",
             USAGE,
         ) from None
 

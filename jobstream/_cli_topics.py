@@ -24,19 +24,21 @@ def register(app: typer.Typer) -> None:
     topics = typer.Typer(help="Topics (Kafka) and streams (NATS) for the registered job types.")
     app.add_typer(topics, name="topics")
 
-    @topics.command("ensure")
+    @topics.command(
+        "ensure",
+        help="Create every missing topic (Kafka) or the stream (NATS) for the job types in "
+        "JOBSTREAM_JOB_MODULES. Idempotent; run it on deploy.\n\n"
+        "Kafka topics get JOBSTREAM_ROUTING__PARTITIONS partitions and "
+        "JOBSTREAM_ROUTING__REPLICATION_FACTOR replicas; existing topics are left unchanged. "
+        "The NATS stream JOBSTREAM_ROUTING__STREAM is created, or given missing subjects and "
+        "the configured limits.",
+    )
     def ensure(
         transport: Annotated[
             Literal["kafka", "nats"] | None,
             typer.Option(help="Broker to provision (default: JOBSTREAM_TRANSPORT, kafka)."),
         ] = None,
     ) -> None:
-        """Create every missing topic / the stream for the job types in JOBSTREAM_JOB_MODULES.
-
-        Kafka topics get JOBSTREAM_ROUTING__PARTITIONS partitions and
-        JOBSTREAM_ROUTING__REPLICATION_FACTOR replicas; existing topics are left unchanged.
-        The NATS stream JOBSTREAM_ROUTING__STREAM is created, or extended with missing subjects
-        and the configured limits."""
         settings = settings_for(transport=transport)
         import_job_modules(settings)
         job_types = default_registry.job_types()

@@ -71,17 +71,21 @@ class PublishTimeout(PublishError):
 
 
 class DestinationMissing(PublishError):
-    """The topic (Kafka) or the stream capturing the subject (NATS) does not exist."""
+    """The topic (Kafka) or the stream capturing the subject (NATS) does not exist.
+    `destination` names one, or several separated by ", "."""
 
     reason = "destination-missing"
 
     def __init__(self, transport: str, destination: str) -> None:
         self.transport = transport
         self.destination = destination
+        several = ", " in destination  # `check` names every missing destination at once
+        names = destination if several else repr(destination)
         if transport == "nats":
-            what = f"no JetStream stream captures subject {destination!r} (is JetStream on?)"
+            noun = "subjects" if several else "subject"
+            what = f"no JetStream stream captures {noun} {names} (is JetStream on?)"
         else:
-            what = f"topic {destination!r} does not exist"
+            what = f"topics {names} do not exist" if several else f"topic {names} does not exist"
         super().__init__(
             f"{transport}: {what}; create it with `jobstream topics ensure` "
             "(or set JOBSTREAM_CREATE_MISSING=true to create it on first publish, in "

@@ -24,6 +24,7 @@ from aiokafka import AIOKafkaProducer
 from aiokafka.admin import AIOKafkaAdminClient
 from aiokafka.errors import KafkaError, KafkaTimeoutError, UnknownTopicOrPartitionError
 from aiokafka.helpers import create_ssl_context
+from aiokafka.partitioner import DefaultPartitioner
 
 from producer._errors import BrokerUnavailable, DestinationMissing, PublishError, PublishTimeout
 from producer._provision import ensure_kafka_topics
@@ -36,6 +37,7 @@ __all__ = ["KafkaPublisher", "kafka_client_options"]
 log = logging.getLogger("jobstream.producer")
 
 _ID_HEADER = "ce_id"
+_PARTITIONER = DefaultPartitioner()
 _MAX_BACKOFF_S = 2.0
 
 
@@ -118,23 +120,46 @@ class KafkaPublisher:
             return await self._receipt(message.attributes.id, destination, future)
 
     async def send_many(self, items: Sequence[tuple[str, JobMessage]]) -> list[Receipt]:
-        # Queue everything first (the client batches per partition), then collect the
-        # acknowledgements; they arrive roughly in order, so awaiting them in order is cheap.
-        queued: list[tuple[str, str, asyncio.Future[Any]]] = []
+        # Build record batches per partition ourselves and hand each over whole: about four
+        # times cheaper per record than `send()`, and the partition of a key is the one
+        # `send()` picks (aiokafka's default partitioner), so `send` and `send_many` agree.
+        producer = self._running()
+        layout: dict[str, tuple[list[int], list[int]]] = {}  # topic -> (all, available)
+        for topic in dict.fromkeys(topic for topic, _ in items):
+            layout[topic] = await self._layout(topic)
+        open_batches: dict[tuple[str, int], _Batch] = {}
+        submitted: list[_Batch] = []
+        placed: list[tuple[str, _Batch, int]] = []  # (job id, batch, offset in the batch)
         try:
-            for destination, message in items:
+            for topic, message in items:
                 key, headers = to_kafka(message.attributes)
-                future = await self._enqueue(destination, key, headers, message.body)
-                queued.append((message.attributes.id, destination, future))
-            receipts: list[Receipt] = []
-            last = queued[-1][1] if queued else ""
-            async with self._deadline(last):
-                for job_id, destination, future in queued:
-                    receipts.append(await self._receipt(job_id, destination, future))
+                partition = int(_PARTITIONER(key, *layout[topic]))
+                batch = open_batches.get((topic, partition))
+                if batch is None:
+                    batch = open_batches[(topic, partition)] = _Batch(producer, topic, partition)
+                relative = batch.append(key, message.body, headers)
+                if relative is None:  # full: send it, start the next one
+                    await self._submit(batch)
+                    submitted.append(batch)
+                    batch = open_batches[(topic, partition)] = _Batch(producer, topic, partition)
+                    relative = batch.append(key, message.body, headers)
+                    if relative is None:
+                        msg = f"job {message.attributes.id} is larger than kafka.max_batch_bytes"
+                        raise PublishError(msg)
+                placed.append((message.attributes.id, batch, relative))
+            for batch in open_batches.values():
+                await self._submit(batch)
+                submitted.append(batch)
+            async with self._deadline(submitted[-1].topic if submitted else ""):
+                for batch in submitted:
+                    batch.base_offset = (await batch.future()).offset
         except BaseException:
-            _discard(f for _, _, f in queued)
+            _discard(b.future() for b in submitted)
             raise
-        return receipts
+        return [
+            Receipt(job_id, "kafka", batch.topic, batch.partition, batch.base_offset + relative)
+            for job_id, batch, relative in placed
+        ]
 
     async def send_record(
         self, topic: str, key: bytes | None, headers: list[tuple[str, bytes]], value: bytes
@@ -144,6 +169,19 @@ class KafkaPublisher:
         future = await self._enqueue(topic, key, headers, value)
         async with self._deadline(topic):
             return await self._receipt(job_id, topic, future)
+
+    async def check(self, destinations: Sequence[str]) -> None:
+        """Raise `DestinationMissing` naming every topic in `destinations` that does not
+        exist (without creating any); the worker calls this at start."""
+        missing: list[str] = []
+        for topic in dict.fromkeys(destinations):
+            if topic not in self._known_topics:
+                try:
+                    await self._check_topic(topic)
+                except DestinationMissing:
+                    missing.append(topic)
+        if missing:
+            raise DestinationMissing("kafka", ", ".join(missing))
 
     async def ensure(self, destinations: Sequence[str]) -> list[str]:
         admin = AIOKafkaAdminClient(**kafka_client_options(self._settings))
@@ -161,7 +199,6 @@ class KafkaPublisher:
             raise PublishError(msg) from error
         finally:
             await admin.close()
-        self._known_topics.update(destinations)
         return created
 
     def _new_producer(self) -> Any:
@@ -187,17 +224,42 @@ class KafkaPublisher:
         return self._producer
 
     async def _check_topic(self, topic: str) -> None:
-        client = self._running().client
-        if client.cluster.partitions_for_topic(topic) is None:
+        """Fail fast if `topic` does not exist; else make the client track its metadata."""
+        producer = self._running()
+        if producer.client.cluster.partitions_for_topic(topic) is None:
             try:
                 async with asyncio.timeout(self._timeout):
-                    metadata = await client.fetch_all_metadata()
+                    metadata = await producer.client.fetch_all_metadata()
             except (KafkaError, TimeoutError) as error:
                 address = self._settings.bootstrap_servers
                 raise BrokerUnavailable("kafka", address, _describe(error)) from error
             if metadata.partitions_for_topic(topic) is None:
                 raise DestinationMissing("kafka", topic)
+        try:
+            await producer.partitions_for(topic)  # tracked from now on, refreshed by aiokafka
+        except KafkaError as error:
+            raise self._translate(error, topic) from error
         self._known_topics.add(topic)
+
+    async def _layout(self, topic: str) -> tuple[list[int], list[int]]:
+        """All and available partitions of `topic`, for the partitioner."""
+        producer = self._running()
+        if topic not in self._known_topics:
+            await self._check_topic(topic)
+        try:
+            every = sorted(await producer.partitions_for(topic))  # cached by the client
+        except KafkaError as error:
+            raise self._translate(error, topic) from error
+        available = sorted(producer.client.cluster.available_partitions_for_topic(topic) or ())
+        return every, available or every
+
+    async def _submit(self, batch: _Batch) -> None:
+        try:
+            batch.submitted = await batch.producer.send_batch(
+                batch.builder, batch.topic, partition=batch.partition
+            )
+        except KafkaError as error:
+            raise self._translate(error, batch.topic) from error
 
     async def _enqueue(
         self, topic: str, key: bytes | None, headers: list[tuple[str, bytes]], value: bytes
@@ -240,8 +302,10 @@ class KafkaPublisher:
 
 
 def _describe(error: BaseException) -> str:
-    text = str(error)
     name = type(error).__name__
+    text = str(error).removeprefix(f"{name}: ")
+    if "Unable to bootstrap" in text:
+        return f"{name}: no broker answered"
     if isinstance(error, TimeoutError) and not text:
         return "timed out"
     return f"{name}: {text}" if text else name
@@ -256,3 +320,26 @@ def _discard(futures: Iterable[asyncio.Future[Any]]) -> None:
 
     for future in futures:
         future.add_done_callback(consume)
+
+
+class _Batch:
+    """Records for one partition, built by us and handed to aiokafka in one piece."""
+
+    def __init__(self, producer: Any, topic: str, partition: int) -> None:
+        self.producer = producer
+        self.topic = topic
+        self.partition = partition
+        self.builder = producer.create_batch()
+        self.submitted: asyncio.Future[Any] | None = None
+        self.base_offset = -1
+
+    def append(
+        self, key: bytes | None, value: bytes, headers: list[tuple[str, bytes]]
+    ) -> int | None:
+        """The record's offset within the batch, or None if the batch is full."""
+        metadata = self.builder.append(timestamp=None, key=key, value=value, headers=headers)
+        return None if metadata is None else int(metadata.offset)
+
+    def future(self) -> asyncio.Future[Any]:
+        assert self.submitted is not None
+        return self.submitted

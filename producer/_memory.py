@@ -199,6 +199,12 @@ class MemoryPublisher:
         job_id = next((v.decode() for n, v in headers if n == "ce_id"), "")
         return Receipt(job_id, "memory", topic, record.partition, record.offset)
 
+    async def check(self, destinations: Sequence[str]) -> None:
+        """Raise `DestinationMissing` naming every topic that does not exist."""
+        missing = [t for t in dict.fromkeys(destinations) if t not in self.broker.topics()]
+        if missing:
+            raise DestinationMissing("memory", ", ".join(missing))
+
     async def ensure(self, destinations: Sequence[str]) -> list[str]:
         return [
             t for t in dict.fromkeys(destinations) if self.broker.create_topic(t, self._partitions)

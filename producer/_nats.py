@@ -29,6 +29,7 @@ import nats.errors
 from nats.aio.client import Client as NatsClient
 from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription
+from nats.js.errors import NotFoundError
 
 from producer._errors import BrokerUnavailable, DestinationMissing, PublishError, PublishTimeout
 from producer._provision import ensure_nats_stream
@@ -135,6 +136,21 @@ class NatsPublisher:
         """Publish a raw message as-is: the worker's path to retry and dead-letter subjects."""
         [receipt] = await self._publish([(subject, headers, body)])
         return receipt
+
+    async def check(self, destinations: Sequence[str]) -> None:
+        """Raise `DestinationMissing` naming every subject no stream captures."""
+        js = self.client.jetstream(timeout=self._timeout)
+        missing: list[str] = []
+        for subject in dict.fromkeys(destinations):
+            try:
+                await js.find_stream_name_by_subject(subject)
+            except NotFoundError:
+                missing.append(subject)
+            except nats.errors.Error as error:
+                msg = f"nats could not look up the stream of {subject!r}: {_describe(error)}"
+                raise PublishError(msg) from error
+        if missing:
+            raise DestinationMissing("nats", ", ".join(missing))
 
     async def ensure(self, destinations: Sequence[str]) -> list[str]:
         try:

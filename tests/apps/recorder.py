@@ -26,16 +26,15 @@ class RecordJob(Job, type="test.record", version=1):
 
 
 app = App("recorder")
-_fd: int | None = None
+_sinks: dict[str, int] = {}
 
 
 def _sink() -> int:
-    global _fd  # noqa: PLW0603 - one descriptor per process
-    if _fd is None:
-        _fd = os.open(
-            os.environ["JOBSTREAM_TEST_SINK"], os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644
-        )
-    return _fd
+    # One descriptor per sink path: in-process tests point the env var at their own file.
+    path = os.environ["JOBSTREAM_TEST_SINK"]
+    if path not in _sinks:
+        _sinks[path] = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+    return _sinks[path]
 
 
 def record(job: RecordJob, ctx: JobContext, start: float, outcome: str) -> None:
@@ -50,6 +49,9 @@ def record(job: RecordJob, ctx: JobContext, start: float, outcome: str) -> None:
 async def handle(job: RecordJob, ctx: JobContext) -> None:
     start = time.time()
     record(job, ctx, start, "start")
+    if os.environ.get("JOBSTREAM_TEST_BROKEN"):
+        record(job, ctx, start, "raised")
+        raise DeadLetter("broken deployment")
     if job.behaviour == "hang":
         await asyncio.sleep(3600)
     if job.behaviour == "hang-once":

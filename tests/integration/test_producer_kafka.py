@@ -19,6 +19,7 @@ from producer import (
     KafkaPublisher,
     KafkaSettings,
     ProducerSettings,
+    PublishRequest,
     RoutingSettings,
 )
 from schemas import InvalidPayload
@@ -117,9 +118,10 @@ async def test_create_missing_creates_the_topic_once(kafka_admin) -> None:
             routes={"email.welcome": topic}, partitions=2
         ))  # fmt: skip
         async with JobProducer(settings) as producer:
+            bulk = await producer.publish_many([WELCOME, WELCOME])  # right after creating it
             first = await producer.publish(WELCOME)
             second = await producer.publish(WELCOME)
-        assert {first.destination, second.destination} == {topic}
+        assert {first.destination, second.destination, *(r.destination for r in bulk)} == {topic}
         [described] = await kafka_admin.describe_topics([topic])
         assert len(described["partitions"]) == 2
     finally:
@@ -169,3 +171,30 @@ async def test_send_record_publishes_raw_bytes(new_topic) -> None:
     assert (record.key, record.value, record.headers) == (
         None, b"?", (("ce_id", b"j-1"), ("x", b"\xff"))
     )  # fmt: skip
+
+
+async def test_a_key_lands_in_one_partition_via_publish_and_publish_many(new_topic) -> None:
+    topic = await new_topic(partitions=6)
+    keys = [f"user-{i}" for i in range(12)]
+    async with JobProducer(settings_for(topic)) as producer:
+        single = [await producer.publish(WELCOME, key=k) for k in keys]
+        bulk = await producer.publish_many([PublishRequest(WELCOME, key=k) for k in keys])
+    assert [r.partition for r in single] == [r.partition for r in bulk]
+    assert len({r.partition for r in single}) > 1
+    # Within a partition, publish order is offset order.
+    for first, second in zip(single, bulk, strict=True):
+        assert second.offset > first.offset
+
+
+async def test_check_names_missing_topics_without_creating_them(new_topic, kafka_admin) -> None:
+    topic = await new_topic()
+    missing = f"missing-{time.time_ns()}"
+    publisher = KafkaPublisher(KafkaSettings(bootstrap_servers=KAFKA_BOOTSTRAP))
+    await publisher.start()
+    try:
+        await publisher.check([topic])
+        with pytest.raises(DestinationMissing, match=f"topic '{missing}' does not exist"):
+            await publisher.check([topic, missing])
+    finally:
+        await publisher.stop()
+    assert missing not in await kafka_admin.list_topics()

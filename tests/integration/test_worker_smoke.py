@@ -34,3 +34,28 @@ async def test_worker_processes_every_job_and_commits(
     assert sorted(line.job_id for line in read_sink(sink)) == sorted(ids)
     offsets = await kafka_admin.list_consumer_group_offsets(group_id)
     assert sum(meta.offset for meta in offsets.values()) == 300
+
+
+def test_worker_with_no_broker_exits_with_one_clear_line(tmp_path) -> None:
+    import socket
+    import subprocess
+    import sys
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        closed_port = sock.getsockname()[1]
+    env = {
+        **__import__("os").environ,
+        "JOBSTREAM_KAFKA__BOOTSTRAP_SERVERS": f"127.0.0.1:{closed_port}",
+        "JOBSTREAM_WORKER__BROKER_WAIT_S": "2",
+        "JOBSTREAM_HEALTH__PORT": "0",
+        "JOBSTREAM_TEST_SINK": str(tmp_path / "sink"),
+    }
+    result = subprocess.run(
+        [sys.executable, "-m", "jobstream", "worker", "tests.apps.recorder:app"],
+        env=env, capture_output=True, text=True, timeout=60, check=False,
+    )  # fmt: skip
+    assert result.returncode == 1
+    last = result.stderr.strip().splitlines()[-1]
+    assert last.startswith("error: ") and f"127.0.0.1:{closed_port}" in last
+    assert "JOBSTREAM_KAFKA__BOOTSTRAP_SERVERS" in last

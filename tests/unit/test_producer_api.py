@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import ast
 import inspect
+import itertools
 import pickle
 import re
 from pathlib import Path
@@ -115,7 +116,7 @@ def _documented_fields(model: type[BaseModel]) -> dict[str, str]:
     tree = ast.parse(inspect.getsource(model))
     body = tree.body[0].body  # type: ignore[attr-defined]
     docs: dict[str, str] = {}
-    for statement, following in zip(body, body[1:], strict=False):
+    for statement, following in itertools.pairwise(body):
         if (
             isinstance(statement, ast.AnnAssign)
             and isinstance(statement.target, ast.Name)

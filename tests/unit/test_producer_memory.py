@@ -89,3 +89,11 @@ async def test_send_record_stores_raw_bytes_as_is() -> None:
     receipt = await publisher.send_record("dlq", b"k", [("ce_id", b"job-1")], b"\xff")
     assert (receipt.job_id, receipt.destination, receipt.offset) == ("job-1", "dlq", 0)
     assert publisher.broker.read("dlq", 0, 0)[0].value == b"\xff"
+
+
+async def test_check_names_every_missing_topic() -> None:
+    publisher = MemoryPublisher()
+    await publisher.ensure(["a"])
+    await publisher.check(["a"])
+    with pytest.raises(DestinationMissing, match="topics b, c do not exist"):
+        await publisher.check(["a", "b", "c"])

@@ -1,0 +1,97 @@
+"""Failure routing on Kafka: retry tier topics and the dead-letter topic.
+
+A retriable failure is republished to the retry tier that fits its delay, with the attempt
+count, the due time (`jobnotbefore`) and the failure details in headers; the worker's own
+source reads the tier topics and holds each record back until it is due. A non-retriable
+failure, or the last attempt, goes to the dead-letter topic of the job's main topic with
+the original key, body and headers plus the failure details.
+
+`route` returns only once the broker acknowledged the record, so the source offset is
+committed after the hand-off, never before (G2). A broker outage is retried with backoff
+until it ends or the worker stops (then the job is simply not settled: redelivered).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+from collections.abc import Awaitable, Callable
+from datetime import timedelta
+from typing import TypeVar
+
+from consumer._failures import ERROR, REASON, Decision, failure_details, utc_now
+from consumer._pipeline import JobRun, Outcome
+from consumer._settings import Settings
+from producer import KafkaPublisher, PublishError, Receipt
+from schemas import InvalidAttributes, JobMessage
+
+log = logging.getLogger("jobstream.routing")
+T = TypeVar("T")
+_MAX_BACKOFF_S = 10.0
+
+
+class KafkaFailureRouter:
+    def __init__(self, settings: Settings, publisher: KafkaPublisher) -> None:
+        self._settings = settings
+        self._retry = settings.retry
+        self._publisher = publisher
+
+    async def route(self, run: JobRun, error: Exception, decision: Decision) -> Outcome:
+        now = utc_now()
+        details = failure_details(run, error, decision, self._settings.worker.group, now)
+        main_topic = self._retry.main_topic(details["jobsrctopic"])
+        attributes = run.attributes
+        retried = None
+        if decision.retry and attributes is not None:
+            try:
+                retried = attributes.replace(
+                    attempt=attributes.attempt + 1,
+                    not_before=now + timedelta(seconds=decision.delay_s),
+                ).with_extensions(**details)
+            except InvalidAttributes as invalid:
+                # E.g. headers over the size limit: the job cannot travel as a retry record.
+                details[REASON] = "retry-record-invalid"
+                details[ERROR] = f"{details[ERROR]} (and no retry record: {invalid})"
+        if retried is not None:
+            topic = self._retry.tier_for(main_topic, decision.delay_s)
+            await _until_acknowledged(
+                lambda: self._publisher.send(topic, JobMessage(retried, run.delivery.body))
+            )
+            log.info(
+                "retry %d of %s in %.1fs via %s",
+                retried.attempt,
+                attributes.id,
+                decision.delay_s,
+                topic,
+            )
+            return Outcome.RETRYING
+        topic = self._retry.dead_letter_topic(main_topic)
+        headers = dead_letter_headers(run.delivery.raw_headers, details)
+        await _until_acknowledged(
+            lambda: self._publisher.send_record(
+                topic, run.delivery.raw_key, headers, run.delivery.body
+            )
+        )
+        log.warning("dead-lettered %s to %s: %s", run.delivery.describe, topic, decision.reason)
+        return Outcome.DEAD_LETTERED
+
+
+def dead_letter_headers(
+    original: list[tuple[str, bytes]], details: dict[str, str]
+) -> list[tuple[str, bytes]]:
+    """The original headers, with earlier failure details replaced by `details`."""
+    replaced = {f"ce_{name}" for name in details}
+    kept = [(name, value) for name, value in original if name.lower() not in replaced]
+    return kept + [(f"ce_{name}", value.encode()) for name, value in details.items()]
+
+
+async def _until_acknowledged(publish: Callable[[], Awaitable[Receipt]]) -> Receipt:
+    delay = 0.2
+    while True:
+        try:
+            return await publish()
+        except PublishError as error:
+            log.error("could not hand a failed job on (%s); retrying in %.1fs", error, delay)
+            await asyncio.sleep(delay * (0.5 + random.random()))
+            delay = min(delay * 2, _MAX_BACKOFF_S)

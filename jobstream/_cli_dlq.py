@@ -1,0 +1,158 @@
+"""`jobstream dlq list|show|replay`: find, inspect and replay dead letters (Kafka)."""
+
+from __future__ import annotations
+
+import json
+from datetime import UTC, datetime
+from typing import Annotated
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from consumer import Settings
+from consumer._dead_letters import DeadLetterFilter, DeadLetterRecord, list_dead_letters, replay
+from jobstream._cli_schemas import import_job_modules, run
+from jobstream._config import fail, load_settings
+from schemas import default_registry
+
+TypeOption = Annotated[str | None, typer.Option("--type", help="Only this job type.")]
+ReasonOption = Annotated[
+    str | None, typer.Option(help="Only this reason (e.g. retries-exhausted).")
+]
+SinceOption = Annotated[
+    str | None, typer.Option(help="Failed at or after (ISO 8601, e.g. 2026-11-22T10:00Z).")
+]
+UntilOption = Annotated[str | None, typer.Option(help="Failed at or before (ISO 8601).")]
+TopicOption = Annotated[
+    list[str] | None,
+    typer.Option(
+        "--topic",
+        help="Dead-letter topic(s) to read (default: those of every registered job type).",
+    ),
+]
+
+
+def _time(value: str | None, flag: str) -> datetime | None:
+    if value is None:
+        return None
+    try:
+        moment = datetime.fromisoformat(value.replace("Z", "+00:00"))
+    except ValueError:
+        raise fail(
+            f"{flag} {value!r} is not an ISO 8601 time (e.g. 2026-11-22T10:00:00Z)", 2
+        ) from None
+    return moment if moment.tzinfo else moment.replace(tzinfo=UTC)
+
+
+def _topics(settings: Settings, topics: list[str] | None) -> list[str]:
+    if topics:
+        return topics
+    import_job_modules(settings)
+    mains = {settings.routing.topic(job_type) for job_type in default_registry.job_types()}
+    if not mains:
+        raise fail("no job types registered: set JOBSTREAM_JOB_MODULES or pass --topic", 2)
+    return sorted(settings.retry.dead_letter_topic(topic) for topic in mains)
+
+
+def _filter(job_type: str | None, reason: str | None, since: str | None, until: str | None,
+            ids: list[str] | None = None) -> DeadLetterFilter:  # fmt: skip
+    return DeadLetterFilter(job_type, reason, _time(since, "--since"), _time(until, "--until"),
+                            frozenset(ids or ()))  # fmt: skip
+
+
+def _settings() -> Settings:
+    settings = load_settings(Settings)
+    if settings.transport != "kafka":
+        raise fail("jobstream dlq reads Kafka dead-letter topics: set JOBSTREAM_TRANSPORT=kafka", 2)
+    return settings
+
+
+def register(app: typer.Typer) -> None:
+    dlq = typer.Typer(help="Dead letters: list, inspect and replay jobs that failed for good.")
+    app.add_typer(dlq, name="dlq")
+
+    @dlq.command("list")
+    def list_(
+        job_type: TypeOption = None, reason: ReasonOption = None, since: SinceOption = None,
+        until: UntilOption = None, topic: TopicOption = None,
+        as_json: Annotated[bool, typer.Option("--json", help="One JSON object per line.")] = False,
+    ) -> None:  # fmt: skip
+        """List dead letters, oldest first, with the reason each job failed."""
+        settings = _settings()
+        topics = _topics(settings, topic)
+        where = _filter(job_type, reason, since, until)
+        records = run(lambda: list_dead_letters(settings, topics, where))
+        if as_json:
+            for record in records:
+                typer.echo(json.dumps(record.summary()))
+            return
+        table = Table(title=f"{len(records)} dead letters")
+        for column in ("id", "job id", "type", "reason", "error", "attempts", "failed at"):
+            table.add_column(column, overflow="fold")
+        for r in records:
+            table.add_row(r.id, r.job_id or "-", r.job_type or "-", r.reason,
+                          (r.ext("joberror") or "")[:60], r.ext("jobattempt") or "-",
+                          r.failed_at.isoformat(timespec="seconds"))  # fmt: skip
+        Console().print(table)
+
+    @dlq.command("show")
+    def show(
+        dead_letter: Annotated[
+            str, typer.Argument(help="Dead letter id (topic:partition:offset) or job id.")
+        ],
+        topic: TopicOption = None,
+    ) -> None:
+        """Print one dead letter: failure details, every header, the body."""
+        settings = _settings()
+        topics = _topics(settings, topic)
+        found = run(
+            lambda: list_dead_letters(
+                settings, topics, _filter(None, None, None, None, [dead_letter])
+            )
+        )
+        if not found:
+            raise fail(f"no dead letter {dead_letter!r} in {', '.join(topics)}")
+        for record in found:
+            typer.echo(json.dumps(_full(record), indent=2))
+
+    @dlq.command("replay")
+    def replay_(
+        dead_letters: Annotated[list[str] | None, typer.Argument(help="Dead letter ids or job ids.")] = None,
+        job_type: TypeOption = None, reason: ReasonOption = None, since: SinceOption = None,
+        until: UntilOption = None, topic: TopicOption = None,
+        dry_run: Annotated[bool, typer.Option("--dry-run", help="Show what would be replayed.")] = False,
+        force: Annotated[bool, typer.Option("--force", help="Replay even if replayed before.")] = False,
+        rate: Annotated[float, typer.Option(min=0.1, help="Most replays per second.")] = 50.0,
+    ) -> None:  # fmt: skip
+        """Republish dead letters to their original topic, attempts reset. Each dead letter
+        is replayed once: a second replay needs --force."""
+        if not dead_letters and not (job_type or reason or since or until):
+            raise fail(
+                "name dead letters to replay, or filter them (--type, --reason, --since, --until)",
+                2,
+            )
+        settings = _settings()
+        topics = _topics(settings, topic)
+        where = _filter(job_type, reason, since, until, dead_letters)
+
+        async def body() -> list[tuple[str, str, str]]:
+            records = await list_dead_letters(settings, topics, where)
+            results = await replay(settings, records, force=force, dry_run=dry_run, rate_per_s=rate)
+            return [(r.record.id, r.status, r.destination) for r in results]
+
+        results = run(body)
+        for dead_letter_id, status, destination in results:
+            typer.echo(json.dumps({"id": dead_letter_id, "status": status, "to": destination}))
+        if not results:
+            typer.echo("no dead letters matched", err=True)
+
+
+def _full(record: DeadLetterRecord) -> dict[str, object]:
+    try:
+        body: object = json.loads(record.value)
+    except ValueError:
+        body = record.value.decode("utf-8", errors="replace")
+    headers = {name: value.decode("utf-8", errors="replace") for name, value in record.headers}
+    return {**record.summary(), "traceback": record.ext("jobtraceback"), "headers": headers,
+            "key": record.key.decode("utf-8", errors="replace") if record.key else None, "body": body}  # fmt: skip
