@@ -9,7 +9,7 @@ PYTEST_ARGS ?=
 PACKAGES := schemas producer consumer jobstream
 
 .DEFAULT_GOAL := help
-.PHONY: demo fmt-check schemas help venv up down status test test-unit check fmt lint types imports schemas-check bench lock clean
+.PHONY: helm demo fmt-check schemas help venv up down status test test-unit check fmt lint types imports schemas-check bench lock clean
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-14s %s\n", $$1, $$2}'
@@ -37,10 +37,13 @@ demo: ## the main job: start the services, publish example jobs, run a worker, s
 	@$(MAKE) --no-print-directory up SERVICES="kafka nats"
 	@JOBSTREAM_LOGGING__LEVEL=WARNING $(BIN)/python -m examples.roundtrip
 
-test: up ## the whole suite: unit and integration tests against the real brokers
+helm: ## build helm once into .cache/bin (for the chart tests)
+	@scripts/helm.sh >/dev/null
+
+test: up helm ## the whole suite: unit and integration tests against the real brokers
 	@$(BIN)/pytest $(PYTEST_ARGS)
 
-test-unit: venv ## unit tests only (no brokers)
+test-unit: venv helm ## unit tests only (no brokers)
 	@$(BIN)/pytest -m 'not integration' $(PYTEST_ARGS)
 
 check: venv fmt-check lint types imports schemas-check ## format, lint, types, import contract, schema export

@@ -14,12 +14,13 @@ to a compacted ledger topic, so the same dead letter is not replayed twice unles
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 
-from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRecord, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from aiokafka.errors import TopicAlreadyExistsError
 
@@ -76,13 +77,19 @@ class DeadLetterRecord:
         except ValueError:
             return self.timestamp
 
+    @property
+    def source(self) -> str:
+        """Where the job was first consumed: `topic[partition]@offset`."""
+        topic, partition = self.ext("jobsrctopic"), self.ext("jobsrcpartition")
+        return f"{topic}[{partition}]@{self.ext('jobsrcoffset')}"
+
     def summary(self) -> dict[str, object]:
         return {
             "id": self.id, "job_id": self.job_id, "type": self.job_type,
             "version": self.ext("jobversion"), "reason": self.reason,
             "error_type": self.ext("joberrortype"), "error": self.ext("joberror"),
             "attempts": self.ext("jobattempt"),
-            "source": f"{self.ext('jobsrctopic')}[{self.ext('jobsrcpartition')}]@{self.ext('jobsrcoffset')}",
+            "source": self.source,
             "group": self.ext("jobgroup"), "first_failure": self.ext("jobfirstfail"),
             "last_failure": self.failed_at.isoformat(),
         }  # fmt: skip
@@ -104,7 +111,7 @@ class DeadLetterFilter:
         if self.reason and record.reason != self.reason:
             return False
         failed = record.failed_at
-        return not (self.since and failed < self.since or self.until and failed > self.until)
+        return not ((self.since and failed < self.since) or (self.until and failed > self.until))
 
 
 @dataclass(frozen=True, slots=True)
@@ -121,7 +128,7 @@ async def read_topics(settings: Settings, topics: Sequence[str]) -> list[DeadLet
     await consumer.start()
     records: list[DeadLetterRecord] = []
     try:
-        await consumer._client.force_metadata_update()  # noqa: SLF001 - no public refresh
+        await consumer._client.force_metadata_update()
         partitions = [
             TopicPartition(topic, p)
             for topic in topics
@@ -135,18 +142,20 @@ async def read_topics(settings: Settings, topics: Sequence[str]) -> list[DeadLet
         remaining = {tp for tp, end in ends.items() if end > 0}
         while remaining:
             batch = await consumer.getmany(*remaining, timeout_ms=_DRAIN_POLL_MS)
-            for tp, messages in batch.items():
-                for m in messages:
-                    records.append(DeadLetterRecord(
-                        m.topic, m.partition, m.offset, datetime.fromtimestamp(m.timestamp / 1000, UTC),
-                        m.key, tuple(m.headers or ()), m.value or b"",
-                    ))  # fmt: skip
+            for messages in batch.values():
+                records.extend(_record(m) for m in messages)
             for tp in list(remaining):
                 if await consumer.position(tp) >= ends[tp]:
                     remaining.discard(tp)
     finally:
         await consumer.stop()
     return records
+
+
+def _record(m: ConsumerRecord[bytes, bytes]) -> DeadLetterRecord:
+    stamp = datetime.fromtimestamp(m.timestamp / 1000, UTC)
+    headers = tuple(m.headers or ())
+    return DeadLetterRecord(m.topic, m.partition, m.offset, stamp, m.key, headers, m.value or b"")
 
 
 async def list_dead_letters(
@@ -172,10 +181,8 @@ class ReplayLedger:
             topic = NewTopic(
                 self.topic, 1, self._settings.routing.replication_factor, topic_configs=config
             )
-            try:
+            with contextlib.suppress(TopicAlreadyExistsError):  # created concurrently
                 await admin.create_topics([topic])
-            except TopicAlreadyExistsError:
-                pass
         finally:
             await admin.close()
 

@@ -49,7 +49,8 @@ class JobRun:
 
     def next_attempt(self) -> JobRun:
         """The same job again, one attempt later (an in-place retry), with a fresh deadline."""
-        assert self.attributes is not None and self.context is not None  # noqa: S101
+        assert self.attributes is not None
+        assert self.context is not None
         attributes = self.attributes.replace(attempt=self.attributes.attempt + 1)
         timeout = self.context.deadline - self.started
         context = dataclasses.replace(

@@ -61,7 +61,7 @@ class KafkaFailureRouter:
             log.info(
                 "retry %d of %s in %.1fs via %s",
                 retried.attempt,
-                attributes.id,
+                retried.id,
                 decision.delay_s,
                 topic,
             )

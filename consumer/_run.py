@@ -15,9 +15,9 @@ from collections.abc import AsyncIterator
 
 from consumer._app import App
 from consumer._health import HealthServer
+from consumer._routing import KafkaFailureRouter
 from consumer._settings import Settings
 from consumer._source import Source
-from consumer._routing import KafkaFailureRouter
 from consumer._step_failure import FailureRouter
 from consumer._worker import Worker
 from producer import KafkaPublisher

@@ -11,9 +11,8 @@ import time
 from rich.console import Console
 from rich.table import Table
 
-from consumer import Settings, Worker
-from consumer._kafka_source import KafkaSource
-from consumer._run import topics_for
+from consumer import Settings, open_worker
+from consumer._run import routing_topics, topics_for
 from examples.app import app, completed
 from producer import JobProducer, PublishRequest
 from schemas.examples import GenerateReport, ResizeImage, SendWelcomeEmail, SendWelcomeEmailV2
@@ -47,18 +46,18 @@ async def main() -> int:
     )
     topics = topics_for(app, settings)
     async with JobProducer(settings) as producer:
-        await producer.publisher.ensure(topics)
+        await producer.publisher.ensure([*topics, *routing_topics(app, settings)])
         receipts = await producer.publish_many(_jobs())
     console.print(f"published {len(receipts)} jobs to {', '.join(topics)}")
-    worker = Worker(app, settings, KafkaSource(settings, topics))
-    running = asyncio.create_task(worker.run())
     ids = {receipt.job_id for receipt in receipts}
-    deadline = time.monotonic() + 60
-    # Polls the app's record of completed jobs, with a deadline.
-    while not ids <= completed.keys() and time.monotonic() < deadline and not running.done():  # noqa: ASYNC110
-        await asyncio.sleep(0.1)
-    worker.stop()
-    await running
+    async with open_worker(app, settings) as worker:
+        running = asyncio.create_task(worker.run())
+        deadline = time.monotonic() + 60
+        # Polls the app's record of completed jobs, with a deadline.
+        while not ids <= completed.keys() and time.monotonic() < deadline and not running.done():  # noqa: ASYNC110
+            await asyncio.sleep(0.1)
+        worker.stop()
+        await running
     table = Table(title="jobstream round trip")
     for column in ("job id", "type", "topic[partition]@offset", "state"):
         table.add_column(column)

@@ -12,8 +12,8 @@ from rich.table import Table
 
 from consumer import Settings
 from consumer._dead_letters import DeadLetterFilter, DeadLetterRecord, list_dead_letters, replay
-from jobstream._cli_schemas import import_job_modules, run
-from jobstream._config import fail, load_settings
+from consumer._failures import unescape
+from jobstream._config import fail, import_job_modules, load_settings, run
 from schemas import default_registry
 
 TypeOption = Annotated[str | None, typer.Option("--type", help="Only this job type.")]
@@ -31,6 +31,11 @@ TopicOption = Annotated[
         help="Dead-letter topic(s) to read (default: those of every registered job type).",
     ),
 ]
+
+
+IdsArgument = Annotated[list[str] | None, typer.Argument(help="Dead letter ids or job ids.")]
+DryRunOption = Annotated[bool, typer.Option("--dry-run", help="Show what would be replayed.")]
+ForceOption = Annotated[bool, typer.Option("--force", help="Replay even if replayed before.")]
 
 
 def _time(value: str | None, flag: str) -> datetime | None:
@@ -118,11 +123,9 @@ def register(app: typer.Typer) -> None:
 
     @dlq.command("replay")
     def replay_(
-        dead_letters: Annotated[list[str] | None, typer.Argument(help="Dead letter ids or job ids.")] = None,
-        job_type: TypeOption = None, reason: ReasonOption = None, since: SinceOption = None,
-        until: UntilOption = None, topic: TopicOption = None,
-        dry_run: Annotated[bool, typer.Option("--dry-run", help="Show what would be replayed.")] = False,
-        force: Annotated[bool, typer.Option("--force", help="Replay even if replayed before.")] = False,
+        dead_letters: IdsArgument = None, job_type: TypeOption = None,
+        reason: ReasonOption = None, since: SinceOption = None, until: UntilOption = None,
+        topic: TopicOption = None, dry_run: DryRunOption = False, force: ForceOption = False,
         rate: Annotated[float, typer.Option(min=0.1, help="Most replays per second.")] = 50.0,
     ) -> None:  # fmt: skip
         """Republish dead letters to their original topic, attempts reset. Each dead letter
@@ -154,5 +157,6 @@ def _full(record: DeadLetterRecord) -> dict[str, object]:
     except ValueError:
         body = record.value.decode("utf-8", errors="replace")
     headers = {name: value.decode("utf-8", errors="replace") for name, value in record.headers}
-    return {**record.summary(), "traceback": record.ext("jobtraceback"), "headers": headers,
-            "key": record.key.decode("utf-8", errors="replace") if record.key else None, "body": body}  # fmt: skip
+    key = record.key.decode("utf-8", errors="replace") if record.key else None
+    trace = unescape(record.ext("jobtraceback") or "")
+    return {**record.summary(), "traceback": trace, "headers": headers, "key": key, "body": body}

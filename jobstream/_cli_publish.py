@@ -17,8 +17,7 @@ from typing import Annotated, Any, Literal
 
 import typer
 
-from jobstream._cli_schemas import USAGE, import_job_modules, run, settings_for
-from jobstream._config import fail
+from jobstream._config import USAGE, fail, import_job_modules, run, settings_for
 from producer import JobProducer, PublishRequest, Receipt
 from schemas import JobDecodeError
 

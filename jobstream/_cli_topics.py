@@ -10,14 +10,22 @@ from typing import Annotated, Literal
 
 import typer
 
-from jobstream._cli_schemas import USAGE, import_job_modules, run, settings_for
-from jobstream._config import fail
+from consumer import Settings
+from consumer._dead_letters import ReplayLedger
+from jobstream._config import USAGE, fail, import_job_modules, load_settings, run
 from producer import DestinationHook, JobProducer, ProducerSettings, plan_destinations
 from schemas import default_registry
 
-DESTINATION_HOOKS: list[DestinationHook] = []
-"""More destinations per job type, e.g. retry tiers and the dead-letter topic: each hook
-maps (job type, main topic or subject) to extra topics or subjects to provision."""
+
+def failure_topics(settings: Settings) -> DestinationHook:
+    """Kafka: each main topic's retry tiers and dead-letter topic are provisioned with it."""
+
+    def hook(job_type: str, main: str) -> list[str]:
+        retry = settings.retry
+        tiers = [] if retry.in_place else retry.tier_topics(main)
+        return [*tiers, retry.dead_letter_topic(main)]
+
+    return hook
 
 
 def register(app: typer.Typer) -> None:
@@ -39,7 +47,7 @@ def register(app: typer.Typer) -> None:
             typer.Option(help="Broker to provision (default: JOBSTREAM_TRANSPORT, kafka)."),
         ] = None,
     ) -> None:
-        settings = settings_for(transport=transport)
+        settings = load_settings(Settings, transport=transport)
         import_job_modules(settings)
         job_types = default_registry.job_types()
         if not job_types:
@@ -48,14 +56,18 @@ def register(app: typer.Typer) -> None:
                 "declare them",
                 USAGE,
             )
-        destinations = plan_destinations(settings, job_types, DESTINATION_HOOKS)
+        hooks = [failure_topics(settings)] if settings.transport == "kafka" else []
+        destinations = plan_destinations(settings, job_types, hooks)
         created = run(lambda: _ensure(settings, destinations))
         _report(settings, destinations, created)
 
 
-async def _ensure(settings: ProducerSettings, destinations: list[str]) -> list[str]:
+async def _ensure(settings: Settings, destinations: list[str]) -> list[str]:
     async with JobProducer(settings) as producer:
-        return await producer.publisher.ensure(destinations)
+        created = await producer.publisher.ensure(destinations)
+    if settings.transport == "kafka":
+        await ReplayLedger(settings).ensure()
+    return created
 
 
 def _report(settings: ProducerSettings, destinations: list[str], created: list[str]) -> None:

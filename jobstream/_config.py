@@ -1,32 +1,47 @@
-"""Load settings for a CLI command: flags over environment over config file, and turn a
-bad value into one line that names the environment variable to fix."""
+"""What every CLI command shares: settings (flags over environment over config file), job
+modules, and running an async body, with errors turned into one line.
+
+Exit codes: 0 success, 1 a run-time failure (broker, stale files), 2 a usage error (a bad
+flag, payload or setting). Every error is one line on stderr: `error: <what> ...<fix>`.
+"""
 
 from __future__ import annotations
 
+import asyncio
+import importlib
+import logging
 import os
+import re
+from collections.abc import Callable, Coroutine
 from pathlib import Path
 from typing import Any, TypeVar
 
 import typer
 from pydantic import ValidationError
-from pydantic_settings import BaseSettings
+from pydantic_settings import BaseSettings, SettingsError
 
+from producer import ProducerSettings
 from producer._settings import CONFIG_FILE_ENV, ENV_PREFIX
+from schemas import JobstreamError
 
 S = TypeVar("S", bound=BaseSettings)
+T = TypeVar("T")
+USAGE = 2
+RUNTIME = 1
 
 
-def fail(message: str, code: int = 1) -> typer.Exit:
+def fail(message: str, code: int = RUNTIME) -> typer.Exit:
     """Print `error: message` on stderr and return the exit to raise."""
     typer.echo(f"error: {message}", err=True)
     return typer.Exit(code)
 
 
 def load_settings(cls: type[S], **overrides: Any) -> S:
-    """`cls` from the environment, with `overrides` (dotted paths: "worker.group") on top."""
+    """`cls` from the environment, with `overrides` (dotted paths: "worker.group"; None:
+    not given) on top. A bad value exits 2 with one line naming its environment variable."""
     config_file = os.environ.get(CONFIG_FILE_ENV)
     if config_file and not Path(config_file).is_file():
-        raise fail(f"{CONFIG_FILE_ENV}={config_file}: no such file; point it at a TOML file")
+        raise fail(f"{CONFIG_FILE_ENV}={config_file}: no such file; point it at a TOML file", USAGE)
     nested: dict[str, Any] = {}
     for dotted, value in overrides.items():
         if value is None:
@@ -37,17 +52,28 @@ def load_settings(cls: type[S], **overrides: Any) -> S:
             target = target.setdefault(parent, {})
         target[leaf] = value
     try:
-        if nested:
-            # Flags replace single fields; the rest of each section still comes from env.
-            base = cls()
-            merged = _merge(base.model_dump(), nested)
-            return cls.model_validate(merged)
-        return cls()
+        if not nested:
+            return cls()
+        # Flags replace single fields; the rest of each section still comes from env.
+        return cls.model_validate(_merge(cls().model_dump(), nested))
     except ValidationError as error:
         first = error.errors()[0]
         path = [str(part) for part in first["loc"]]
         env_var = ENV_PREFIX + "__".join(path).upper()
-        raise fail(f"invalid setting {env_var} ({'.'.join(path)}): {first['msg']}", 2) from None
+        raise fail(f"invalid setting {env_var} ({'.'.join(path)}): {first['msg']}", USAGE) from None
+    except SettingsError as error:  # an env value that is not valid JSON for a list/object
+        field = re.search(r'field "(\w+)"', str(error))
+        where = f"{ENV_PREFIX}{field.group(1).upper()}*" if field else f"a {ENV_PREFIX}* variable"
+        raise fail(
+            f"invalid setting in {where}: {error} (values of lists and objects are JSON, e.g. "
+            "JOBSTREAM_NATS__SERVERS='[\"nats://a:4222\"]'; see docs/configuration.md)",
+            USAGE,
+        ) from None
+
+
+def settings_for(**flags: Any) -> ProducerSettings:
+    """Producer settings: `flags` over environment over config file."""
+    return load_settings(ProducerSettings, **flags)
 
 
 def _merge(base: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any]:
@@ -58,3 +84,27 @@ def _merge(base: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any]:
         else:
             result[key] = value
     return result
+
+
+def import_job_modules(settings: ProducerSettings) -> None:
+    """Import `settings.job_modules`, which registers their job types."""
+    for name in settings.job_modules:
+        try:
+            importlib.import_module(name)
+        except ImportError as error:
+            raise fail(
+                f"cannot import job module {name!r} ({error}); fix JOBSTREAM_JOB_MODULES "
+                "(a JSON list of importable module names)",
+                USAGE,
+            ) from None
+
+
+def run(coroutine: Callable[[], Coroutine[Any, Any, T]]) -> T:
+    """Run a command's async body; a jobstream error becomes one line and exit 1."""
+    # The clients log their own connection failures; the CLI reports them as one line.
+    for name in ("aiokafka", "nats"):
+        logging.getLogger(name).setLevel(logging.CRITICAL)
+    try:
+        return asyncio.run(coroutine())
+    except JobstreamError as error:
+        raise fail(" ".join(str(error).split()), RUNTIME) from None

@@ -16,7 +16,8 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from aiokafka import AIOKafkaProducer
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
+from aiokafka.admin import AIOKafkaAdminClient
 
 from schemas import Job, encode, to_kafka
 from tests.conftest import KAFKA_BOOTSTRAP
@@ -95,6 +96,25 @@ def worker_env(topic: str, group: str, sink: Path, **extra: str) -> dict[str, st
     }
     env.update(extra)
     return env
+
+
+async def caught_up(admin: AIOKafkaAdminClient, group: str, topics: Sequence[str]) -> bool:
+    """True when `group` has committed every partition of `topics` up to its end."""
+    described = await admin.describe_topics(list(topics))
+    partitions = [
+        TopicPartition(t["topic"], p["partition"]) for t in described for p in t["partitions"]
+    ]
+    assert len({tp.topic for tp in partitions}) == len(topics), f"unknown topic in {topics}"
+    consumer = AIOKafkaConsumer(bootstrap_servers=KAFKA_BOOTSTRAP)
+    await consumer.start()
+    try:
+        ends = await consumer.end_offsets(partitions)
+    finally:
+        await consumer.stop()
+    committed = await admin.list_consumer_group_offsets(group)
+    return all(
+        end == 0 or (tp in committed and committed[tp].offset >= end) for tp, end in ends.items()
+    )
 
 
 def free_port() -> int:

@@ -23,8 +23,17 @@ from consumer._dead_letters import (
     read_topics,
 )
 from tests.apps.recorder import RecordJob, app
-from tests.conftest import KAFKA_BOOTSTRAP
-from tests.support import ROOT, publish_raw, read_sink, wait_until
+from tests.conftest import KAFKA_BOOTSTRAP, REDIS_URL
+from tests.support import (
+    ROOT,
+    caught_up,
+    publish_raw,
+    read_sink,
+    start_worker,
+    stop_worker,
+    wait_until,
+    worker_env,
+)
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
@@ -258,3 +267,54 @@ async def test_replay_brings_fixed_jobs_back_once(
     replayed = [r for r in await read_topics(settings, [topic]) if r.ext("jobreplayof")]
     assert {r.ext("jobattempt") for r in replayed} == {"1"}
     assert all(r.ext("jobreason") is None for r in replayed)
+
+
+async def test_sigkill_between_hand_off_and_commit_accounts_for_every_job_once(
+    new_topic, group_id, tmp_path, monkeypatch, kafka_admin
+) -> None:
+    sink = tmp_path / "sink"
+    topic = await routed_topic(new_topic)
+    settings = settings_for(topic, group_id, monkeypatch)
+    behaviours = ["dead-letter", "fail-once", "ok"]
+    jobs = [
+        (f"k{i}", RecordJob(seq=i, key=f"k{i}", behaviour=behaviours[i % 3])) for i in range(300)
+    ]  # type: ignore[arg-type]
+    env = worker_env(
+        topic, group_id, sink,
+        JOBSTREAM_RETRY__TIERS_S="[0.5, 2.0]", JOBSTREAM_RETRY__POLICY__INITIAL_DELAY_S="0.5",
+        JOBSTREAM_IDEMPOTENCY__BACKEND="redis", JOBSTREAM_IDEMPOTENCY__URL=REDIS_URL,
+        JOBSTREAM_IDEMPOTENCY__NAMESPACE=group_id.replace("-", "_"), JOBSTREAM_IDEMPOTENCY__LEASE_S="2",
+        # No commit until the kill: every hand-off so far is redelivered after the restart.
+        JOBSTREAM_WORKER__COMMIT_INTERVAL_S="600", JOBSTREAM_WORKER__COMMIT_EVERY="100000",
+    )  # fmt: skip
+    ids = await publish_raw(topic, jobs)
+    first = start_worker(env, tmp_path / "first.log")
+    try:
+        await wait_until_dead_letters(settings, topic, 100)
+        await wait_until(lambda: len(read_sink(sink)) >= 200, 60, "200 completions")
+    finally:
+        first.kill()
+        first.wait(10)
+    # Everything was handed off or completed, nothing committed: a new worker reads it all again.
+    second = start_worker(
+        {**env, "JOBSTREAM_WORKER__COMMIT_INTERVAL_S": "0.5"}, tmp_path / "second.log"
+    )
+    try:
+        for _ in range(600):  # until the group committed everything in the topic and its tiers
+            if await caught_up(
+                kafka_admin, group_id, [topic, f"{topic}.retry.1", f"{topic}.retry.2"]
+            ):
+                break
+            await asyncio.sleep(0.1)
+        else:
+            raise AssertionError("the second worker did not settle every record")
+    finally:
+        assert stop_worker(second) == 0
+    done = collections.Counter(line.job_id for line in read_sink(sink))
+    dead = collections.Counter(r.job_id for r in await dead_letters(settings, topic))
+    assert set(done) | set(dead) == set(ids)
+    assert not set(done) & set(dead)
+    assert max(done.values()) == 1, "completed jobs redelivered after the crash were skipped"
+    assert max(dead.values()) == 1, (
+        "dead-lettered jobs redelivered after the crash were not routed twice"
+    )
