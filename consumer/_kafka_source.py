@@ -28,6 +28,7 @@ from aiokafka.structs import OffsetAndMetadata
 
 from consumer._errors import WorkerError
 from consumer._offsets import OffsetTracker
+from consumer._outcome import Outcome
 from consumer._settings import Settings
 from consumer._source import Delivery, RevokeCallback
 from producer import kafka_client_options
@@ -156,7 +157,7 @@ class KafkaSource:
             self._consumer.resume(*ready)
             self._paused = False
 
-    def settle(self, delivery: Delivery) -> None:
+    def settle(self, delivery: Delivery, outcome: Outcome) -> None:
         tp = delivery.partition
         if isinstance(tp, TopicPartition) and tp in self._assignment:
             try:

@@ -10,25 +10,14 @@ passes through every step untouched, so a cut-off job is never settled.
 from __future__ import annotations
 
 import dataclasses
-import enum
 import time
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 
 from consumer._app import HandlerSpec, JobContext
+from consumer._outcome import Outcome
 from consumer._source import Delivery
 from schemas import Job, JobAttributes, JobDecodeError
-
-
-class Outcome(enum.Enum):
-    """How a job run ended. Every outcome but ABANDONED settles the delivery."""
-
-    COMPLETED = "completed"
-    DUPLICATE = "duplicate"  # completed earlier (idempotency store): skipped
-    FAILED = "failed"  # failed and handed to retry / dead-letter routing
-    RETRYING = "retrying"  # handed to a retry tier (broker acknowledged)
-    DEAD_LETTERED = "dead_lettered"  # handed to the dead-letter topic (broker acknowledged)
-    CANCELLED = "cancelled"  # cancelled by id before or while it ran
 
 
 @dataclass(slots=True)

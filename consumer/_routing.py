@@ -21,7 +21,8 @@ from datetime import timedelta
 from typing import TypeVar
 
 from consumer._failures import ERROR, REASON, Decision, failure_details, utc_now
-from consumer._pipeline import JobRun, Outcome
+from consumer._outcome import Outcome
+from consumer._pipeline import JobRun
 from consumer._settings import Settings
 from producer import KafkaPublisher, PublishError, Receipt
 from schemas import InvalidAttributes, JobMessage

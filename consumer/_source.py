@@ -12,6 +12,7 @@ from collections.abc import Awaitable, Callable, Hashable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
+from consumer._outcome import Outcome
 from schemas import JobAttributes, JobDecodeError
 
 RevokeCallback = Callable[[Sequence[Hashable]], Awaitable[None]]
@@ -71,8 +72,10 @@ class Source(Protocol):
     def resume(self) -> None:
         """Fetch again."""
 
-    def settle(self, delivery: Delivery) -> None:
-        """The delivery is settled; the source may commit/ack it (now or batched)."""
+    def settle(self, delivery: Delivery, outcome: Outcome) -> None:
+        """The delivery is settled with `outcome`; the source commits or acks it (now or
+        batched). JetStream maps outcomes onto its verbs (ack, term); a retry the router
+        already handed back (`nak` with a delay) is left alone."""
 
     def pending_commits(self) -> int:
         """Settled deliveries the next commit would newly cover (drives commit batching)."""

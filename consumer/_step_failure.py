@@ -17,7 +17,8 @@ import logging
 from typing import Protocol
 
 from consumer._failures import Decision, decide, utc_now
-from consumer._pipeline import JobRun, Next, Outcome
+from consumer._outcome import Outcome
+from consumer._pipeline import JobRun, Next
 from consumer._settings import RetrySettings
 
 log = logging.getLogger("jobstream.failure")

@@ -9,7 +9,8 @@ import contextvars
 import functools
 from concurrent.futures import Executor
 
-from consumer._pipeline import JobRun, Outcome
+from consumer._outcome import Outcome
+from consumer._pipeline import JobRun
 
 
 class HandlerStep:

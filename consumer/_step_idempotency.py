@@ -16,7 +16,8 @@ from collections.abc import Awaitable, Callable
 from typing import TypeVar
 
 from consumer._idempotency import ClaimState, IdempotencyStore
-from consumer._pipeline import JobRun, Next, Outcome
+from consumer._outcome import Outcome
+from consumer._pipeline import JobRun, Next
 from consumer._settings import IdempotencySettings
 
 log = logging.getLogger("jobstream.idempotency")

@@ -6,7 +6,8 @@ import asyncio
 import logging
 import time
 
-from consumer._pipeline import JobRun, Next, Outcome
+from consumer._outcome import Outcome
+from consumer._pipeline import JobRun, Next
 
 log = logging.getLogger("jobstream.job")
 

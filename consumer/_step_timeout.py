@@ -5,7 +5,8 @@ from __future__ import annotations
 import asyncio
 
 from consumer._errors import JobTimeout
-from consumer._pipeline import JobRun, Next, Outcome
+from consumer._outcome import Outcome
+from consumer._pipeline import JobRun, Next
 
 
 def timeout_step(default_timeout_s: float) -> TimeoutStep:

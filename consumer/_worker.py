@@ -32,6 +32,7 @@ from consumer._app import App, JobContext
 from consumer._errors import WorkerError
 from consumer._idempotency import IdempotencyStore, open_store
 from consumer._lanes import LaneScheduler, lane_for
+from consumer._outcome import Outcome
 from consumer._pipeline import JobRun, compose
 from consumer._settings import Settings
 from consumer._source import Delivery, Source
@@ -196,11 +197,10 @@ class Worker:
         self._tasks[id(delivery)] = (delivery, task)
 
     async def _run_one(self, delivery: Delivery, lane: Hashable | None) -> None:
-        settled = False
+        outcome: Outcome | None = None
         try:
             outcome = await self._pipeline(self._job_run(delivery))
             self.counts[outcome.value] = self.counts.get(outcome.value, 0) + 1
-            settled = True
         except asyncio.CancelledError:
             pass  # cut off by shutdown or revoke: not settled, redelivered
         except Exception as error:
@@ -209,8 +209,8 @@ class Worker:
             self._stopping.set()
         finally:
             self._tasks.pop(id(delivery), None)
-            if settled and self.source.owns(delivery):
-                self.source.settle(delivery)
+            if outcome is not None and self.source.owns(delivery):
+                self.source.settle(delivery, outcome)
                 if self.source.pending_commits() >= self.settings.worker.commit_every:
                     self._commit_due.set()
             self._finish(delivery, lane)
