@@ -1,7 +1,10 @@
 """How one job is processed: a chain of steps, composed in one visible place.
 
-Order (outermost first): logging -> idempotency -> failure routing -> timeout -> handler.
-(Tracing wraps them all once telemetry lands.) Each step is a module of its own and sees
+Order (outermost first): logging -> idempotency -> status -> failure routing ->
+cancellation -> timeout -> handler. (Tracing wraps them all once telemetry lands.) Status
+sits outside failure routing so it records `retrying` / `dead_lettered`; cancellation sits
+inside it so a cancelled job that raises is not retried. The status and cancellation steps
+are present when a status store is configured. Each step is a module of its own and sees
 the `JobRun`; it calls the next step and may act on the outcome or on the exception.
 Handler exceptions end in the failure step; `asyncio.CancelledError` (shutdown cut-off)
 passes through every step untouched, so a cut-off job is never settled.
@@ -31,6 +34,8 @@ class JobRun:
     decode_error: JobDecodeError | None = None
     started: float = field(default_factory=time.monotonic)
     error: BaseException | None = None
+    failure_reason: str | None = None
+    """Set by the failure step: the reason code of the last routing decision."""
 
     @property
     def attributes(self) -> JobAttributes | None:

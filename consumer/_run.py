@@ -18,6 +18,7 @@ from consumer._health import HealthServer
 from consumer._routing import KafkaFailureRouter
 from consumer._settings import Settings
 from consumer._source import Source
+from consumer._status import StatusStore, open_status_store
 from consumer._step_failure import FailureRouter
 from consumer._worker import Worker
 from producer import KafkaPublisher
@@ -39,6 +40,13 @@ def build_source(app: App, settings: Settings) -> Source:
         f"transport {settings.transport!r} has no worker source yet: use JOBSTREAM_TRANSPORT=kafka"
     )
     raise NotImplementedError(msg)
+
+
+async def open_status(settings: Settings) -> StatusStore | None:
+    """The configured status store, connected (None when `status.backend` is `none`)."""
+    status = settings.status
+    url = status.url.get_secret_value() if status.url else None
+    return await open_status_store(status.backend, url, status.namespace, status.retention_s)
 
 
 def routing_topics(app: App, settings: Settings) -> list[str]:
@@ -72,7 +80,11 @@ async def open_worker(app: App, settings: Settings) -> AsyncIterator[Worker]:
         router = None
         if settings.transport == "kafka":
             router = await _failure_router(app, settings, stack)
-        yield Worker(app, settings, build_source(app, settings), router=router)
+        status = await open_status(settings)
+        if status is not None:
+            stack.push_async_callback(status.close)
+        source = build_source(app, settings)
+        yield Worker(app, settings, source, router=router, status=status)
 
 
 async def run_worker(app: App, settings: Settings) -> Worker:

@@ -153,6 +153,46 @@ class RetrySettings(_Frozen):
         return head if sep and tail.isdigit() else topic
 
 
+class StatusSettings(_Frozen):
+    """Where job states (and cancellation requests) are kept, shared by workers and ingress."""
+
+    backend: Literal["none", "memory", "redis"] = "none"
+    """`redis` for real deployments; `memory` is per process; `none` records nothing (and
+    then cancellation and `Idempotency-Key` need a store: the ingress refuses to start)."""
+    url: SecretStr | None = None
+    """Redis URL (`redis://host:6379/0`)."""
+    namespace: str = "jobstream"
+    """Key prefix, to share one Redis safely."""
+    retention_s: float = Field(default=7 * 24 * 3600.0, gt=0)
+    """A job's status expires this long after its last change."""
+    cancel_poll_s: float = Field(default=1.0, gt=0)
+    """How often a worker checks whether its running jobs were cancelled."""
+
+    @model_validator(mode="after")
+    def _url_for_redis(self) -> Self:
+        if self.backend == "redis" and self.url is None:
+            msg = "status backend 'redis' needs a URL: set JOBSTREAM_STATUS__URL"
+            raise ValueError(msg)
+        return self
+
+
+class IngressSettings(_Frozen):
+    """The HTTP ingress (`jobstream ingress`)."""
+
+    host: str = "127.0.0.1"
+    """Address to bind; in a container set 0.0.0.0."""
+    port: int = Field(default=8000, ge=1, le=65535)
+    """Port of the HTTP API (`/v1/...`, `/livez`, `/readyz`, `/docs`)."""
+    max_in_flight: int = Field(default=256, ge=1)
+    """Requests publishing at once; beyond it the ingress answers 503 with Retry-After."""
+    max_body_bytes: int = Field(default=1024 * 1024, ge=1)
+    """Largest request body; larger ones get 413."""
+    retry_after_s: int = Field(default=5, ge=1)
+    """Retry-After (seconds) sent with 503 answers."""
+    auth_token: SecretStr | None = None
+    """When set, every `/v1` request needs `Authorization: Bearer <token>`."""
+
+
 class HealthSettings(_Frozen):
     """The liveness / readiness HTTP endpoint."""
 
@@ -175,5 +215,7 @@ class Settings(ProducerSettings):
     worker: WorkerSettings = Field(default_factory=WorkerSettings)
     idempotency: IdempotencySettings = Field(default_factory=IdempotencySettings)
     retry: RetrySettings = Field(default_factory=RetrySettings)
+    status: StatusSettings = Field(default_factory=StatusSettings)
+    ingress: IngressSettings = Field(default_factory=IngressSettings)
     health: HealthSettings = Field(default_factory=HealthSettings)
     logging: LoggingSettings = Field(default_factory=LoggingSettings)

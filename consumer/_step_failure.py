@@ -55,6 +55,7 @@ class FailureStep:
                 error = caught
             run.error = error
             decision = decide(run, error, self._settings, now=utc_now())
+            run.failure_reason = decision.reason
             if not (decision.retry and self._settings.in_place):
                 return await self._router.route(run, error, decision)
             log.info(

@@ -36,10 +36,13 @@ from consumer._outcome import Outcome
 from consumer._pipeline import JobRun, compose
 from consumer._settings import Settings
 from consumer._source import Delivery, Source
+from consumer._status import StatusStore
+from consumer._step_cancel import CancellationStep
 from consumer._step_failure import FailureRouter, FailureStep, RecordFailures
 from consumer._step_handler import HandlerStep
 from consumer._step_idempotency import IdempotencyStep
 from consumer._step_logging import logging_step
+from consumer._step_status import StatusStep
 from consumer._step_timeout import TimeoutStep
 from schemas import JobDecodeError, JobMessage, decode
 
@@ -58,9 +61,11 @@ class Worker:
         *,
         store: IdempotencyStore | None = None,
         router: FailureRouter | None = None,
+        status: StatusStore | None = None,
     ) -> None:
         self.app = app
         self.settings = settings
+        self._status = status
         self.source = source
         self.owner = f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
         self._store = store
@@ -104,11 +109,18 @@ class Worker:
             self._processes = ProcessPoolExecutor(worker.process_pool_size or None)
         own_store = self._store is None
         store = self._store or await open_store(self.settings.idempotency)
+        cancellation = (
+            CancellationStep(self._status, self.settings.status.cancel_poll_s)
+            if self._status is not None
+            else None
+        )
         self._pipeline = compose(
             [
                 logging_step,
                 IdempotencyStep(store, self.settings.idempotency, self.owner),
+                *([StatusStep(self._status)] if self._status is not None else []),
                 FailureStep(self._router, self.settings.retry),
+                *([cancellation] if cancellation is not None else []),
                 TimeoutStep(worker.job_timeout_s),
             ],
             HandlerStep(self._threads, self._processes),
@@ -121,6 +133,8 @@ class Worker:
             await self._stopping.wait()
         finally:
             await self._shutdown(fetcher, committer)
+            if cancellation is not None:
+                await cancellation.close()
             if own_store:
                 await store.close()
             self._threads.shutdown(wait=False, cancel_futures=True)

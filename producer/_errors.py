@@ -31,6 +31,12 @@ class PublishError(JobstreamError):
     reason = "publish-error"
 
 
+_ADDRESS_SETTING = {
+    "kafka": "JOBSTREAM_KAFKA__BOOTSTRAP_SERVERS",
+    "nats": "JOBSTREAM_NATS__SERVERS",
+}
+
+
 class BrokerUnavailable(PublishError):
     """The broker cannot be reached (at start, or while the connection is down)."""
 
@@ -41,9 +47,10 @@ class BrokerUnavailable(PublishError):
         self.transport = transport
         self.address = address
         self.detail = detail
+        setting = _ADDRESS_SETTING.get(transport, "the broker address setting")
         super().__init__(
             f"{transport} is not reachable at {address} ({detail}); check that the broker "
-            "runs and that the address and credentials are right (locally: `make up`)"
+            f"runs and that {setting} and the credentials are right (locally: `make up`)"
         )
 
     def __reduce__(self) -> tuple[Any, ...]:

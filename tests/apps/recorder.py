@@ -21,7 +21,15 @@ class RecordJob(Job, type="test.record", version=1):
     key: str
     sleep_ms: int = 0
     behaviour: Literal[
-        "ok", "raise", "fail-once", "fail-twice", "dead-letter", "hang", "hang-once", "cancelled"
+        "ok",
+        "raise",
+        "fail-once",
+        "fail-twice",
+        "dead-letter",
+        "hang",
+        "hang-once",
+        "cancelled",
+        "wait-cancel",
     ] = "ok"
 
 
@@ -60,6 +68,11 @@ async def handle(job: RecordJob, ctx: JobContext) -> None:
         if not os.path.exists(marker):  # noqa: ASYNC240 - a test double, microseconds
             open(marker, "w").close()  # noqa: ASYNC230
             await asyncio.sleep(3600)
+    if job.behaviour == "wait-cancel":
+        # A cooperative long job: stops as soon as it is told to.
+        await asyncio.wait_for(ctx.cancellation.wait(), 60)
+        record(job, ctx, start, "cancel-seen")
+        return
     if job.behaviour == "cancelled":
         inner = asyncio.create_task(asyncio.sleep(3600))
         inner.cancel()

@@ -48,6 +48,7 @@ def test_worker_with_no_broker_exits_with_one_clear_line(tmp_path) -> None:
         **__import__("os").environ,
         "JOBSTREAM_KAFKA__BOOTSTRAP_SERVERS": f"127.0.0.1:{closed_port}",
         "JOBSTREAM_WORKER__BROKER_WAIT_S": "2",
+        "JOBSTREAM_KAFKA__CONNECT_TIMEOUT_S": "2",
         "JOBSTREAM_HEALTH__PORT": "0",
         "JOBSTREAM_TEST_SINK": str(tmp_path / "sink"),
     }

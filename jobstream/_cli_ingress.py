@@ -1,0 +1,108 @@
+"""`jobstream ingress` (the HTTP API) and `jobstream jobs status|cancel ID`."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from typing import Annotated
+
+import typer
+import uvicorn
+
+from consumer import Settings
+from consumer._logging import configure_logging
+from consumer._run import open_status
+from consumer._status import FINAL_STATES, JobState, StatusStore
+from jobstream._config import USAGE, fail, import_job_modules, load_settings, run
+from jobstream._ingress import create_app
+
+
+def _settings(**flags: object) -> Settings:
+    settings = load_settings(Settings, **flags)
+    if settings.status.backend == "none":
+        raise fail(
+            "job status needs a shared store: set JOBSTREAM_STATUS__BACKEND=redis and "
+            "JOBSTREAM_STATUS__URL=redis://host:6379/0",
+            USAGE,
+        )
+    return settings
+
+
+async def _with_status(settings: Settings) -> StatusStore:
+    store = await open_status(settings)
+    assert store is not None
+    return store
+
+
+def register(app: typer.Typer) -> None:
+    @app.command("ingress")
+    def ingress(
+        host: Annotated[
+            str | None, typer.Option(help="Bind address \\[env: JOBSTREAM_INGRESS__HOST].")
+        ] = None,
+        port: Annotated[
+            int | None, typer.Option(help="Port \\[env: JOBSTREAM_INGRESS__PORT].")
+        ] = None,
+        openapi: Annotated[
+            bool, typer.Option("--openapi", help="Print the OpenAPI document and exit.")
+        ] = False,
+    ) -> None:
+        """Serve the HTTP API: submit jobs, query their status, cancel them."""
+        settings = _settings(**{"ingress.host": host, "ingress.port": port})
+        import_job_modules(settings)
+        configure_logging(settings.logging)
+        status = run(lambda: _with_status(settings))
+        web = create_app(settings, status)
+        if openapi:
+            typer.echo(json.dumps(web.openapi(), indent=2, sort_keys=True))
+            return
+        config = settings.ingress
+        server = uvicorn.Server(uvicorn.Config(web, host=config.host, port=config.port,
+                                               log_level="warning", access_log=False))  # fmt: skip
+        asyncio.run(server.serve())
+
+    jobs = typer.Typer(help="One job: its status, or cancel it.")
+    app.add_typer(jobs, name="jobs")
+
+    @jobs.command("status")
+    def status(job_id: Annotated[str, typer.Argument(help="The job id.")]) -> None:
+        """Print the job's state, attempts, timestamps and last error as JSON."""
+        settings = _settings()
+
+        async def body() -> str | None:
+            store = await _with_status(settings)
+            try:
+                found = await store.get(job_id)
+            finally:
+                await store.close()
+            return found.model_dump_json() if found else None
+
+        found = run(body)
+        if found is None:
+            raise fail(
+                f"no job {job_id!r} (unknown, or expired after JOBSTREAM_STATUS__RETENTION_S)"
+            )
+        typer.echo(found)
+
+    @jobs.command("cancel")
+    def cancel(job_id: Annotated[str, typer.Argument(help="The job id.")]) -> None:
+        """Cancel a job: skipped if it has not started, told to stop if it runs."""
+        settings = _settings()
+
+        async def body() -> str:
+            store = await _with_status(settings)
+            try:
+                current = await store.get(job_id)
+                if current is not None and current.state in FINAL_STATES:
+                    return f"already {current.state.value}"
+                await store.request_cancel(job_id)
+                if current is None or current.state is JobState.PENDING:
+                    current = await store.record(job_id, JobState.CANCELLED)
+                return current.state.value
+            finally:
+                await store.close()
+
+        state = run(body)
+        if state.startswith("already"):
+            raise fail(f"job {job_id} is {state}: nothing to cancel")
+        typer.echo(json.dumps({"job_id": job_id, "state": state}))
