@@ -33,9 +33,11 @@ down: ## stop every local service; leaves no process behind
 status: ## say which local services run
 	@$(PYTHON) scripts/services.py status
 
-demo: ## the main job: start the services, publish example jobs, run a worker, show the outcome
-	@$(MAKE) --no-print-directory up SERVICES="kafka nats"
-	@JOBSTREAM_LOGGING__LEVEL=WARNING $(BIN)/python -m examples.roundtrip
+DEMO_TRANSPORT ?= kafka
+demo: venv ## the main job: brokers, ingress and 2 workers; submit jobs over HTTP; show what happened
+	@$(MAKE) --no-print-directory up SERVICES="$(DEMO_TRANSPORT) redis"
+	@status=0; $(BIN)/python -m examples.demo --transport $(DEMO_TRANSPORT) || status=$$?; \
+	  $(MAKE) --no-print-directory down >/dev/null; exit $$status
 
 helm: ## build helm once into .cache/bin (for the chart tests)
 	@scripts/helm.sh >/dev/null

@@ -60,21 +60,25 @@ class WorkerSettings(_Frozen):
 class IdempotencySettings(_Frozen):
     """Where completed job ids are remembered, so a redelivered job runs once."""
 
-    backend: Literal["memory", "redis", "postgres"] = "memory"
-    """`memory` is per process (tests, single worker); use `redis` or `postgres` for groups."""
+    backend: Literal["memory", "redis", "postgres", "nats-kv"] = "memory"
+    """`memory` is per process (tests, single worker); use `redis`, `postgres` or `nats-kv`
+    (a JetStream key-value bucket) for groups."""
     url: SecretStr | None = None
-    """Connection URL of the backend (`redis://host:6379/0`, `postgresql://user@host/db`)."""
+    """Connection URL of the backend (`redis://host:6379/0`, `postgresql://user@host/db`).
+    `nats-kv` needs none: it uses the `nats` connection settings (a `nats://` URL here
+    replaces their servers, without their credentials)."""
     lease_s: float = Field(default=60.0, gt=0)
     """How long a claim is held before another worker may take the job over; renewed while
     the job runs."""
     retention_s: float = Field(default=7 * 24 * 3600.0, gt=0)
     """How long a completed job id is remembered (bound on the store's size)."""
     namespace: str = "jobstream"
-    """Key prefix (Redis) / table name prefix (PostgreSQL), to share one server safely."""
+    """Key prefix (Redis) / table name prefix (PostgreSQL) / bucket name prefix (NATS KV:
+    `<namespace>_idempotency`), to share one server safely."""
 
     @model_validator(mode="after")
     def _url_for_remote_backends(self) -> Self:
-        if self.backend != "memory" and self.url is None:
+        if self.backend in ("redis", "postgres") and self.url is None:
             msg = (
                 f"idempotency backend {self.backend!r} needs a URL: set JOBSTREAM_IDEMPOTENCY__URL"
             )
@@ -153,6 +157,59 @@ class RetrySettings(_Frozen):
         return head if sep and tail.isdigit() else topic
 
 
+class JetStreamSettings(_Frozen):
+    """How a worker consumes NATS JetStream (`transport = "nats"`); see docs/nats.md."""
+
+    ack_wait_s: float = Field(default=30.0, ge=1)
+    """How long JetStream waits for an acknowledgement before it redelivers a message. Jobs
+    that run longer keep their message with `in_progress` heartbeats."""
+    progress_interval_s: float | None = Field(default=None, gt=0)
+    """Heartbeat (`in_progress`) period for every fetched, unsettled message; default a third
+    of `ack_wait_s`. Must be below `ack_wait_s`."""
+    max_ack_pending: int = Field(default=1000, ge=1)
+    """Unacknowledged messages of the group's consumer at once, over all replicas, retries
+    waiting for their delayed redelivery included; JetStream delivers nothing more past it."""
+    max_deliver_margin: int = Field(default=3, ge=1, le=100)
+    """Deliveries allowed beyond the largest `max_attempts` of the retry policies, for
+    redeliveries that are not failures (a crash, an expired ack wait, a drain cut-off).
+    The consumer's `max_deliver` is that largest `max_attempts` plus this margin."""
+    key_partitions: int = Field(default=0, ge=0, le=1024)
+    """0: one consumer per group, no ordering promise across jobs. N > 0: producers publish
+    a job to `<subject>.<n>`, n = FNV-1a(key) mod N, and each partition is consumed one job
+    at a time, so jobs of one key run in publish order. `jobstream topics ensure` records N
+    in the stream's metadata; producers read it from there."""
+    pull_expires_s: float = Field(default=5.0, gt=0)
+    """How long one pull request waits at the server for messages before it is renewed."""
+    dead_letter_stream: str | None = None
+    """Stream of the dead letters (default: `<routing.stream>_DLQ`)."""
+    dead_letter_prefix: str = "dlq."
+    """A job consumed from subject S is dead-lettered to `<prefix>S`."""
+    dead_letter_max_age_s: float = Field(default=30 * 24 * 3600.0, ge=0)
+    """How long the dead-letter stream keeps a message (0: no limit)."""
+    kv_max_bytes: int = Field(default=-1, ge=-1)
+    """Size limit of the idempotency KV bucket (-1: none); when full, claims fail and jobs
+    wait (the store outage is retried) instead of running unrecorded."""
+    replay_ledger_bucket: str = "jobstream_dlq_replays"
+    """KV bucket that records which dead letters were replayed."""
+
+    @model_validator(mode="after")
+    def _heartbeat_below_ack_wait(self) -> Self:
+        if self.progress_interval_s is not None and self.progress_interval_s >= self.ack_wait_s:
+            msg = "progress_interval_s must be below ack_wait_s, or the ack wait runs out first"
+            raise ValueError(msg)
+        return self
+
+    @property
+    def heartbeat_s(self) -> float:
+        return self.progress_interval_s or self.ack_wait_s / 3
+
+    def dead_letter_stream_for(self, stream: str) -> str:
+        return self.dead_letter_stream or f"{stream}_DLQ"
+
+    def dead_letter_subject(self, subject: str) -> str:
+        return f"{self.dead_letter_prefix}{subject}"
+
+
 class StatusSettings(_Frozen):
     """Where job states (and cancellation requests) are kept, shared by workers and ingress."""
 
@@ -215,6 +272,8 @@ class Settings(ProducerSettings):
     worker: WorkerSettings = Field(default_factory=WorkerSettings)
     idempotency: IdempotencySettings = Field(default_factory=IdempotencySettings)
     retry: RetrySettings = Field(default_factory=RetrySettings)
+    jetstream: JetStreamSettings = Field(default_factory=JetStreamSettings)
+    """NATS JetStream consumption (`JOBSTREAM_JETSTREAM__*`)."""
     status: StatusSettings = Field(default_factory=StatusSettings)
     ingress: IngressSettings = Field(default_factory=IngressSettings)
     health: HealthSettings = Field(default_factory=HealthSettings)

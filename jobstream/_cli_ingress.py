@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-import asyncio
 import json
+import signal
 from typing import Annotated
 
 import typer
@@ -12,7 +12,7 @@ import uvicorn
 from consumer import Settings
 from consumer._logging import configure_logging
 from consumer._run import open_status
-from consumer._status import FINAL_STATES, JobState, StatusStore
+from consumer._status import FINAL_STATES, JobState, MemoryStatusStore, StatusStore
 from jobstream._config import USAGE, fail, import_job_modules, load_settings, run
 from jobstream._ingress import create_app
 
@@ -34,6 +34,22 @@ async def _with_status(settings: Settings) -> StatusStore:
     return store
 
 
+async def _serve(settings: Settings) -> None:
+    """Serve until SIGTERM/SIGINT, then shut down gracefully and return (exit 0)."""
+    # uvicorn re-raises the signal it handled once it has shut down; with these no-op
+    # handlers in place that re-raise is harmless, so a graceful stop exits 0.
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(signum, lambda *_: None)
+    status = await _with_status(settings)  # one event loop for the store and the server
+    try:
+        web = create_app(settings, status)
+        config = uvicorn.Config(web, host=settings.ingress.host, port=settings.ingress.port,
+                                log_level="warning", access_log=False)  # fmt: skip
+        await uvicorn.Server(config).serve()
+    finally:
+        await status.close()
+
+
 def register(app: typer.Typer) -> None:
     @app.command("ingress")
     def ingress(
@@ -50,16 +66,12 @@ def register(app: typer.Typer) -> None:
         """Serve the HTTP API: submit jobs, query their status, cancel them."""
         settings = _settings(**{"ingress.host": host, "ingress.port": port})
         import_job_modules(settings)
-        configure_logging(settings.logging)
-        status = run(lambda: _with_status(settings))
-        web = create_app(settings, status)
         if openapi:
-            typer.echo(json.dumps(web.openapi(), indent=2, sort_keys=True))
+            document = create_app(settings, MemoryStatusStore()).openapi()
+            typer.echo(json.dumps(document, indent=2, sort_keys=True))
             return
-        config = settings.ingress
-        server = uvicorn.Server(uvicorn.Config(web, host=config.host, port=config.port,
-                                               log_level="warning", access_log=False))  # fmt: skip
-        asyncio.run(server.serve())
+        configure_logging(settings.logging)
+        run(lambda: _serve(settings))
 
     jobs = typer.Typer(help="One job: its status, or cancel it.")
     app.add_typer(jobs, name="jobs")

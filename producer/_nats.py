@@ -37,11 +37,23 @@ from producer._publisher import Receipt
 from producer._settings import NatsSettings, RoutingSettings, Transport
 from schemas import JobMessage, to_nats
 
-__all__ = ["NatsPublisher", "connect_nats"]
+__all__ = ["KEY_PARTITIONS_METADATA", "NatsPublisher", "connect_nats", "key_partition"]
 
 log = logging.getLogger("jobstream.producer")
 
 _NO_RESPONDERS = "503"
+KEY_PARTITIONS_METADATA = "jobstream.key-partitions"
+"""Stream metadata entry: into how many subjects per job type jobs are partitioned by key."""
+_FNV_OFFSET, _FNV_PRIME = 0x811C9DC5, 0x01000193
+
+
+def key_partition(key: str, partitions: int) -> int:
+    """The partition of `key`: 32-bit FNV-1a of its UTF-8 bytes, modulo `partitions`. Part
+    of the wire contract (docs/nats.md): other languages must compute the same."""
+    value = _FNV_OFFSET
+    for byte in key.encode():
+        value = ((value ^ byte) * _FNV_PRIME) & 0xFFFFFFFF
+    return value % partitions
 # Raised by nats-py when the connection cannot carry a publish right now.
 _CONNECTION_ERRORS = (
     nats.errors.OutboundBufferLimitError,
@@ -99,6 +111,7 @@ class NatsPublisher:
         self._timeout = settings.publish_timeout_s
         self._client: NatsClient | None = None
         self._acks: _AckInbox | None = None
+        self._partitions = 0
 
     @property
     def transport(self) -> Transport:
@@ -119,6 +132,7 @@ class NatsPublisher:
         acks = _AckInbox(client)
         await acks.open()
         self._client, self._acks = client, acks
+        self._partitions = await self._key_partitions()
 
     async def stop(self) -> None:
         client, self._client, self._acks = self._client, None, None
@@ -126,11 +140,34 @@ class NatsPublisher:
             await client.close()
 
     async def send(self, destination: str, message: JobMessage) -> Receipt:
-        [receipt] = await self._publish([(destination, to_nats(message.attributes), message.body)])
+        subject = self._partitioned(destination, message)
+        [receipt] = await self._publish([(subject, to_nats(message.attributes), message.body)])
         return receipt
 
     async def send_many(self, items: Sequence[tuple[str, JobMessage]]) -> list[Receipt]:
-        return await self._publish([(s, to_nats(m.attributes), m.body) for s, m in items])
+        return await self._publish(
+            [(self._partitioned(s, m), to_nats(m.attributes), m.body) for s, m in items]
+        )
+
+    def _partitioned(self, subject: str, message: JobMessage) -> str:
+        # A stream partitioned by key (docs/nats.md): `<subject>.<n>`; jobs without a key
+        # are spread by their id.
+        if not self._partitions:
+            return subject
+        attributes = message.attributes
+        return f"{subject}.{key_partition(attributes.key or attributes.id, self._partitions)}"
+
+    async def _key_partitions(self) -> int:
+        """The stream's key partition count from its metadata (0: not partitioned, or the
+        stream is not readable with these credentials)."""
+        try:
+            info = await self.client.jetstream(timeout=self._timeout).stream_info(
+                self._routing.stream
+            )
+            return int((info.config.metadata or {}).get(KEY_PARTITIONS_METADATA, "0"))
+        except (nats.errors.Error, ValueError) as error:
+            log.debug("no key partitions for stream %s: %r", self._routing.stream, error)
+            return 0
 
     async def send_raw(self, subject: str, headers: dict[str, str], body: bytes) -> Receipt:
         """Publish a raw message as-is: the worker's path to retry and dead-letter subjects."""
@@ -154,9 +191,11 @@ class NatsPublisher:
 
     async def ensure(self, destinations: Sequence[str]) -> list[str]:
         try:
-            return await ensure_nats_stream(
+            created = await ensure_nats_stream(
                 self.client.jetstream(timeout=self._timeout), destinations, self._routing
             )
+            self._partitions = await self._key_partitions()
+            return created
         except nats.errors.TimeoutError as error:
             raise PublishTimeout("nats", self._routing.stream, self._timeout) from error
         except nats.errors.Error as error:

@@ -10,7 +10,6 @@ import os
 import subprocess
 import sys
 from collections.abc import AsyncIterator
-from pathlib import Path
 
 import pytest
 from aiokafka import AIOKafkaProducer
@@ -100,10 +99,10 @@ async def test_fails_twice_then_succeeds_while_other_partitions_flow(
     # Backoff 0.5 s then 1.0 s (no jitter): attempt 3 starts at least 1.5 s after attempt 1.
     assert runs[2].start - runs[0].end >= 1.5
     during_wait = [
-        l for l in read_sink(sink) if l.job_id != flaky_id and runs[0].end < l.end < runs[2].start
+        x for x in read_sink(sink) if x.job_id != flaky_id and runs[0].end < x.end < runs[2].start
     ]
     assert len(during_wait) >= 20, "other keys and partitions kept flowing during the backoff"
-    assert len({l.job_id for l in read_sink(sink)}) == 400
+    assert len({x.job_id for x in read_sink(sink)}) == 400
 
 
 async def test_every_kind_of_failure_lands_in_the_dead_letter_topic(
@@ -141,7 +140,7 @@ async def test_every_kind_of_failure_lands_in_the_dead_letter_topic(
         await producer.stop()
     async with running(settings):
         await wait_until(
-            lambda: any(l.job_id == good_id for l in read_sink(sink)), 30, "the good job"
+            lambda: any(x.job_id == good_id for x in read_sink(sink)), 30, "the good job"
         )
         await wait_until_dead_letters(settings, topic, 6)
     records = await dead_letters(settings, topic)
@@ -196,7 +195,7 @@ async def test_thousand_jobs_each_completed_or_dead_lettered_never_both(
     async with running(settings):
         await wait_until(lambda: len(read_sink(sink)) >= 900, 60, "900 completions")
         await wait_until_dead_letters(settings, topic, 100)
-    done = collections.Counter(l.job_id for l in read_sink(sink))
+    done = collections.Counter(x.job_id for x in read_sink(sink))
     dead = collections.Counter(r.job_id for r in await dead_letters(settings, topic))
     assert max(done.values()) == 1 and max(dead.values()) == 1
     assert not set(done) & set(dead)
@@ -220,11 +219,11 @@ async def test_strict_key_order_retries_in_place(
     async with running(settings):
         await wait_until(lambda: len(read_sink(sink)) == 30, 30, "30 completions")
     done = read_sink(sink)
-    assert [l.seq for l in done if l.key == "k"] == list(range(10))
-    assert next(l.attempt for l in done if l.seq == 2) == 3
+    assert [x.seq for x in done if x.key == "k"] == list(range(10))
+    assert next(x.attempt for x in done if x.seq == 2) == 3
     # Other keys did not wait for the failing key: all of them finished before it did.
-    finished_k2 = next(l.end for l in done if l.seq == 2)
-    assert all(l.end < finished_k2 for l in done if l.key.startswith("other"))
+    finished_k2 = next(x.end for x in done if x.seq == 2)
+    assert all(x.end < finished_k2 for x in done if x.key.startswith("other"))
 
 
 def _cli(*args: str, env: dict[str, str]) -> list[dict[str, str]]:
@@ -259,7 +258,7 @@ async def test_replay_brings_fixed_jobs_back_once(
     assert [entry["status"] for entry in first] == ["replayed"] * 5
     async with running(settings):
         await wait_until(lambda: len(read_sink(sink)) == 5, 30, "5 replayed jobs to complete")
-    assert sorted(l.job_id for l in read_sink(sink)) == sorted(ids)
+    assert sorted(x.job_id for x in read_sink(sink)) == sorted(ids)
     assert len(await read_topics(settings, [topic])) == 10  # 5 originals + 5 replays
     second = _cli("dlq", "replay", "--type", "test.record", "--topic", topic + ".dlq", env=env)
     assert [entry["status"] for entry in second] == ["already-replayed"] * 5

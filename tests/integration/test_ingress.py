@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import socket
 import uuid
 from collections.abc import AsyncIterator
 
@@ -126,8 +127,6 @@ async def test_body_over_the_limit_is_413(new_topic, group_id, monkeypatch) -> N
 
 
 async def test_broker_down_is_503_with_retry_after(group_id, monkeypatch) -> None:
-    import socket
-
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         closed = sock.getsockname()[1]
@@ -202,7 +201,7 @@ async def test_status_follows_a_retried_and_a_dead_lettered_job(
         failed = await state_of(http, dead["job_id"], "dead_lettered")
     assert done["attempts"] == 2 and "fails on attempt 1" in done["last_error"]
     assert failed["attempts"] == 2 and failed["reason"] == "retries-exhausted"
-    assert "RuntimeError: job 2 always fails" == failed["last_error"]
+    assert failed["last_error"] == "RuntimeError: job 2 always fails"
 
 
 async def test_cancel_before_start_and_while_running(

@@ -1,0 +1,277 @@
+"""`make demo`: the whole product on the local brokers, in about half a minute.
+
+Provisions the topics, starts the HTTP ingress and two workers (separate processes, one
+consumer group), submits a mix of example jobs over HTTP, shows their states live, cancels
+a long report while it runs, and ends with a summary of every job, the dead letter of the
+job that always fails, and a trace id to look up. Stops every process it started; exits 0
+only if every job ended as expected. Needs Kafka and Redis (`make up`); with
+`--transport nats`, NATS instead of Kafka.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+from rich.console import Console
+from rich.live import Live
+from rich.table import Table
+
+ROOT = Path(__file__).resolve().parent.parent
+FINAL = {"succeeded", "dead_lettered", "cancelled", "failed"}
+
+
+@dataclass
+class Submitted:
+    label: str
+    job_type: str
+    job_id: str
+    expected: str
+    trace_id: str | None
+    state: str = "pending"
+    attempts: int = 0
+    last_error: str | None = None
+
+
+SUBMISSIONS: list[tuple[str, str, dict[str, object], str]] = [
+    (
+        "welcome Ada",
+        "email.welcome",
+        {"user_id": "u-1", "email": "ada@example.com", "name": "Ada", "marketing_opt_in": True},
+        "succeeded",
+    ),
+    (
+        "welcome Lin",
+        "email.welcome",
+        {"user_id": "u-2", "email": "lin@example.com", "name": "Lin", "marketing_opt_in": False},
+        "succeeded",
+    ),
+    (
+        "welcome Ola",
+        "email.welcome",
+        {"user_id": "u-3", "email": "ola@example.com", "name": "Ola", "marketing_opt_in": False},
+        "succeeded",
+    ),
+    (
+        "resize avatar",
+        "image.resize",
+        {
+            "upload_id": "up-1",
+            "source_url": "https://img.example.com/a.png",
+            "width": 128,
+            "height": 128,
+        },
+        "succeeded",
+    ),
+    (
+        "resize banner (fails once)",
+        "image.resize",
+        {
+            "upload_id": "flaky-2",
+            "source_url": "https://img.example.com/b.png",
+            "width": 1200,
+            "height": 300,
+        },
+        "succeeded",
+    ),
+    (
+        "resize photo (fails once)",
+        "image.resize",
+        {
+            "upload_id": "flaky-3",
+            "source_url": "https://img.example.com/c.png",
+            "width": 640,
+            "height": 480,
+        },
+        "succeeded",
+    ),
+    (
+        "resize scan (always fails)",
+        "image.resize",
+        {
+            "upload_id": "up-4",
+            "source_url": "https://img.example.com/corrupt.png",
+            "width": 800,
+            "height": 600,
+        },
+        "dead_lettered",
+    ),
+    ("report acme", "report.generate", {"account_id": "acme", "month": "2026-10"}, "succeeded"),
+    (
+        "report slow (cancelled)",
+        "report.generate",
+        {"account_id": "slow", "month": "2026-10"},
+        "cancelled",
+    ),
+]
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def _environment(transport: str, port: int) -> dict[str, str]:
+    return {
+        **os.environ,
+        "PYTHONPATH": str(ROOT),
+        "JOBSTREAM_TRANSPORT": transport,
+        "JOBSTREAM_JOB_MODULES": '["schemas.examples"]',
+        "JOBSTREAM_WORKER__GROUP": "jobstream-demo",
+        "JOBSTREAM_WORKER__COMMIT_INTERVAL_S": "0.5",
+        "JOBSTREAM_RETRY__TIERS_S": "[1, 5]",
+        "JOBSTREAM_RETRY__POLICY": '{"max_attempts": 3, "initial_delay_s": 1, "jitter": 0.1}',
+        "JOBSTREAM_STATUS__BACKEND": "redis",
+        "JOBSTREAM_STATUS__URL": os.environ.get("JOBSTREAM_DEMO_REDIS", "redis://127.0.0.1:6379/0"),
+        "JOBSTREAM_STATUS__NAMESPACE": "jobstream-demo",
+        "JOBSTREAM_STATUS__CANCEL_POLL_S": "0.2",
+        "JOBSTREAM_INGRESS__PORT": str(port),
+        "JOBSTREAM_HEALTH__PORT": "0",
+        "JOBSTREAM_LOGGING__LEVEL": "WARNING",
+        "OTEL_SERVICE_NAME": os.environ.get("OTEL_SERVICE_NAME", "jobstream-demo"),
+    }
+
+
+def _start(args: list[str], env: dict[str, str], log: Path) -> subprocess.Popen[bytes]:
+    with log.open("ab") as out:
+        return subprocess.Popen([sys.executable, "-m", "jobstream", *args], env=env, cwd=ROOT,
+                                stdout=out, stderr=subprocess.STDOUT)  # fmt: skip
+
+
+def _table(jobs: list[Submitted], title: str) -> Table:
+    table = Table(title=title)
+    for column in ("job", "type", "job id", "state", "attempts", "last error"):
+        table.add_column(column, overflow="fold")
+    style = {"succeeded": "green", "dead_lettered": "red", "cancelled": "yellow"}
+    for job in jobs:
+        state = f"[{style.get(job.state, 'cyan')}]{job.state}[/]"
+        table.add_row(job.label, job.job_type, job.job_id[:8], state, str(job.attempts),
+                      (job.last_error or "")[:60])  # fmt: skip
+    return table
+
+
+async def _submit(http: httpx.AsyncClient) -> list[Submitted]:
+    jobs = []
+    for label, job_type, payload, expected in SUBMISSIONS:
+        response = await http.post(f"/v1/jobs/{job_type}", json=payload, params={"key": label})
+        if response.status_code != 202:
+            msg = f"POST /v1/jobs/{job_type} answered {response.status_code}: {response.text}"
+            raise RuntimeError(msg)
+        body = response.json()
+        jobs.append(Submitted(label, job_type, body["job_id"], expected, body.get("trace_id")))
+    return jobs
+
+
+async def _follow(http: httpx.AsyncClient, jobs: list[Submitted], console: Console) -> None:
+    cancel_sent = False
+    deadline = time.monotonic() + 90
+    with Live(_table(jobs, "jobs (live)"), console=console, refresh_per_second=4) as live:
+        while time.monotonic() < deadline:
+            for job in jobs:
+                response = await http.get(f"/v1/jobs/{job.job_id}")
+                if response.status_code == 200:
+                    body = response.json()
+                    job.state, job.attempts = body["state"], body["attempts"]
+                    job.last_error = body.get("last_error")
+                if job.expected == "cancelled" and job.state == "running" and not cancel_sent:
+                    await http.post(f"/v1/jobs/{job.job_id}/cancel")
+                    cancel_sent = True
+            live.update(_table(jobs, "jobs (live)"))
+            if all(job.state in FINAL for job in jobs):
+                return
+            await asyncio.sleep(0.3)
+
+
+async def _dead_letter(job: Submitted, transport: str) -> dict[str, object] | None:
+    from consumer import Settings  # noqa: PLC0415 - imported once the env is set
+    from consumer._dead_letters import DeadLetterFilter, list_dead_letters  # noqa: PLC0415
+
+    settings = Settings()
+    topic = settings.retry.dead_letter_topic(settings.routing.topic(job.job_type))
+    for _ in range(20):
+        found = await list_dead_letters(
+            settings, [topic], DeadLetterFilter(ids=frozenset({job.job_id}))
+        )
+        if found or transport != "kafka":
+            return found[0].summary() if found else None
+        await asyncio.sleep(0.25)
+    return None
+
+
+def provision(env: dict[str, str], console: Console) -> bool:
+    ensure = subprocess.run([sys.executable, "-m", "jobstream", "topics", "ensure"], env=env,
+                            cwd=ROOT, capture_output=True, text=True, check=False)  # fmt: skip
+    if ensure.returncode != 0:
+        console.print(f"[red]topics ensure failed:[/] {ensure.stderr.strip()}")
+    return ensure.returncode == 0
+
+
+async def main(env: dict[str, str], console: Console, transport: str, port: int) -> int:
+    logs = ROOT / ".run" / "demo"
+    logs.mkdir(parents=True, exist_ok=True)
+    processes = [_start(["ingress"], env, logs / "ingress.log")]
+    processes += [
+        _start(["worker", "examples.app:app"], env, logs / f"worker-{i}.log") for i in (1, 2)
+    ]
+    console.print(f"started the ingress on http://127.0.0.1:{port} and 2 workers (logs in {logs})")
+    try:
+        async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}", timeout=10) as http:
+            for _ in range(200):
+                try:
+                    if (await http.get("/readyz")).status_code == 200:
+                        break
+                except httpx.TransportError:
+                    pass
+                await asyncio.sleep(0.1)
+            jobs = await _submit(http)
+            console.print(f"submitted {len(jobs)} jobs over HTTP (POST /v1/jobs/<type>)")
+            await _follow(http, jobs, console)
+    finally:
+        for process in processes:
+            process.send_signal(signal.SIGTERM)
+        codes = [process.wait(60) for process in processes]
+    console.print(_table(jobs, "summary"))
+    dead = next(job for job in jobs if job.expected == "dead_lettered")
+    letter = await _dead_letter(dead, transport)
+    if letter:
+        console.print("[bold]dead letter[/] " + json.dumps(letter, indent=2))
+    traced = next(job for job in jobs if job.label.startswith("resize banner"))
+    if traced.trace_id:
+        console.print(
+            f"trace of a retried job: {traced.trace_id} (Jaeger: /trace/{traced.trace_id})"
+        )
+    wrong = [job for job in jobs if job.state != job.expected]
+    console.print(f"{len(jobs) - len(wrong)} of {len(jobs)} jobs ended as expected; "
+                  f"processes exited with {codes}")  # fmt: skip
+    return 0 if not wrong and letter is not None and codes == [0, 0, 0] else 1
+
+
+def cli() -> int:
+    parser = argparse.ArgumentParser(description=(__doc__ or "").split("\n\n")[0])
+    parser.add_argument("--transport", choices=["kafka", "nats"], default="kafka")
+    transport = parser.parse_args().transport
+    console = Console()
+    if not console.is_terminal:
+        console = Console(width=140)
+    port = _free_port()
+    env = _environment(transport, port)
+    os.environ.update({k: v for k, v in env.items() if k.startswith("JOBSTREAM_")})
+    console.print(f"[bold]jobstream demo[/] on {transport}: provisioning topics ...")
+    if not provision(env, console):
+        return 1
+    return asyncio.run(main(env, console, transport, port))
+
+
+if __name__ == "__main__":
+    sys.exit(cli())
