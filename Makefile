@@ -9,7 +9,7 @@ PYTEST_ARGS ?=
 PACKAGES := schemas producer consumer jobstream
 
 .DEFAULT_GOAL := help
-.PHONY: helm demo fmt-check schemas help venv up down status test test-unit check fmt lint types imports schemas-check bench lock clean
+.PHONY: openapi openapi-check helm demo fmt-check schemas help venv up down status test test-unit check fmt lint types imports schemas-check bench lock clean
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-14s %s\n", $$1, $$2}'
@@ -48,7 +48,7 @@ test: up helm ## the whole suite: unit and integration tests against the real br
 test-unit: venv helm ## unit tests only (no brokers)
 	@$(BIN)/pytest -m 'not integration' $(PYTEST_ARGS)
 
-check: venv fmt-check lint types imports schemas-check ## format, lint, types, import contract, schema export
+check: venv fmt-check lint types imports schemas-check openapi-check ## format, lint, types, import contract, schema export
 
 fmt: venv ## reformat the code
 	@$(BIN)/ruff format .
@@ -68,6 +68,13 @@ imports: venv
 
 schemas-check: venv ## the checked-in JSON Schemas match the job models
 	@$(BIN)/jobstream schemas export --check
+
+openapi-check: venv ## docs/openapi.json matches the ingress
+	@JOBSTREAM_STATUS__BACKEND=memory $(BIN)/jobstream ingress --openapi | diff -q - docs/openapi.json >/dev/null \
+	  || { echo "docs/openapi.json is stale: run make openapi"; exit 1; }
+
+openapi: venv ## regenerate docs/openapi.json
+	@JOBSTREAM_STATUS__BACKEND=memory $(BIN)/jobstream ingress --openapi > docs/openapi.json
 
 schemas: venv ## regenerate schemas/jsonschema/ from the job models
 	@$(BIN)/jobstream schemas export

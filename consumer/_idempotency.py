@@ -20,6 +20,7 @@ import time
 from typing import Protocol
 
 from consumer._settings import IdempotencySettings
+from producer import NatsSettings
 
 
 class ClaimState(enum.Enum):
@@ -81,11 +82,23 @@ class MemoryIdempotencyStore:
             del self._entries[key]
 
 
-async def open_store(settings: IdempotencySettings) -> IdempotencyStore:
-    """The store the settings name, connected."""
+async def open_store(
+    settings: IdempotencySettings, nats: NatsSettings | None = None
+) -> IdempotencyStore:
+    """The store the settings name, connected. `nats`: the connection of the `nats-kv`
+    backend (the worker's own NATS settings), unless `settings.url` names a server."""
     if settings.backend == "memory":
         return MemoryIdempotencyStore()
     url = settings.url.get_secret_value() if settings.url else ""
+    if settings.backend == "nats-kv":
+        from consumer._idempotency_nats import NatsKvIdempotencyStore  # noqa: PLC0415
+
+        if url:  # another server, same credentials
+            nats = (nats or NatsSettings()).model_copy(update={"servers": [url]})
+        if nats is None:
+            msg = "idempotency backend 'nats-kv' needs the NATS settings or a nats:// URL"
+            raise ValueError(msg)
+        return await NatsKvIdempotencyStore.connect(nats, settings.namespace, settings.retention_s)
     if settings.backend == "redis":
         from consumer._idempotency_redis import RedisIdempotencyStore  # noqa: PLC0415
 

@@ -66,7 +66,7 @@ class IdempotencySettings(_Frozen):
     url: SecretStr | None = None
     """Connection URL of the backend (`redis://host:6379/0`, `postgresql://user@host/db`).
     `nats-kv` needs none: it uses the `nats` connection settings (a `nats://` URL here
-    replaces their servers, without their credentials)."""
+    replaces their servers; their credentials and TLS still apply)."""
     lease_s: float = Field(default=60.0, gt=0)
     """How long a claim is held before another worker may take the job over; renewed while
     the job runs."""

@@ -6,29 +6,33 @@ import asyncio
 import uuid
 from collections.abc import AsyncIterator
 
+import nats
 import pytest
 
 from consumer import ClaimState, IdempotencyStore, MemoryIdempotencyStore
 from consumer._idempotency import open_store
 from consumer._settings import IdempotencySettings
-from tests.conftest import POSTGRES_DSN, REDIS_URL
+from tests.conftest import NATS_URL, POSTGRES_DSN, REDIS_URL
 
 pytestmark = pytest.mark.integration
 
 
-@pytest.fixture(params=["memory", "redis", "postgres"])
+@pytest.fixture(params=["memory", "redis", "postgres", "nats-kv"])
 async def store(request: pytest.FixtureRequest) -> AsyncIterator[IdempotencyStore]:
     if request.param == "memory":
         opened: IdempotencyStore = MemoryIdempotencyStore()
     else:
-        url = REDIS_URL if request.param == "redis" else POSTGRES_DSN
+        url = {"redis": REDIS_URL, "postgres": POSTGRES_DSN, "nats-kv": NATS_URL}[request.param]
+        namespace = f"t{uuid.uuid4().hex[:8]}"
         opened = await open_store(
-            IdempotencySettings(
-                backend=request.param, url=url, namespace=f"t{uuid.uuid4().hex[:8]}"
-            )
+            IdempotencySettings(backend=request.param, url=url, namespace=namespace)
         )
     yield opened
     await opened.close()
+    if request.param == "nats-kv":
+        client = await nats.connect(NATS_URL)
+        await client.jetstream().delete_key_value(f"{namespace}_idempotency")
+        await client.close()
 
 
 async def test_claim_complete_and_duplicate(store: IdempotencyStore) -> None:
