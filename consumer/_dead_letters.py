@@ -42,9 +42,14 @@ class DeadLetterRecord:
     key: bytes | None
     headers: tuple[tuple[str, bytes], ...]
     value: bytes
+    stream: str | None = None
+    """NATS: the dead-letter stream (the offset is the stream sequence); Kafka: None."""
 
     @property
     def id(self) -> str:
+        """Kafka `<topic>:<partition>:<offset>`; NATS `<stream>:<sequence>`."""
+        if self.stream is not None:
+            return f"{self.stream}:{self.offset}"
         return f"{self.topic}:{self.partition}:{self.offset}"
 
     def header(self, name: str) -> str | None:
@@ -55,15 +60,17 @@ class DeadLetterRecord:
         return None
 
     def ext(self, name: str) -> str | None:
-        return self.header(f"ce_{name}")
+        """A CloudEvents attribute: `ce_<name>` (Kafka) or `ce-<name>` (NATS)."""
+        value = self.header(f"ce_{name}")
+        return value if value is not None else self.header(f"ce-{name}")
 
     @property
     def job_id(self) -> str | None:
-        return self.header("ce_id")
+        return self.ext("id")
 
     @property
     def job_type(self) -> str | None:
-        return self.header("ce_type")
+        return self.ext("type")
 
     @property
     def reason(self) -> str:

@@ -87,6 +87,18 @@ async def ensure_bucket(js: JetStreamContext, config: KeyValueConfig) -> bool:
     return True
 
 
+async def provision_bucket(js: JetStreamContext, config: KeyValueConfig) -> bool:
+    """Create the bucket, or bring an existing one's limits (retention, size, replicas) up
+    to `config`; True if created now."""
+    if await ensure_bucket(js, config):
+        return True
+    info = await js.stream_info(f"KV_{config.bucket}")
+    limits = {"max_age": config.ttl, "max_bytes": config.max_bytes, "num_replicas": config.replicas}
+    if any(getattr(info.config, name) != value for name, value in limits.items()):
+        await js.update_stream(info.config.evolve(**limits))
+    return False
+
+
 class NatsKvIdempotencyStore:
     def __init__(self, client: NatsClient, js: JetStreamContext, bucket: str) -> None:
         self._client = client
@@ -182,10 +194,11 @@ class NatsKvIdempotencyStore:
             message = await self._js.get_msg(self._stream, subject=self._subject(key))
         except NotFoundError:
             return 0, None
+        revision = message.seq or 0
         if message.headers and message.headers.get(_KV_OPERATION) in ("DEL", "PURGE"):
-            return message.seq, None
+            return revision, None
         value = json.loads(message.data or b"{}")
-        return message.seq, _Entry(value.get("s") == "done", value.get("o", ""), value.get("x", 0))
+        return revision, _Entry(value.get("s") == "done", value.get("o", ""), value.get("x", 0))
 
     async def _write(self, key: str, entry: _Entry, revision: int) -> int:
         data = json.dumps(

@@ -15,13 +15,14 @@ from collections.abc import AsyncIterator
 
 from consumer._app import App
 from consumer._health import HealthServer
+from consumer._idempotency import IdempotencyStore, open_store
 from consumer._routing import KafkaFailureRouter
 from consumer._settings import Settings
 from consumer._source import Source
 from consumer._status import StatusStore, open_status_store
 from consumer._step_failure import FailureRouter
 from consumer._worker import Worker
-from producer import KafkaPublisher
+from producer import KafkaPublisher, NatsPublisher
 
 log = logging.getLogger("jobstream.worker")
 
@@ -31,13 +32,23 @@ def topics_for(app: App, settings: Settings) -> list[str]:
     return sorted({settings.routing.topic(job_type) for job_type in types})
 
 
+def subjects_for(app: App, settings: Settings) -> list[str]:
+    types = settings.worker.subscribe_types or app.job_types()
+    return sorted({settings.routing.subject(job_type) for job_type in types})
+
+
 def build_source(app: App, settings: Settings) -> Source:
     if settings.transport == "kafka":
         from consumer._kafka_source import KafkaSource  # noqa: PLC0415
 
         return KafkaSource(settings, topics_for(app, settings))
+    if settings.transport == "nats":
+        from consumer._nats_source import NatsSource  # noqa: PLC0415
+
+        return NatsSource(settings, subjects_for(app, settings))
     msg = (
-        f"transport {settings.transport!r} has no worker source yet: use JOBSTREAM_TRANSPORT=kafka"
+        f"transport {settings.transport!r} has no worker source: "
+        "use JOBSTREAM_TRANSPORT=kafka or nats"
     )
     raise NotImplementedError(msg)
 
@@ -73,6 +84,29 @@ async def _failure_router(
     return KafkaFailureRouter(settings, publisher)
 
 
+async def _nats_failure_router(
+    app: App, settings: Settings, stack: contextlib.AsyncExitStack, source: Source
+) -> FailureRouter:
+    from consumer._nats_routing import (  # noqa: PLC0415
+        NatsFailureRouter,
+        dead_letter_subjects,
+        ensure_dead_letter_stream,
+    )
+    from consumer._nats_source import NatsSource  # noqa: PLC0415
+
+    assert isinstance(source, NatsSource)
+    publisher = NatsPublisher(settings.nats, settings.routing)
+    await publisher.start()
+    stack.push_async_callback(publisher.stop)
+    subjects = subjects_for(app, settings)
+    if settings.create_missing:
+        js = publisher.client.jetstream(timeout=settings.nats.publish_timeout_s)
+        await ensure_dead_letter_stream(js, settings, subjects)
+    else:
+        await publisher.check(dead_letter_subjects(settings, subjects))
+    return NatsFailureRouter(settings, publisher, source)
+
+
 @contextlib.asynccontextmanager
 async def open_worker(app: App, settings: Settings) -> AsyncIterator[Worker]:
     """A worker wired for `settings.transport` (source, failure routing), not yet running."""
@@ -84,7 +118,13 @@ async def open_worker(app: App, settings: Settings) -> AsyncIterator[Worker]:
         if status is not None:
             stack.push_async_callback(status.close)
         source = build_source(app, settings)
-        yield Worker(app, settings, source, router=router, status=status)
+        if settings.transport == "nats":
+            router = await _nats_failure_router(app, settings, stack, source)
+        store: IdempotencyStore | None = None
+        if settings.idempotency.backend == "nats-kv":  # it shares the worker's NATS settings
+            store = await open_store(settings.idempotency, settings.nats)
+            stack.push_async_callback(store.close)
+        yield Worker(app, settings, source, router=router, status=status, store=store)
 
 
 async def run_worker(app: App, settings: Settings) -> Worker:

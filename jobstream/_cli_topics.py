@@ -1,4 +1,8 @@
-"""`jobstream topics ensure`: create the topics (Kafka) or the stream (NATS) jobs need.
+"""`jobstream topics ensure`: create the topics (Kafka) or the streams (NATS) jobs need.
+
+NATS: the job stream (with its key partition count in its metadata), the dead-letter
+stream, the group's durable consumers, the idempotency KV bucket (backend `nats-kv`) and the
+replay ledger bucket, each with the limits from the settings (docs/nats.md).
 
 Provisioning is explicit: publishing never creates a topic unless `create_missing` is on.
 The command is idempotent; run it on deploy, before workers and producers start.
@@ -13,7 +17,13 @@ import typer
 from consumer import Settings
 from consumer._dead_letters import ReplayLedger
 from jobstream._config import USAGE, fail, import_job_modules, load_settings, run
-from producer import DestinationHook, JobProducer, ProducerSettings, plan_destinations
+from producer import (
+    DestinationHook,
+    JobProducer,
+    ProducerSettings,
+    connect_nats,
+    plan_destinations,
+)
 from schemas import default_registry
 
 
@@ -24,6 +34,15 @@ def failure_topics(settings: Settings) -> DestinationHook:
         retry = settings.retry
         tiers = [] if retry.in_place else retry.tier_topics(main)
         return [*tiers, retry.dead_letter_topic(main)]
+
+    return hook
+
+
+def partition_subjects(settings: Settings) -> DestinationHook:
+    """NATS with key partitions: `<subject>.*` is captured with each subject."""
+
+    def hook(job_type: str, main: str) -> list[str]:
+        return [f"{main}.*"] if settings.jetstream.key_partitions else []
 
     return hook
 
@@ -56,10 +75,15 @@ def register(app: typer.Typer) -> None:
                 "declare them",
                 USAGE,
             )
-        hooks = [failure_topics(settings)] if settings.transport == "kafka" else []
+        nats = settings.transport == "nats"
+        hooks = [partition_subjects(settings) if nats else failure_topics(settings)]
         destinations = plan_destinations(settings, job_types, hooks)
         created = run(lambda: _ensure(settings, destinations))
         _report(settings, destinations, created)
+        if nats:
+            subjects = [settings.routing.subject(job_type) for job_type in job_types]
+            for line in run(lambda: _ensure_nats(settings, subjects)):
+                typer.echo(line)
 
 
 async def _ensure(settings: Settings, destinations: list[str]) -> list[str]:
@@ -68,6 +92,42 @@ async def _ensure(settings: Settings, destinations: list[str]) -> list[str]:
     if settings.transport == "kafka":
         await ReplayLedger(settings).ensure()
     return created
+
+
+async def _ensure_nats(settings: Settings, subjects: list[str]) -> list[str]:
+    """What the NATS workers need beyond the job stream; one report line each."""
+    from consumer._idempotency_nats import bucket_config, provision_bucket  # noqa: PLC0415
+    from consumer._nats_routing import (  # noqa: PLC0415
+        ensure_dead_letter_stream,
+        ensure_replay_ledger,
+    )
+    from consumer._nats_source import ensure_consumers, ensure_key_partitions  # noqa: PLC0415
+
+    jet, routing = settings.jetstream, settings.routing
+    lines = []
+    client = await connect_nats(settings.nats)
+    try:
+        js = client.jetstream(timeout=settings.nats.publish_timeout_s)
+        await ensure_key_partitions(js, settings)
+        lines.append(f"nats stream {routing.stream}: {jet.key_partitions} key partitions")
+        created = await ensure_dead_letter_stream(js, settings, subjects)
+        state = "created" if created else "exists (subjects and limits brought up to date)"
+        lines.append(f"nats stream {jet.dead_letter_stream_for(routing.stream)}: {state}")
+        for name in await ensure_consumers(js, settings, subjects):
+            lines.append(f"nats consumer {routing.stream} > {name}: created or updated")
+        if settings.idempotency.backend == "nats-kv":
+            idempotency = settings.idempotency
+            config = bucket_config(
+                idempotency.namespace, idempotency.retention_s,
+                replicas=routing.replication_factor, max_bytes=jet.kv_max_bytes,
+            )  # fmt: skip
+            state = "created" if await provision_bucket(js, config) else "exists (limits updated)"
+            lines.append(f"nats kv bucket {config.bucket}: {state}")
+        await ensure_replay_ledger(js, settings)
+        lines.append(f"nats kv bucket {jet.replay_ledger_bucket}: ready")
+    finally:
+        await client.close()
+    return lines
 
 
 def _report(settings: ProducerSettings, destinations: list[str], created: list[str]) -> None:

@@ -54,6 +54,8 @@ def key_partition(key: str, partitions: int) -> int:
     for byte in key.encode():
         value = ((value ^ byte) * _FNV_PRIME) & 0xFFFFFFFF
     return value % partitions
+
+
 # Raised by nats-py when the connection cannot carry a publish right now.
 _CONNECTION_ERRORS = (
     nats.errors.OutboundBufferLimitError,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import signal
@@ -12,13 +13,14 @@ import sys
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import AsyncIterator, Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient
 
+from consumer import App, Settings, Worker, open_worker
 from schemas import Job, encode, to_kafka
 from tests.conftest import KAFKA_BOOTSTRAP
 
@@ -72,6 +74,19 @@ async def publish_raw(
     finally:
         await producer.stop()
     return published
+
+
+@contextlib.asynccontextmanager
+async def running_worker(app: App, settings: Settings) -> AsyncIterator[Worker]:
+    """An in-process worker, wired like `jobstream worker` (routing, status), running
+    until the block ends, then drained."""
+    async with open_worker(app, settings) as worker:
+        task = asyncio.create_task(worker.run())
+        try:
+            yield worker
+        finally:
+            worker.stop()
+            await task
 
 
 async def wait_until(condition: Callable[[], bool], timeout_s: float, what: str) -> None:

@@ -4,17 +4,15 @@ from __future__ import annotations
 
 import asyncio
 import collections
-import contextlib
 import json
 import os
 import subprocess
 import sys
-from collections.abc import AsyncIterator
 
 import pytest
 from aiokafka import AIOKafkaProducer
 
-from consumer import Settings, Worker, open_worker
+from consumer import Settings
 from consumer._dead_letters import (
     DeadLetterFilter,
     DeadLetterRecord,
@@ -28,6 +26,7 @@ from tests.support import (
     caught_up,
     publish_raw,
     read_sink,
+    running_worker,
     start_worker,
     stop_worker,
     wait_until,
@@ -55,17 +54,6 @@ def settings_for(topic: str, group: str, monkeypatch, **retry: object) -> Settin
     )
 
 
-@contextlib.asynccontextmanager
-async def running(settings: Settings) -> AsyncIterator[Worker]:
-    async with open_worker(app, settings) as worker:
-        task = asyncio.create_task(worker.run())
-        try:
-            yield worker
-        finally:
-            worker.stop()
-            await task
-
-
 async def dead_letters(settings: Settings, topic: str) -> list[DeadLetterRecord]:
     return await list_dead_letters(settings, [topic + ".dlq"], DeadLetterFilter())
 
@@ -81,7 +69,7 @@ async def test_fails_twice_then_succeeds_while_other_partitions_flow(
         topic, [("flaky", RecordJob(seq=0, key="flaky", behaviour="fail-twice"))]
     )
     others = [(f"k{i}", RecordJob(seq=i, key=f"k{i}", sleep_ms=20)) for i in range(1, 400)]
-    async with running(settings):
+    async with running_worker(app, settings):
         await publish_raw(topic, others)
         await wait_until(
             lambda: any(line.job_id == flaky_id for line in read_sink(sink)), 30, "the flaky job"
@@ -138,7 +126,7 @@ async def test_every_kind_of_failure_lands_in_the_dead_letter_topic(
         await producer.send_and_wait(topic, b'{"seq": 1}', headers=[("x-other", b"1")])
     finally:
         await producer.stop()
-    async with running(settings):
+    async with running_worker(app, settings):
         await wait_until(
             lambda: any(x.job_id == good_id for x in read_sink(sink)), 30, "the good job"
         )
@@ -192,7 +180,7 @@ async def test_thousand_jobs_each_completed_or_dead_lettered_never_both(
     ]
     ids = await publish_raw(topic, [(f"k{i % 37}", RecordJob(seq=i, key=f"k{i % 37}", behaviour=b))  # type: ignore[arg-type]
                                     for i, b in enumerate(behaviours)])  # fmt: skip
-    async with running(settings):
+    async with running_worker(app, settings):
         await wait_until(lambda: len(read_sink(sink)) >= 900, 60, "900 completions")
         await wait_until_dead_letters(settings, topic, 100)
     done = collections.Counter(x.job_id for x in read_sink(sink))
@@ -216,7 +204,7 @@ async def test_strict_key_order_retries_in_place(
     ]
     jobs += [(f"other{i}", RecordJob(seq=100 + i, key=f"other{i}")) for i in range(20)]
     await publish_raw(topic, jobs)
-    async with running(settings):
+    async with running_worker(app, settings):
         await wait_until(lambda: len(read_sink(sink)) == 30, 30, "30 completions")
     done = read_sink(sink)
     assert [x.seq for x in done if x.key == "k"] == list(range(10))
@@ -243,7 +231,7 @@ async def test_replay_brings_fixed_jobs_back_once(
     settings = settings_for(topic, group_id, monkeypatch, replay_ledger_topic=ledger)
     monkeypatch.setenv("JOBSTREAM_TEST_BROKEN", "1")  # the bug: every job dead-letters
     ids = await publish_raw(topic, [(f"k{i}", RecordJob(seq=i, key=f"k{i}")) for i in range(5)])
-    async with running(settings):
+    async with running_worker(app, settings):
         await wait_until_dead_letters(settings, topic, 5)
     monkeypatch.delenv("JOBSTREAM_TEST_BROKEN")  # the fix is deployed
     env = {**os.environ, "JOBSTREAM_KAFKA__BOOTSTRAP_SERVERS": KAFKA_BOOTSTRAP,
@@ -256,7 +244,7 @@ async def test_replay_brings_fixed_jobs_back_once(
     assert {entry["status"] for entry in dry} == {"would-replay"}
     first = _cli("dlq", "replay", "--type", "test.record", "--topic", topic + ".dlq", env=env)
     assert [entry["status"] for entry in first] == ["replayed"] * 5
-    async with running(settings):
+    async with running_worker(app, settings):
         await wait_until(lambda: len(read_sink(sink)) == 5, 30, "5 replayed jobs to complete")
     assert sorted(x.job_id for x in read_sink(sink)) == sorted(ids)
     assert len(await read_topics(settings, [topic])) == 10  # 5 originals + 5 replays

@@ -12,13 +12,13 @@ from collections.abc import AsyncIterator
 import httpx
 import pytest
 
-from consumer import Settings, Worker, open_worker
+from consumer import Settings
 from consumer._dead_letters import read_topics
 from consumer._run import open_status
 from jobstream._ingress import create_app
 from tests.apps.recorder import app
 from tests.conftest import REDIS_URL
-from tests.support import read_sink
+from tests.support import read_sink, running_worker
 
 pytestmark = pytest.mark.integration
 
@@ -54,17 +54,6 @@ async def client(settings: Settings) -> AsyncIterator[httpx.AsyncClient]:
         await status.close()
 
 
-@contextlib.asynccontextmanager
-async def worker(settings: Settings) -> AsyncIterator[Worker]:
-    async with open_worker(app, settings) as running:
-        task = asyncio.create_task(running.run())
-        try:
-            yield running
-        finally:
-            running.stop()
-            await task
-
-
 async def state_of(
     http: httpx.AsyncClient, job_id: str, wanted: str, timeout_s: float = 30
 ) -> dict:
@@ -86,7 +75,7 @@ async def test_submitted_job_runs_and_its_status_says_so(
     monkeypatch.setenv("JOBSTREAM_TEST_SINK", str(tmp_path / "sink"))
     topic = await routed_topic(new_topic)
     settings = make_settings(topic, group_id, monkeypatch)
-    async with client(settings) as http, worker(settings):
+    async with client(settings) as http, running_worker(app, settings):
         response = await http.post("/v1/jobs/test.record?key=k1", json={"seq": 1, "key": "k1"})
         assert response.status_code == 202, response.text
         accepted = response.json()
@@ -185,7 +174,7 @@ async def test_status_follows_a_retried_and_a_dead_lettered_job(
     monkeypatch.setenv("JOBSTREAM_TEST_SINK", str(tmp_path / "sink"))
     topic = await routed_topic(new_topic)
     settings = make_settings(topic, group_id, monkeypatch)
-    async with client(settings) as http, worker(settings):
+    async with client(settings) as http, running_worker(app, settings):
         retried = (
             await http.post(
                 "/v1/jobs/test.record", json={"seq": 1, "key": "a", "behaviour": "fail-once"}
@@ -220,7 +209,7 @@ async def test_cancel_before_start_and_while_running(
                 "/v1/jobs/test.record", json={"seq": 2, "key": "b", "behaviour": "wait-cancel"}
             )
         ).json()
-        async with worker(settings):
+        async with running_worker(app, settings):
             await state_of(http, slow["job_id"], "running")
             assert (await http.post(f"/v1/jobs/{slow['job_id']}/cancel")).status_code == 202
             final = await state_of(http, slow["job_id"], "cancelled")

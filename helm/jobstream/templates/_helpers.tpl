@@ -253,6 +253,13 @@ drain, or jobs cut off by the kill are redelivered although they might have fini
 {{- if and (ne $backend "memory") (not (or $v.secrets.existingSecret $v.secrets.values.idempotency.url)) -}}
 {{- fail (printf "config.idempotency.backend=%s needs its URL: set secrets.values.idempotency.url, or secrets.existingSecret with the key JOBSTREAM_IDEMPOTENCY__URL." $backend) -}}
 {{- end -}}
+{{- $status := $config.status | default dict -}}
+{{- if and $v.ingress.enabled (ne (get $status "backend" | default "none") "redis") -}}
+{{- fail "ingress.enabled needs the shared job status store: set config.status.backend=redis and its URL in secrets.values.status.url (or secrets.existingSecret with JOBSTREAM_STATUS__URL); see docs/http-api.md." -}}
+{{- end -}}
+{{- if and (eq (get $status "backend" | default "none") "redis") (not (or $v.secrets.existingSecret $v.secrets.values.status.url)) -}}
+{{- fail "config.status.backend=redis needs its URL: set secrets.values.status.url, or secrets.existingSecret with the key JOBSTREAM_STATUS__URL." -}}
+{{- end -}}
 {{- if and $v.secrets.existingSecret (ne (include "jobstream.secretEnv" . | fromYaml | len) 0) -}}
 {{- fail "secrets.existingSecret and secrets.values are exclusive: put every secret setting into the existing Secret, or leave secrets.existingSecret empty." -}}
 {{- end -}}

@@ -1,0 +1,541 @@
+"""NATS JetStream as a `Source`: durable pull consumers shared by a group, acks after settle.
+
+Every worker of a group pulls from the same durable consumer(s), named after the group, with
+explicit acks (docs/nats.md):
+
+- At most as many messages are asked for (pull requests with a batch size) as the runtime
+  has room for, so a backlog never grows memory; the consumer's `max_ack_pending` bounds
+  what the whole group holds unacknowledged (G4).
+- A message is acknowledged only once its job settled (G2), and the ack is confirmed by the
+  server (a request, the "double ack"), so a settled job is one whose ack JetStream took.
+  Completed, duplicate, failed and cancelled jobs are acked; a dead-lettered job is
+  terminated (`+TERM`) after the dead-letter stream stored its copy; a retry was already
+  handed back by the failure router with `nak(delay)`, never a bare `nak`.
+- Every fetched, unsettled message gets an `in_progress` heartbeat every
+  `jetstream.heartbeat_s`, so a job longer than the ack wait is not redelivered while it
+  runs. A message whose ack wait ran out anyway (a long disconnect) is no longer ours
+  (`owns` is false): JetStream has redelivered it, and its result is not settled here.
+- Attempts are deliveries: `JobAttributes.attempt` is the JetStream delivery count.
+- With `jetstream.key_partitions` = N, jobs live on `<subject>.<n>` and each of the N
+  partition consumers has `max_ack_pending = 1`: one job per partition at a time in the
+  whole group, in stream order, so jobs of one key run in publish order (G3).
+- On stop, the messages still held (queued, or cut off by the drain) are handed back with
+  a `nak` so that another worker takes them at once instead of after the ack wait.
+- A connection lost for good (nats-py gave up reconnecting) makes `fetch` raise
+  `WorkerError`: the worker exits non-zero and the orchestrator restarts it (G8).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import functools
+import json
+import logging
+import random
+import time
+from collections import deque
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+
+import nats.errors
+from nats.aio.client import Client as NatsClient
+from nats.aio.msg import Msg
+from nats.aio.subscription import Subscription
+from nats.js import JetStreamContext
+from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
+from nats.js.errors import APIError, NotFoundError
+
+from consumer._errors import WorkerError
+from consumer._failures import FIRST_FAILURE
+from consumer._outcome import Outcome
+from consumer._settings import Settings
+from consumer._source import Delivery, RevokeCallback
+from producer import BrokerUnavailable, connect_nats
+from producer._nats import KEY_PARTITIONS_METADATA
+from producer._provision import ensure_nats_stream
+from schemas import JobAttributes, JobDecodeError, from_nats
+
+log = logging.getLogger("jobstream.nats")
+
+_ACK, _TERM, _NAK = b"+ACK", b"+TERM", b"-NAK"
+_API = "$JS.API"
+_GRACE_S = 2.0  # a pull request unanswered this long past its expiry was lost (reconnect)
+_BACKOFF_S = 1.0  # after a pull request was refused (409), before asking that consumer again
+
+
+def max_deliver(settings: Settings) -> int:
+    """Deliveries JetStream makes of one message: the largest `max_attempts` plus the margin
+    for redeliveries that are not failures."""
+    retry = settings.retry
+    attempts = max([retry.policy.max_attempts, *(p.max_attempts for p in retry.per_type.values())])
+    return attempts + settings.jetstream.max_deliver_margin
+
+
+def consumer_plan(settings: Settings, subjects: Sequence[str]) -> list[ConsumerConfig]:
+    """The durable consumers of the group: one on the subjects themselves and, with key
+    partitions, one per partition (`<group>-p<n>` on `<subject>.<n>`, one job at a time)."""
+    group, jet = settings.worker.group, settings.jetstream
+    if not group or any(ch in group for ch in ".*> \t/\\"):
+        msg = (
+            f"worker.group {group!r} cannot name a JetStream consumer: "
+            "use no '.', '*', '>', '/' or spaces"
+        )
+        raise WorkerError(msg)
+
+    def config(name: str, filters: list[str], pending: int) -> ConsumerConfig:
+        return ConsumerConfig(
+            durable_name=name, name=name, ack_policy=AckPolicy.EXPLICIT,
+            deliver_policy=DeliverPolicy.ALL, ack_wait=jet.ack_wait_s,
+            max_ack_pending=pending, max_deliver=max_deliver(settings),
+            filter_subjects=filters, description=f"jobstream workers of group {group}",
+        )  # fmt: skip
+
+    # Jobs published to a bare subject of a partitioned stream (a producer that does not
+    # partition) are still processed, without an order promise.
+    plan = [config(group, sorted(subjects), jet.max_ack_pending)]
+    for n in range(jet.key_partitions):
+        plan.append(config(f"{group}-p{n}", [f"{s}.{n}" for s in sorted(subjects)], 1))
+    return plan
+
+
+def stream_destinations(settings: Settings, subjects: Sequence[str]) -> list[str]:
+    """What the stream must capture: the subjects and, with key partitions, `<subject>.*`."""
+    partitions = [f"{s}.*" for s in subjects] if settings.jetstream.key_partitions else []
+    return [*subjects, *partitions]
+
+
+async def ensure_key_partitions(js: JetStreamContext, settings: Settings) -> None:
+    """Record `jetstream.key_partitions` in the stream's metadata, where producers read it."""
+    info = await js.stream_info(settings.routing.stream)
+    metadata = dict(info.config.metadata or {})
+    wanted = str(settings.jetstream.key_partitions)
+    if metadata.get(KEY_PARTITIONS_METADATA, "0") != wanted:
+        metadata[KEY_PARTITIONS_METADATA] = wanted
+        await js.update_stream(info.config.evolve(metadata=metadata))
+        log.info("stream %s: %s key partitions", settings.routing.stream, wanted)
+
+
+async def ensure_consumers(
+    js: JetStreamContext, settings: Settings, subjects: Sequence[str]
+) -> list[str]:
+    """Create or update the group's consumers (same settings on every replica); their names."""
+    names = []
+    for config in consumer_plan(settings, subjects):
+        try:
+            await js.add_consumer(settings.routing.stream, config)
+        except APIError as error:
+            msg = (
+                f"JetStream refused consumer {config.name!r} on stream {settings.routing.stream!r}"
+                f" for {', '.join(config.filter_subjects or [])}: {error.description}; run "
+                "`jobstream topics ensure --transport nats`"
+            )
+            raise WorkerError(msg) from error
+        names.append(config.name or "")
+    return names
+
+
+@dataclass(eq=False, slots=True)
+class _Held:
+    """A message this worker fetched and has not settled yet."""
+
+    msg: Msg
+    puller: _Puller
+    seq: int
+    delivered: int
+    stored: datetime
+    deadline: float  # time.monotonic() when JetStream's ack wait runs out
+    settling: bool = False  # ack/term/nak under way: no more heartbeats
+    done: bool = False
+
+
+@dataclass(eq=False, slots=True)
+class _Puller:
+    """Pull requests to one durable consumer, never more messages asked for than `room`."""
+
+    consumer: str
+    partitioned: bool
+    inbox: str = ""
+    subscription: Subscription | None = None
+    requests: deque[list[float]] = field(default_factory=deque)  # [remaining, deadline]
+    unsettled: int = 0
+    not_before: float = 0.0
+
+    @property
+    def outstanding(self) -> int:
+        return int(sum(request[0] for request in self.requests))
+
+    def expire(self, now: float) -> None:
+        while self.requests and self.requests[0][1] < now:
+            self.requests.popleft()
+
+
+class NatsSource:
+    """A member of the group `settings.worker.group` pulling jobs of `subjects`."""
+
+    def __init__(self, settings: Settings, subjects: Sequence[str]) -> None:
+        self._settings = settings
+        self._jet = settings.jetstream
+        self._subjects = sorted(subjects)
+        self._plan = consumer_plan(settings, self._subjects)
+        self._pullers = [
+            _Puller(config.name or "", partitioned=index > 0)
+            for index, config in enumerate(self._plan)
+        ]
+        self._client: NatsClient | None = None
+        self._held: dict[int, _Held] = {}
+        self._arrived: deque[_Held] = deque()
+        self._wake = asyncio.Event()
+        self._acks: deque[tuple[_Held, bytes]] = deque()
+        self._ack_wake = asyncio.Event()
+        self._acks_idle = asyncio.Event()
+        self._acks_idle.set()
+        self._tasks: list[asyncio.Task[None]] = []
+        self._started = False
+        self._stopping = False
+        self._next = 0  # round-robin start among partition pullers
+
+    # -- Source ------------------------------------------------------------------------
+
+    @property
+    def ready(self) -> bool:
+        return self._started and self._client is not None and self._client.is_connected
+
+    @property
+    def consumers(self) -> list[str]:
+        return [puller.consumer for puller in self._pullers]
+
+    async def start(self, on_revoke: RevokeCallback) -> None:
+        # JetStream has no partition assignment, hence nothing is ever revoked.
+        client = await self._connect()
+        self._client = client
+        js = client.jetstream(timeout=self._settings.nats.publish_timeout_s)
+        await self._check_stream(js)
+        await ensure_consumers(js, self._settings, self._subjects)
+        for puller in self._pullers:
+            puller.inbox = client.new_inbox()
+            puller.subscription = await client.subscribe(
+                puller.inbox, cb=functools.partial(self._on_message, puller)
+            )
+        self._tasks = [
+            asyncio.create_task(self._heartbeats(), name="jobstream-nats-heartbeats"),
+            asyncio.create_task(self._acknowledge(), name="jobstream-nats-acks"),
+        ]
+        self._started = True
+        log.info("pulling %s from %s", ", ".join(self._subjects), ", ".join(self.consumers))
+
+    async def fetch(self, max_records: int, timeout_s: float) -> list[Delivery]:
+        self._raise_if_lost()
+        if max_records <= 0:
+            return []
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout_s
+        while not self._arrived:
+            self._wake.clear()
+            await self._top_up(max_records)
+            remaining = deadline - loop.time()
+            if remaining <= 0:
+                break
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._wake.wait(), remaining)
+            self._raise_if_lost()
+        deliveries: list[Delivery] = []
+        while self._arrived and len(deliveries) < max_records:
+            held = self._arrived.popleft()
+            if not held.done:
+                deliveries.append(self._delivery(held))
+        if deliveries:
+            await self._top_up(max_records - len(deliveries))
+        return deliveries
+
+    def pause(self) -> None:
+        """Nothing to do: JetStream sends only what was asked for, and `fetch` asks for no
+        more than the runtime has room for."""
+
+    def resume(self) -> None:
+        """See `pause`."""
+
+    def settle(self, delivery: Delivery, outcome: Outcome) -> None:
+        held = self._ours(delivery)
+        if held is None or held.settling:
+            return
+        if outcome is Outcome.RETRYING:  # the router handed it back with nak(delay)
+            self._forget(held)
+            return
+        held.settling = True
+        self._acks.append((held, _TERM if outcome is Outcome.DEAD_LETTERED else _ACK))
+        self._acks_idle.clear()
+        self._ack_wake.set()
+
+    def pending_commits(self) -> int:
+        return 0  # acks are sent as jobs settle; there is nothing to batch
+
+    async def commit(self) -> None:
+        """Wait (bounded) until the acks of every settled job were confirmed."""
+        try:
+            async with asyncio.timeout(self._settings.nats.publish_timeout_s):
+                await self._acks_idle.wait()
+        except TimeoutError:
+            log.warning("%d acks unconfirmed: those jobs will be redelivered", len(self._acks))
+
+    def owns(self, delivery: Delivery) -> bool:
+        held = self._ours(delivery)
+        return held is not None and time.monotonic() < held.deadline
+
+    async def stop(self) -> None:
+        self._stopping = True
+        for task in self._tasks:
+            task.cancel()
+        for task in self._tasks:
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        client = self._client
+        if client is None or client.is_closed:
+            return
+        for puller in self._pullers:  # no interest: the server drops our pull requests
+            if puller.subscription is not None:
+                with contextlib.suppress(nats.errors.Error):
+                    await puller.subscription.unsubscribe()
+        back = [held for held in self._held.values() if not held.settling and not held.done]
+        if back:
+            # Another worker takes these now instead of after the ack wait. A redelivery
+            # counts as a delivery either way.
+            await asyncio.gather(*(self._confirm(held, _NAK) for held in back))
+            log.info("handed %d unfinished jobs back to JetStream", len(back))
+        await client.close()
+
+    # -- for the failure router --------------------------------------------------------
+
+    async def nak(self, delivery: Delivery, delay_s: float) -> bool:
+        """Hand the message back for a redelivery in `delay_s` (confirmed). False if it
+        could not be confirmed: then the ack wait brings it back."""
+        held = self._ours(delivery)
+        if held is None:
+            return False
+        held.settling = True  # a heartbeat now would restart the ack wait and void the delay
+        verb = _NAK + b" " + json.dumps({"delay": int(delay_s * 1e9)}).encode()
+        try:
+            return await self._confirm(held, verb)
+        finally:
+            self._forget(held)
+
+    def main_subject(self, delivery: Delivery) -> str:
+        """The job type's subject (`<subject>` for a message read from `<subject>.<n>`)."""
+        partitioned = any(p.partitioned and p.consumer == delivery.partition for p in self._pullers)
+        return delivery.topic.rpartition(".")[0] if partitioned else delivery.topic
+
+    # -- internals ---------------------------------------------------------------------
+
+    async def _connect(self) -> NatsClient:
+        budget = self._settings.worker.broker_wait_s
+        deadline = time.monotonic() + budget
+        delay = 0.5
+        while True:
+            try:
+                return await connect_nats(self._settings.nats)
+            except BrokerUnavailable as error:
+                if time.monotonic() + delay > deadline:
+                    msg = f"{error} (gave up after {budget:g}s: worker.broker_wait_s)"
+                    raise WorkerError(msg) from error
+                log.warning("NATS not reachable yet (%s); retrying in %.1fs", error, delay)
+                await asyncio.sleep(delay * (0.5 + random.random()))
+                delay = min(delay * 2, 10.0)
+
+    async def _check_stream(self, js: JetStreamContext) -> None:
+        stream, wanted = self._settings.routing.stream, self._jet.key_partitions
+        try:
+            info = await js.stream_info(stream)
+        except NotFoundError:
+            if not self._settings.create_missing:
+                msg = (
+                    f"stream {stream!r} does not exist: "
+                    "run `jobstream topics ensure --transport nats`"
+                )
+                raise WorkerError(msg) from None
+            destinations = stream_destinations(self._settings, self._subjects)
+            await ensure_nats_stream(js, destinations, self._settings.routing)
+            await ensure_key_partitions(js, self._settings)
+            return
+        found = int((info.config.metadata or {}).get(KEY_PARTITIONS_METADATA, "0"))
+        if found != wanted:
+            msg = (
+                f"stream {stream!r} is partitioned into {found} key partitions but "
+                f"JOBSTREAM_JETSTREAM__KEY_PARTITIONS={wanted}: set the same number everywhere "
+                "and run `jobstream topics ensure --transport nats`"
+            )
+            raise WorkerError(msg)
+
+    def _raise_if_lost(self) -> None:
+        client = self._client
+        if client is not None and client.is_closed and not self._stopping:
+            nats_settings = self._settings.nats
+            msg = (
+                f"lost the connection to NATS at {', '.join(nats_settings.servers)} and gave up "
+                f"after {nats_settings.max_reconnect_attempts} reconnect attempts "
+                f"{nats_settings.reconnect_wait_s:g}s apart (nats.max_reconnect_attempts): "
+                "check the server; jobs not acknowledged will be redelivered"
+            )
+            raise WorkerError(msg)
+
+    async def _top_up(self, room: int) -> None:
+        """Ask for more messages, so that arrived + asked for <= room."""
+        client = self._client
+        if client is None or not client.is_connected:
+            return
+        now = time.monotonic()
+        for puller in self._pullers:
+            puller.expire(now)
+        budget = room - len(self._arrived) - sum(p.outstanding for p in self._pullers)
+        main, partitions = self._pullers[0], self._pullers[1:]
+        count = len(partitions)
+        for i in range(count):
+            if budget <= 0:
+                break
+            puller = partitions[(self._next + i) % count]
+            # max_ack_pending is 1: asking again before this one settled would only wait.
+            if not puller.requests and not puller.unsettled and puller.not_before <= now:
+                budget -= await self._pull(client, puller, 1)
+        self._next += 1
+        want = min(budget, self._settings.worker.fetch_max_records) - main.outstanding
+        if want > 0 and main.not_before <= now and (not main.requests or want >= 16):
+            await self._pull(client, main, want)
+
+    async def _pull(self, client: NatsClient, puller: _Puller, batch: int) -> int:
+        request = {"batch": batch, "expires": int(self._jet.pull_expires_s * 1e9)}
+        subject = f"{_API}.CONSUMER.MSG.NEXT.{self._settings.routing.stream}.{puller.consumer}"
+        try:
+            await client.publish(subject, json.dumps(request).encode(), reply=puller.inbox)
+        except nats.errors.Error as error:
+            log.debug("pull request to %s failed: %r", puller.consumer, error)
+            return 0
+        deadline = time.monotonic() + self._jet.pull_expires_s + _GRACE_S
+        puller.requests.append([float(batch), deadline])
+        return batch
+
+    async def _on_message(self, puller: _Puller, msg: Msg) -> None:
+        status = msg.headers.get("Status") if msg.headers else None
+        if status is not None:
+            if status == "100":  # idle heartbeat
+                return
+            # 404/408: the oldest request ended (expired); 409: it was refused.
+            if puller.requests:
+                puller.requests.popleft()
+            if status == "409":
+                description = msg.headers.get("Description", "") if msg.headers else ""
+                log.warning("pull from %s refused: %s", puller.consumer, description)
+                puller.not_before = time.monotonic() + _BACKOFF_S
+            self._wake.set()
+            return
+        if puller.requests:
+            puller.requests[0][0] -= 1
+            if puller.requests[0][0] <= 0:
+                puller.requests.popleft()
+        meta = msg.metadata
+        held = _Held(
+            msg, puller, meta.sequence.stream, meta.num_delivered, meta.timestamp,
+            time.monotonic() + self._jet.ack_wait_s,
+        )  # fmt: skip
+        earlier = self._held.get(held.seq)
+        if earlier is not None:  # its ack wait ran out while we held it; this is the redelivery
+            self._forget(earlier)
+        self._held[held.seq] = held
+        puller.unsettled += 1
+        self._arrived.append(held)
+        self._wake.set()
+
+    def _delivery(self, held: _Held) -> Delivery:
+        msg = held.msg
+        headers = msg.headers or {}
+        attributes: JobAttributes | None
+        try:
+            attributes = from_nats(headers)
+            error: JobDecodeError | None = None
+        except JobDecodeError as exc:
+            attributes, error = None, exc
+        if attributes is not None and held.delivered > 1:
+            attributes = _redelivered(attributes, held)
+        return Delivery(
+            partition=held.puller.consumer, offset=held.seq, topic=msg.subject,
+            attributes=attributes, body=msg.data,
+            raw_headers=[(name, value.encode()) for name, value in headers.items()],
+            error=error, handle=msg, delivery_count=held.delivered,
+        )  # fmt: skip
+
+    def _ours(self, delivery: Delivery) -> _Held | None:
+        held = self._held.get(delivery.offset)
+        return held if held is not None and held.msg is delivery.handle else None
+
+    def _forget(self, held: _Held) -> None:
+        if held.done:
+            return
+        held.done = True
+        held.puller.unsettled -= 1
+        if self._held.get(held.seq) is held:
+            del self._held[held.seq]
+        self._wake.set()  # a partition consumer may be asked for its next message
+
+    async def _confirm(self, held: _Held, verb: bytes) -> bool:
+        """Send an ack verb and wait for the server's confirmation, retrying until the ack
+        wait runs out (after that JetStream redelivers the message anyway)."""
+        assert self._client is not None
+        delay = 0.1
+        timeout = self._settings.nats.publish_timeout_s
+        while True:
+            try:
+                await self._client.request(held.msg.reply, verb, timeout=timeout)
+                return True
+            except nats.errors.Error as error:
+                if time.monotonic() + delay >= held.deadline or self._client.is_closed:
+                    log.warning(
+                        "no confirmation for %s of %s (%r): JetStream will redeliver it",
+                        verb.split()[0].decode(), held.msg.subject, error,
+                    )  # fmt: skip
+                    return False
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 2.0)
+
+    async def _acknowledge(self) -> None:
+        while True:
+            await self._ack_wake.wait()
+            self._ack_wake.clear()
+            while self._acks:
+                batch = list(self._acks)
+                self._acks.clear()
+                await asyncio.gather(*(self._confirm(held, verb) for held, verb in batch))
+                for held, _ in batch:
+                    self._forget(held)
+            self._acks_idle.set()
+
+    async def _heartbeats(self) -> None:
+        while True:
+            await asyncio.sleep(self._jet.heartbeat_s)
+            now = time.monotonic()
+            for held in list(self._held.values()):
+                if held.settling or held.done:
+                    continue
+                if now >= held.deadline:
+                    log.warning(
+                        "ack wait of %s (seq %d) ran out while it was held: JetStream "
+                        "redelivers it, this worker will not settle it", held.msg.subject,
+                        held.seq,
+                    )  # fmt: skip
+                    self._forget(held)
+                    continue
+                try:
+                    await held.msg.in_progress()
+                except nats.errors.Error:
+                    continue  # disconnected: the deadline stays, the next beat tries again
+                held.deadline = now + self._jet.ack_wait_s
+
+
+def _redelivered(attributes: JobAttributes, held: _Held) -> JobAttributes:
+    """Attempt from the delivery count; a redelivered message cannot carry new headers, so
+    its first failure is dated to when JetStream stored it (the retry budget runs from
+    there)."""
+    changes: dict[str, str] = {}
+    if FIRST_FAILURE not in attributes.extensions:
+        stamp = held.stored.astimezone(UTC) if held.stored.tzinfo else held.stored
+        changes[FIRST_FAILURE] = stamp.isoformat(timespec="microseconds").replace("+00:00", "Z")
+    attempt = attributes.attempt + held.delivered - 1
+    return attributes.replace(attempt=attempt).with_extensions(**changes)
