@@ -4,7 +4,7 @@ SHELL := /bin/bash
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
-SERVICES ?= kafka nats redis postgres
+SERVICES ?= kafka nats redis postgres jaeger
 PYTEST_ARGS ?=
 PACKAGES := schemas producer consumer jobstream
 
@@ -24,14 +24,14 @@ $(BIN)/.installed: pyproject.toml constraints.txt
 
 venv: $(BIN)/.installed ## create or update the virtualenv (pinned by constraints.txt)
 
-up: venv ## start Kafka, NATS, Redis and PostgreSQL on 127.0.0.1 (reuses what runs)
+up: venv ## start Kafka, NATS, Redis, PostgreSQL and Jaeger on 127.0.0.1 (reuses what runs)
 	@$(BIN)/python scripts/services.py up $(SERVICES)
 
 down: ## stop every local service; leaves no process behind
 	@if test -x $(BIN)/python; then $(BIN)/python scripts/services.py down; else $(PYTHON) scripts/services.py down; fi
 
-status: ## say which local services run
-	@$(PYTHON) scripts/services.py status
+status: venv ## say which local services run
+	@$(BIN)/python scripts/services.py status
 
 DEMO_TRANSPORT ?= kafka
 demo: venv ## the main job: brokers, ingress and 2 workers; submit jobs over HTTP; show what happened

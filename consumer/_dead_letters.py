@@ -23,10 +23,14 @@ from datetime import UTC, datetime
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRecord, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from aiokafka.errors import TopicAlreadyExistsError
+from opentelemetry import trace
+from opentelemetry.trace import TracerProvider
 
 from consumer._failures import FAILURE_EXTENSIONS, REPLAY_OF
 from consumer._settings import Settings
+from consumer._step_tracing import replaying, retrace
 from producer import kafka_client_options
+from producer._tracecontext import recording_provider
 
 _DRAIN_POLL_MS = 500
 
@@ -204,8 +208,13 @@ class ReplayLedger:
 async def replay(
     settings: Settings, records: Iterable[DeadLetterRecord], *,
     force: bool = False, dry_run: bool = False, rate_per_s: float = 50.0,
+    tracer_provider: TracerProvider | None = None,
 ) -> list[ReplayResult]:  # fmt: skip
-    """Republish `records` to their main topics; see the module docstring."""
+    """Republish `records` to their main topics; see the module docstring. With tracing
+    on (`tracer_provider`, default the global one), each replay is a PRODUCER span linked
+    to the job's origin, its last failed attempt and its dead-lettering."""
+    provider = tracer_provider if tracer_provider is not None else trace.get_tracer_provider()
+    tracer = provider.get_tracer("jobstream.replay") if recording_provider(provider) else None
     ledger = ReplayLedger(settings)
     await ledger.ensure()
     done = await ledger.load()
@@ -225,9 +234,16 @@ async def replay(
             if dry_run:
                 results.append(ReplayResult(record, "would-replay", destination))
                 continue
-            await producer.send_and_wait(
-                destination, record.value, key=record.key, headers=replay_headers(record)
-            )
+            with contextlib.ExitStack() as span:
+                headers = replay_headers(record)
+                if tracer is not None:
+                    hand_off = span.enter_context(
+                        replaying(tracer, "kafka", destination, record.header, record.id)
+                    )
+                    headers = retrace(headers, hand_off)
+                await producer.send_and_wait(
+                    destination, record.value, key=record.key, headers=headers
+                )
             entry = {
                 "replayed_at": datetime.now(UTC).isoformat(),
                 "job_id": record.job_id or "",

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import enum
 import time
+from collections import OrderedDict
 from typing import Protocol
 
 from consumer._settings import IdempotencySettings
@@ -38,11 +39,15 @@ class IdempotencyStore(Protocol):
 
 
 class MemoryIdempotencyStore:
-    """Claims in a dict of this process. Not shared between workers."""
+    """Claims in a dict of this process. Not shared between workers.
 
-    def __init__(self) -> None:
-        # key -> (completed?, owner, expires at monotonic)
-        self._entries: dict[str, tuple[bool, str, float]] = {}
+    Bounded (G4): at most `max_entries` keys; beyond that the oldest entries are dropped
+    first, so a very old completed job redelivered after that would run again."""
+
+    def __init__(self, max_entries: int = 100_000) -> None:
+        # key -> (completed?, owner, expires at monotonic), oldest write first
+        self._entries: OrderedDict[str, tuple[bool, str, float]] = OrderedDict()
+        self._max_entries = max_entries
 
     async def claim(self, key: str, owner: str, lease_s: float) -> ClaimState:
         now = time.monotonic()
@@ -54,6 +59,8 @@ class MemoryIdempotencyStore:
             if holder != owner:
                 return ClaimState.BUSY
         self._entries[key] = (False, owner, now + lease_s)
+        self._entries.move_to_end(key)
+        self._trim()
         return ClaimState.CLAIMED
 
     async def renew(self, key: str, owner: str, lease_s: float) -> bool:
@@ -65,8 +72,8 @@ class MemoryIdempotencyStore:
 
     async def complete(self, key: str, owner: str, retention_s: float) -> None:
         self._entries[key] = (True, owner, time.monotonic() + retention_s)
-        if len(self._entries) % 1024 == 0:
-            self._expire()
+        self._entries.move_to_end(key)
+        self._trim()
 
     async def release(self, key: str, owner: str) -> None:
         entry = self._entries.get(key)
@@ -76,9 +83,14 @@ class MemoryIdempotencyStore:
     async def close(self) -> None:
         self._entries.clear()
 
-    def _expire(self) -> None:
+    def _trim(self) -> None:
+        # Entries are in write order, so the oldest (the likeliest expired) come first:
+        # the loop stops at the first live entry, O(1) amortised per write.
         now = time.monotonic()
-        for key in [k for k, (_, _, expires) in self._entries.items() if expires <= now]:
+        while self._entries:
+            key, (_, _, expires) = next(iter(self._entries.items()))
+            if expires > now and len(self._entries) <= self._max_entries:
+                return
             del self._entries[key]
 
 

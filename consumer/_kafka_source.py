@@ -17,7 +17,7 @@ import asyncio
 import logging
 import random
 import time
-from collections import deque
+from collections import Counter, deque
 from collections.abc import Sequence
 from datetime import UTC, datetime
 
@@ -27,6 +27,7 @@ from aiokafka.errors import CommitFailedError, IllegalStateError, KafkaError
 from aiokafka.structs import OffsetAndMetadata
 
 from consumer._errors import WorkerError
+from consumer._metrics import Backlog
 from consumer._offsets import OffsetTracker
 from consumer._outcome import Outcome
 from consumer._settings import Settings
@@ -66,6 +67,8 @@ class KafkaSource:
             session_timeout_ms=int(worker.session_timeout_s * 1000),
             heartbeat_interval_ms=int(worker.session_timeout_s * 1000 / 3),
             max_poll_interval_ms=int(worker.max_poll_interval_s * 1000),
+            # A rebalance waits for our revoke drain (revoke_timeout_s) plus the commit.
+            rebalance_timeout_ms=int((worker.revoke_timeout_s + worker.session_timeout_s) * 1000),
         )
         self._tracker: OffsetTracker[TopicPartition] = OffsetTracker()
         self._on_revoke: RevokeCallback | None = None
@@ -112,9 +115,9 @@ class KafkaSource:
         # Records that arrive beyond `max_records` (a fetch racing a pause) wait in `_held`
         # instead of overrunning the runtime's in-flight bound.
         if len(self._held) < max(max_records, 1):
-            batches = await self._consumer.getmany(
-                timeout_ms=int(timeout_s * 1000), max_records=self._fetch_max
-            )
+            # With records already in hand, only top up what is ready: never wait for more.
+            wait_ms = 0 if self._held else int(timeout_s * 1000)
+            batches = await self._consumer.getmany(timeout_ms=wait_ms, max_records=self._fetch_max)
             for tp, records in batches.items():
                 self._held.extend((tp, record) for record in records)
         deliveries: list[Delivery] = []
@@ -171,6 +174,24 @@ class KafkaSource:
 
     def pending_commits(self) -> int:
         return self._tracker.pending_commit()
+
+    async def backlog(self) -> list[Backlog]:
+        """Per assigned partition: records not yet settled here, i.e. its end (highwater)
+        minus the fetch position, plus what was fetched and is not settled yet (the
+        `jobstream.consumer.lag` metric; on a tier topic, the retries waiting there)."""
+        held = Counter(tp for tp, _ in self._held)
+        found: list[Backlog] = []
+        for tp in sorted(self._assignment):
+            end = self._consumer.highwater(tp)
+            if end is None:
+                continue  # no fetch answered for it yet
+            try:
+                position = await asyncio.wait_for(self._consumer.position(tp), 1.0)
+            except (KafkaError, IllegalStateError, TimeoutError):
+                continue  # revoked meanwhile, or no position yet
+            waiting = max(0, end - position) + held[tp] + self._tracker.unsettled(tp)
+            found.append(Backlog(tp.topic, str(tp.partition), waiting))
+        return found
 
     async def commit(self) -> None:
         async with self._commit_lock:

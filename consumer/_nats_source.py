@@ -136,6 +136,17 @@ async def ensure_consumers(
     return names
 
 
+@dataclass(frozen=True, slots=True)
+class ConsumerPartition:
+    """`Delivery.partition` on NATS: the durable consumer a message came from (the unit of
+    ordering in `partition` mode). Its `partition` is what failure details record."""
+
+    partition: str
+
+    def __str__(self) -> str:
+        return self.partition
+
+
 @dataclass(eq=False, slots=True)
 class _Held:
     """A message this worker fetched and has not settled yet."""
@@ -156,11 +167,15 @@ class _Puller:
 
     consumer: str
     partitioned: bool
+    name: ConsumerPartition = field(init=False)
     inbox: str = ""
     subscription: Subscription | None = None
     requests: deque[list[float]] = field(default_factory=deque)  # [remaining, deadline]
     unsettled: int = 0
     not_before: float = 0.0
+
+    def __post_init__(self) -> None:
+        self.name = ConsumerPartition(self.consumer)
 
     @property
     def outstanding(self) -> int:
@@ -195,6 +210,7 @@ class NatsSource:
         self._started = False
         self._stopping = False
         self._next = 0  # round-robin start among partition pullers
+        self._reconnects = 0
 
     # -- Source ------------------------------------------------------------------------
 
@@ -322,7 +338,7 @@ class NatsSource:
 
     def main_subject(self, delivery: Delivery) -> str:
         """The job type's subject (`<subject>` for a message read from `<subject>.<n>`)."""
-        partitioned = any(p.partitioned and p.consumer == delivery.partition for p in self._pullers)
+        partitioned = any(p.partitioned and p.name == delivery.partition for p in self._pullers)
         return delivery.topic.rpartition(".")[0] if partitioned else delivery.topic
 
     # -- internals ---------------------------------------------------------------------
@@ -384,6 +400,11 @@ class NatsSource:
         if client is None or not client.is_connected:
             return
         now = time.monotonic()
+        reconnects = client.stats["reconnects"]
+        if reconnects != self._reconnects:  # pull requests do not survive a reconnect
+            self._reconnects = reconnects
+            for puller in self._pullers:
+                puller.requests.clear()
         for puller in self._pullers:
             puller.expire(now)
         budget = room - len(self._arrived) - sum(p.outstanding for p in self._pullers)
@@ -456,7 +477,7 @@ class NatsSource:
         if attributes is not None and held.delivered > 1:
             attributes = _redelivered(attributes, held)
         return Delivery(
-            partition=held.puller.consumer, offset=held.seq, topic=msg.subject,
+            partition=held.puller.name, offset=held.seq, topic=msg.subject,
             attributes=attributes, body=msg.data,
             raw_headers=[(name, value.encode()) for name, value in headers.items()],
             error=error, handle=msg, delivery_count=held.delivered,

@@ -41,17 +41,19 @@ class JobRun:
     def attributes(self) -> JobAttributes | None:
         return self.delivery.attributes
 
-    def next_attempt(self) -> JobRun:
-        """The same job again, one attempt later (an in-place retry), with a fresh deadline."""
+    def next_attempt(self) -> None:
+        """Make this run the job's next attempt (an in-place retry): one attempt later, a
+        fresh deadline, no error yet. Mutated in place, so every step sees the same run."""
         assert self.attributes is not None
         assert self.context is not None
         attributes = self.attributes.replace(attempt=self.attributes.attempt + 1)
         timeout = self.context.deadline - self.started
-        context = dataclasses.replace(
+        self.context = dataclasses.replace(
             self.context, attributes=attributes, deadline=time.monotonic() + timeout
         )
-        delivery = dataclasses.replace(self.delivery, attributes=attributes)
-        return JobRun(delivery, self.job, self.spec, context, started=self.started)
+        self.delivery = dataclasses.replace(self.delivery, attributes=attributes)
+        self.error = None
+        self.failure_reason = None
 
 
 Next = Callable[[JobRun], Awaitable[Outcome]]

@@ -9,23 +9,32 @@ the original key, body and headers plus the failure details.
 `route` returns only once the broker acknowledged the record, so the source offset is
 committed after the hand-off, never before (G2). A broker outage is retried with backoff
 until it ends or the worker stops (then the job is simply not settled: redelivered).
+
+With tracing on, each hand-off is a PRODUCER span (`consumer/_step_tracing.py`): the new
+record's `traceparent` is that span, `jobprevattempt` names the failed attempt, and the
+origin (`joborigin`) is carried over unchanged (pinned to the first `traceparent` for jobs
+whose producer set none).
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import random
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterator
 from datetime import timedelta
 from typing import TypeVar
+
+from opentelemetry.trace import Tracer
 
 from consumer._failures import ERROR, REASON, Decision, failure_details, utc_now
 from consumer._outcome import Outcome
 from consumer._pipeline import JobRun
 from consumer._settings import Settings
+from consumer._step_tracing import PREVIOUS_ATTEMPT, HandOff, handing_off, retrace
 from producer import KafkaPublisher, PublishError, Receipt
-from schemas import InvalidAttributes, JobMessage
+from schemas import InvalidAttributes, JobAttributes, JobMessage
 
 log = logging.getLogger("jobstream.routing")
 T = TypeVar("T")
@@ -33,10 +42,14 @@ _MAX_BACKOFF_S = 10.0
 
 
 class KafkaFailureRouter:
-    def __init__(self, settings: Settings, publisher: KafkaPublisher) -> None:
+    def __init__(
+        self, settings: Settings, publisher: KafkaPublisher, tracer: Tracer | None = None
+    ) -> None:
+        """`tracer`: record hand-off spans (None when tracing is off)."""
         self._settings = settings
         self._retry = settings.retry
         self._publisher = publisher
+        self._tracer = tracer
 
     async def route(self, run: JobRun, error: Exception, decision: Decision) -> Outcome:
         now = utc_now()
@@ -56,9 +69,12 @@ class KafkaFailureRouter:
                 details[ERROR] = f"{details[ERROR]} (and no retry record: {invalid})"
         if retried is not None:
             topic = self._retry.tier_for(main_topic, decision.delay_s)
-            await _until_acknowledged(
-                lambda: self._publisher.send(topic, JobMessage(retried, run.delivery.body))
-            )
+            with self._handing_off(topic, attributes, decision.reason) as hand_off:
+                if hand_off is not None:
+                    retried = _traced(retried, hand_off)
+                    hand_off.describe({"jobstream.retry.delay_s": round(decision.delay_s, 3)})
+                record = JobMessage(retried, run.delivery.body)
+                await _until_acknowledged(lambda: self._publisher.send(topic, record))
             log.info(
                 "retry %d of %s in %.1fs via %s",
                 retried.attempt,
@@ -68,14 +84,45 @@ class KafkaFailureRouter:
             )
             return Outcome.RETRYING
         topic = self._retry.dead_letter_topic(main_topic)
-        headers = dead_letter_headers(run.delivery.raw_headers, details)
-        await _until_acknowledged(
-            lambda: self._publisher.send_record(
-                topic, run.delivery.raw_key, headers, run.delivery.body
+        with self._handing_off(topic, attributes, details[REASON]) as hand_off:
+            headers = dead_letter_headers(run.delivery.raw_headers, details)
+            if hand_off is not None and attributes is not None:
+                headers = retrace(headers, hand_off)
+            await _until_acknowledged(
+                lambda: self._publisher.send_record(
+                    topic, run.delivery.raw_key, headers, run.delivery.body
+                )
             )
-        )
         log.warning("dead-lettered %s to %s: %s", run.delivery.describe, topic, decision.reason)
         return Outcome.DEAD_LETTERED
+
+    @contextlib.contextmanager
+    def _handing_off(
+        self, topic: str, attributes: JobAttributes | None, reason: str
+    ) -> Iterator[HandOff | None]:
+        if self._tracer is None:
+            yield None
+            return
+        with handing_off(self._tracer, "kafka", topic, attributes, reason) as hand_off:
+            yield hand_off
+
+
+def _traced(retried: JobAttributes, hand_off: HandOff) -> JobAttributes:
+    """The retry record with the hand-off's trace context; the origin kept (pinned)."""
+    trace = hand_off.trace_headers()
+    origin = hand_off.found.origin
+    try:
+        changed = retried.replace(
+            traceparent=trace["traceparent"], tracestate=trace["tracestate"],
+            origin_traceparent=retried.origin_traceparent or retried.traceparent,
+            origin_tracestate=(retried.origin_tracestate if retried.origin_traceparent
+                               else retried.tracestate),
+        )  # fmt: skip
+        previous = trace.get(PREVIOUS_ATTEMPT)
+        return changed.with_extensions(jobprevattempt=previous) if previous else changed
+    except InvalidAttributes:  # at the header size limit: travel without the new context
+        log.debug("retry record of %s keeps its trace context (origin %s)", retried.id, origin)
+        return retried
 
 
 def dead_letter_headers(

@@ -2,6 +2,8 @@
 
 `run_worker` is what `jobstream worker MODULE:APP` calls. SIGTERM or SIGINT starts a
 graceful drain; a second signal exits at once (non-zero, nothing more is committed).
+Telemetry comes from the OTEL_* variables (`consumer/_telemetry.py`); the health server
+also serves `/metrics` in the Prometheus text format.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ from consumer._settings import Settings
 from consumer._source import Source
 from consumer._status import StatusStore, open_status_store
 from consumer._step_failure import FailureRouter
+from consumer._telemetry import Telemetry, configure
 from consumer._worker import Worker
 from producer import KafkaPublisher, NatsPublisher
 
@@ -71,7 +74,7 @@ def routing_topics(app: App, settings: Settings) -> list[str]:
 
 
 async def _failure_router(
-    app: App, settings: Settings, stack: contextlib.AsyncExitStack
+    app: App, settings: Settings, stack: contextlib.AsyncExitStack, telemetry: Telemetry
 ) -> FailureRouter:
     publisher = KafkaPublisher(settings.kafka, settings.routing)
     await publisher.start()
@@ -81,7 +84,8 @@ async def _failure_router(
         await publisher.ensure(needed)
     else:
         await publisher.check(needed)
-    return KafkaFailureRouter(settings, publisher)
+    tracer = telemetry.tracer("jobstream.worker") if telemetry.tracing else None
+    return KafkaFailureRouter(settings, publisher, tracer)
 
 
 async def _nats_failure_router(
@@ -108,12 +112,16 @@ async def _nats_failure_router(
 
 
 @contextlib.asynccontextmanager
-async def open_worker(app: App, settings: Settings) -> AsyncIterator[Worker]:
-    """A worker wired for `settings.transport` (source, failure routing), not yet running."""
+async def open_worker(
+    app: App, settings: Settings, *, telemetry: Telemetry | None = None
+) -> AsyncIterator[Worker]:
+    """A worker wired for `settings.transport` (source, failure routing), not yet running.
+    `telemetry` defaults to what the application configured globally."""
+    telemetry = telemetry if telemetry is not None else Telemetry.from_global()
     async with contextlib.AsyncExitStack() as stack:
         router = None
         if settings.transport == "kafka":
-            router = await _failure_router(app, settings, stack)
+            router = await _failure_router(app, settings, stack, telemetry)
         status = await open_status(settings)
         if status is not None:
             stack.push_async_callback(status.close)
@@ -124,13 +132,18 @@ async def open_worker(app: App, settings: Settings) -> AsyncIterator[Worker]:
         if settings.idempotency.backend == "nats-kv":  # it shares the worker's NATS settings
             store = await open_store(settings.idempotency, settings.nats)
             stack.push_async_callback(store.close)
-        yield Worker(app, settings, source, router=router, status=status, store=store)
+        yield Worker(app, settings, source, router=router, status=status, store=store,
+                     telemetry=telemetry)  # fmt: skip
 
 
 async def run_worker(app: App, settings: Settings) -> Worker:
     """Run until SIGTERM/SIGINT (or `worker.stop()`), drain, and return the worker."""
-    async with open_worker(app, settings) as worker:
-        return await _run(worker)
+    telemetry = configure(f"jobstream-{app.name}")
+    try:
+        async with open_worker(app, settings, telemetry=telemetry) as worker:
+            return await _run(worker)
+    finally:
+        await asyncio.to_thread(telemetry.shutdown)  # exports what is still queued
 
 
 async def _run(worker: Worker) -> Worker:
@@ -159,6 +172,8 @@ async def _run(worker: Worker) -> Worker:
             settings.health.host, settings.health.port,
             live=lambda: not worker.stopped_by_fault, ready=lambda: worker.ready,
         )  # fmt: skip
+        if worker.telemetry.prometheus is not None:
+            health.route("/metrics", lambda: (200, worker.telemetry.prometheus_text()))
         await health.start()
     try:
         await worker.run()

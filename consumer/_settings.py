@@ -266,6 +266,16 @@ class LoggingSettings(_Frozen):
     """`json`: one JSON object per line (for log pipelines); `text`: for people."""
 
 
+class TelemetrySettings(_Frozen):
+    """What the standard OTEL_* variables cannot say (docs/observability.md lists those)."""
+
+    attempt_parent: Literal["producer", "none"] = "producer"
+    """Parent of each processing span: `producer`, the span that published the record (the
+    request, the job and its retries form one trace); `none`, a new trace per attempt,
+    joined to the others by span links only. Either way a processing span links to the
+    job's origin and, on a retry, to the previous attempt."""
+
+
 class Settings(ProducerSettings):
     """Everything a worker needs."""
 
@@ -278,3 +288,4 @@ class Settings(ProducerSettings):
     ingress: IngressSettings = Field(default_factory=IngressSettings)
     health: HealthSettings = Field(default_factory=HealthSettings)
     logging: LoggingSettings = Field(default_factory=LoggingSettings)
+    telemetry: TelemetrySettings = Field(default_factory=TelemetrySettings)

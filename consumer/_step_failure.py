@@ -62,4 +62,4 @@ class FailureStep:
                 "retrying %s in place in %.1fs: %s", run.delivery.describe, decision.delay_s, error
             )
             await asyncio.sleep(decision.delay_s)
-            run = run.next_attempt()
+            run.next_attempt()

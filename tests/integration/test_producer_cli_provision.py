@@ -19,14 +19,20 @@ REPO = Path(__file__).resolve().parents[2]
 
 async def test_topics_ensure_creates_kafka_topics_once(kafka_admin) -> None:
     prefix = f"ensure-{uuid.uuid4().hex[:8]}."
-    env = {"JOBSTREAM_ROUTING__TOPIC_PREFIX": prefix, "JOBSTREAM_ROUTING__PARTITIONS": "2"}
-    topics = [prefix + t for t in EXAMPLE_TYPES]
+    env = {
+        "JOBSTREAM_ROUTING__TOPIC_PREFIX": prefix,
+        "JOBSTREAM_ROUTING__PARTITIONS": "2",
+        "JOBSTREAM_RETRY__TIERS_S": "[5, 60]",
+    }
+    mains = [prefix + t for t in EXAMPLE_TYPES]
+    # Each main topic comes with its retry tiers and its dead-letter topic.
+    topics = [f"{t}{suffix}" for t in mains for suffix in ("", ".retry.1", ".retry.2", ".dlq")]
     try:
         first = cli("topics", "ensure", **env)
         assert first.returncode == 0, first.stderr
         assert first.stdout.splitlines() == [f"kafka topic {t}: created" for t in topics]
         described = await kafka_admin.describe_topics(topics)
-        assert [len(t["partitions"]) for t in described] == [2, 2, 2]
+        assert [len(t["partitions"]) for t in described] == [2] * len(topics)
         again = cli("topics", "ensure", **env)
         assert again.stdout.splitlines() == [f"kafka topic {t}: exists" for t in topics]
     finally:

@@ -20,6 +20,7 @@ import pytest
 from tests.apps.recorder import RecordJob
 from tests.conftest import REDIS_URL
 from tests.support import (
+    routed_topic,
     publish_raw,
     read_sink,
     start_ready_workers,
@@ -45,7 +46,7 @@ def _max_overlap(lines) -> int:
 async def test_three_workers_run_each_job_once_in_key_order(
     new_topic, group_id, tmp_path: Path
 ) -> None:
-    topic = await new_topic(partitions=6)
+    topic = await routed_topic(new_topic, partitions=6)
     keys = [f"key-{k}" for k in range(200)]
     jobs = [(keys[i % 200], RecordJob(seq=i, key=keys[i % 200], sleep_ms=5)) for i in range(10_000)]
     sink = tmp_path / "sink"
@@ -74,7 +75,7 @@ async def test_three_workers_run_each_job_once_in_key_order(
 async def test_sigkill_loses_nothing_and_redis_store_skips_completed_jobs(
     new_topic, group_id, tmp_path: Path
 ) -> None:
-    topic = await new_topic(partitions=6)
+    topic = await routed_topic(new_topic, partitions=6)
     jobs = [(f"k{i % 50}", RecordJob(seq=i, key=f"k{i % 50}", sleep_ms=5)) for i in range(3000)]
     sink = tmp_path / "sink"
     env = worker_env(
@@ -121,7 +122,7 @@ async def test_sigkill_loses_nothing_and_redis_store_skips_completed_jobs(
 async def test_sigterm_drains_commits_and_redelivers_the_cut_off_job(
     new_topic, group_id, tmp_path: Path, kafka_admin
 ) -> None:
-    topic = await new_topic(partitions=1)
+    topic = await routed_topic(new_topic, partitions=1)
     jobs = [(f"k{i}", RecordJob(seq=i, key=f"k{i}", sleep_ms=1500)) for i in range(3)]
     jobs.append(("k-hang", RecordJob(seq=3, key="k-hang", behaviour="hang-once")))
     ids = await publish_raw(topic, jobs)
@@ -155,7 +156,7 @@ def _rss_kb(pid: int) -> int:
 
 @pytest.mark.timeout(400)
 async def test_a_200k_backlog_keeps_memory_flat(new_topic, group_id, tmp_path: Path) -> None:
-    topic = await new_topic(partitions=4)
+    topic = await routed_topic(new_topic, partitions=4)
     payload = "x" * 200
     await publish_raw(
         topic,
