@@ -20,7 +20,9 @@ thread is counted too. Modes:
 - metrics:   tracing off, the SDK `MeterProvider` with the Prometheus reader `/metrics` uses.
 
 Modes run interleaved, `--repeats` times each; the median is reported, with the difference
-to "off" per job.
+to "off" per job. A second table times the telemetry steps alone (the tracing step, the
+metrics step) around a no-op `call_next`, which isolates their cost from the rest of the
+runtime and from the noise of a busy machine.
 """
 
 from __future__ import annotations
@@ -43,8 +45,11 @@ from opentelemetry.sdk.trace.sampling import TraceIdRatioBased
 from prometheus_client import CollectorRegistry
 
 from consumer import App, JobContext, Settings, Worker
+from consumer._metrics import WorkerMetrics
 from consumer._outcome import Outcome
+from consumer._pipeline import JobRun, Step
 from consumer._source import Delivery
+from consumer._step_tracing import TracingStep
 from consumer._telemetry import Telemetry
 from schemas import Job, encode
 
@@ -151,7 +156,7 @@ async def run_once(mode: str, n: int) -> float:
     done = asyncio.Event()
     source = MemorySource(deliveries(n), done)
     telemetry, flush = telemetry_for(mode)
-    worker = Worker(app, settings, source, telemetry=telemetry)  # type: ignore[arg-type]
+    worker = Worker(app, settings, source, telemetry=telemetry)
     started = time.process_time()
     task = asyncio.create_task(worker.run())
     await done.wait()
@@ -163,6 +168,33 @@ async def run_once(mode: str, n: int) -> float:
     if isinstance(telemetry.tracer_provider, TracerProvider):
         telemetry.tracer_provider.shutdown()
     return cpu / n * 1e6
+
+
+async def step_alone(mode: str, runs: list[JobRun]) -> float:
+    """CPU microseconds per job of the telemetry step(s) of `mode` around a no-op."""
+
+    async def completed(run: JobRun) -> Outcome:
+        return Outcome.COMPLETED
+
+    async def nothing(run: JobRun, call_next: Callable[[JobRun], object]) -> Outcome:
+        return Outcome.COMPLETED
+
+    telemetry, flush = telemetry_for(mode)
+    step: Step = nothing
+    if telemetry.tracing:
+        step = TracingStep(telemetry.tracer("bench"), system="kafka", group="bench")
+    elif telemetry.metrics:
+        step = WorkerMetrics(telemetry.meter("bench"), system="kafka", group="bench",
+                             retry=Settings().retry)  # fmt: skip
+    started = time.process_time()
+    for run in runs:
+        await step(run, completed)
+    flush()
+    cpu = time.process_time() - started
+    telemetry.shutdown()
+    if isinstance(telemetry.tracer_provider, TracerProvider):
+        telemetry.tracer_provider.shutdown()
+    return cpu / len(runs) * 1e6
 
 
 async def main(args: argparse.Namespace) -> None:
@@ -179,6 +211,16 @@ async def main(args: argparse.Namespace) -> None:
         median = statistics.median(results[mode])
         runs = " ".join(f"{value:.1f}" for value in results[mode])
         print(f"{mode:<10} {median:>11.1f} {median - base:>+9.1f}   {runs}")
+    runs_alone = [JobRun(d, None, None, None) for d in deliveries(args.jobs)]
+    alone: dict[str, list[float]] = {mode: [] for mode in modes}
+    for _ in range(args.repeats):
+        for mode in modes:
+            alone[mode].append(await step_alone(mode, runs_alone))
+    print("\nthe telemetry steps alone (around a no-op), median CPU per job")
+    print(f"{'mode':<10} {'CPU us/job':>11}   runs")
+    for mode in modes:
+        runs = " ".join(f"{value:.1f}" for value in alone[mode])
+        print(f"{mode:<10} {statistics.median(alone[mode]):>11.1f}   {runs}")
 
 
 def parse_args() -> argparse.Namespace:

@@ -35,6 +35,7 @@ _WRONG_LAST_SEQUENCE = (10071, 10164)  # JetStream: the expected last revision d
 _KV_OPERATION = "KV-Operation"
 _EXPECTED_LAST = "Nats-Expected-Last-Subject-Sequence"
 _RACE_RETRIES = 8
+_REQUEST_TIMEOUT_S = 5.0
 _BUCKET_NAME = re.compile(r"[A-Za-z0-9_-]+")
 
 
@@ -116,7 +117,9 @@ class NatsKvIdempotencyStore:
         config = bucket_config(namespace, retention_s)
         client = await connect_nats(settings)
         try:
-            js = client.jetstream(timeout=settings.publish_timeout_s)
+            # A request lost with a dropped connection is failed (and retried by the runtime)
+            # after this, instead of holding its job for the whole publish timeout.
+            js = client.jetstream(timeout=min(settings.publish_timeout_s, _REQUEST_TIMEOUT_S))
             await ensure_bucket(js, config)
         except BaseException:
             await client.close()

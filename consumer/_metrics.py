@@ -17,6 +17,10 @@ A job run counts once per attempt: a job that fails once and then succeeds adds 
 `started`, 1 to `failed`, 1 to `retried` and 1 to `succeeded`. A run cut off by shutdown
 counts as started only. Lag and tier depth come from the source (`ReportsBacklog`), read
 every `BACKLOG_REFRESH_S` by the worker.
+
+Cost: the SDK spends about 8 us on each `Counter.add` with attributes, so the counters are
+observable counters over plain per-worker tallies (read at collection time); only the
+duration histogram is recorded per job.
 """
 
 from __future__ import annotations
@@ -66,20 +70,27 @@ class WorkerMetrics:
         self._system = system
         self._group = group
         self._retry = retry
-        counter = meter.create_counter
-        self._started = counter("jobstream.jobs.started", "{job}", "Job attempts started")
-        self._succeeded = counter("jobstream.jobs.succeeded", "{job}", "Attempts that completed")
-        self._failed = counter("jobstream.jobs.failed", "{job}", "Attempts that failed")
-        self._retried = counter("jobstream.jobs.retried", "{job}", "Jobs handed to a retry tier")
-        self._dead = counter("jobstream.jobs.dead_lettered", "{job}", "Jobs dead-lettered")
-        self._skipped = counter("jobstream.jobs.skipped", "{job}", "Duplicates and cancelled jobs")
+        self._started = self._counter(meter, "started", "Job attempts started")
+        self._succeeded = self._counter(meter, "succeeded", "Attempts that completed")
+        self._failed = self._counter(meter, "failed", "Attempts that failed")
+        self._retried = self._counter(meter, "retried", "Jobs handed to a retry tier")
+        self._dead = self._counter(meter, "dead_lettered", "Jobs dead-lettered")
+        self._skipped = self._counter(meter, "skipped", "Duplicates and cancelled jobs")
         self._duration = meter.create_histogram(
             "messaging.process.duration", "s", "Duration of processing one job attempt",
             explicit_bucket_boundaries_advisory=_DURATION_BUCKETS,
         )  # fmt: skip
         self._meter = meter
         self.backlog: list[Backlog] = []
-        self._by_type: dict[str, dict[str, str]] = {}
+        self._durations: dict[tuple[str, str, str, str | None], dict[str, str]] = {}
+
+    @staticmethod
+    def _counter(meter: Meter, name: str, description: str) -> Tally:
+        tally = Tally()
+        meter.create_observable_counter(
+            f"jobstream.jobs.{name}", [tally.observe], "{job}", description
+        )
+        return tally
 
     def observe(self, in_flight: Callable[[], int]) -> None:
         """Register the gauges read at collection time."""
@@ -113,33 +124,42 @@ class WorkerMetrics:
     async def __call__(self, run: JobRun, call_next: Next) -> Outcome:
         attributes = run.attributes
         job_type = attributes.type if attributes is not None else "unknown"
-        labels = self._by_type.get(job_type)
-        if labels is None:
-            labels = self._by_type[job_type] = {_JOB_TYPE: job_type}
-        self._started.add(1, labels)
+        self._started.add(((_JOB_TYPE, job_type),))
         started = time.perf_counter()
         outcome = await call_next(run)  # a cut-off run (CancelledError) is counted as started
         elapsed = time.perf_counter() - started
         error = run.error
-        duration = {
-            otel.SYSTEM: self._system, otel.OPERATION_NAME: "process",
-            otel.DESTINATION: run.delivery.topic, otel.CONSUMER_GROUP: self._group,
-            _JOB_TYPE: job_type, "jobstream.job.outcome": outcome.value,
-        }  # fmt: skip
+        error_type = None
         if error is not None and outcome is not Outcome.COMPLETED:
-            self._failed.add(1, {**labels, _ERROR_TYPE: type(error).__name__})
-            duration[_ERROR_TYPE] = type(error).__name__
-        self._duration.record(elapsed, duration)
+            error_type = type(error).__name__
+            self._failed.add(((_JOB_TYPE, job_type), (_ERROR_TYPE, error_type)))
+        self._duration.record(elapsed, self._duration_labels(run, job_type, outcome, error_type))
         if outcome is Outcome.COMPLETED:
-            self._succeeded.add(1, labels)
+            self._succeeded.add(((_JOB_TYPE, job_type),))
         elif outcome is Outcome.RETRYING:
-            self._retried.add(1, labels)
+            self._retried.add(((_JOB_TYPE, job_type),))
         elif outcome is Outcome.DEAD_LETTERED:
             reason = run.failure_reason or "unknown"
-            self._dead.add(1, {**labels, "jobstream.failure.reason": reason})
+            self._dead.add(((_JOB_TYPE, job_type), ("jobstream.failure.reason", reason)))
         elif outcome in (Outcome.DUPLICATE, Outcome.CANCELLED):
-            self._skipped.add(1, {**labels, "jobstream.job.outcome": outcome.value})
+            self._skipped.add(((_JOB_TYPE, job_type), ("jobstream.job.outcome", outcome.value)))
         return outcome
+
+    def _duration_labels(
+        self, run: JobRun, job_type: str, outcome: Outcome, error_type: str | None
+    ) -> dict[str, str]:
+        key = (run.delivery.topic, job_type, outcome.value, error_type)
+        labels = self._durations.get(key)
+        if labels is None:
+            labels = {
+                otel.SYSTEM: self._system, otel.OPERATION_NAME: "process",
+                otel.DESTINATION: run.delivery.topic, otel.CONSUMER_GROUP: self._group,
+                _JOB_TYPE: job_type, "jobstream.job.outcome": outcome.value,
+            }  # fmt: skip
+            if error_type is not None:
+                labels[_ERROR_TYPE] = error_type
+            self._durations[key] = labels
+        return labels
 
     def _lag(self, _: CallbackOptions) -> Iterable[Observation]:
         for entry in self.backlog:
@@ -155,3 +175,18 @@ class WorkerMetrics:
                 depth[entry.destination] = depth.get(entry.destination, 0) + entry.messages
         for topic, messages in sorted(depth.items()):
             yield Observation(messages, {otel.SYSTEM: self._system, otel.DESTINATION: topic})
+
+
+class Tally:
+    """Cumulative counts by attribute set, observed by an observable counter."""
+
+    __slots__ = ("counts",)
+
+    def __init__(self) -> None:
+        self.counts: dict[tuple[tuple[str, str], ...], int] = {}
+
+    def add(self, labels: tuple[tuple[str, str], ...]) -> None:
+        self.counts[labels] = self.counts.get(labels, 0) + 1
+
+    def observe(self, _: CallbackOptions) -> Iterable[Observation]:
+        return [Observation(count, dict(labels)) for labels, count in list(self.counts.items())]

@@ -63,6 +63,7 @@ _ACK, _TERM, _NAK = b"+ACK", b"+TERM", b"-NAK"
 _API = "$JS.API"
 _GRACE_S = 2.0  # a pull request unanswered this long past its expiry was lost (reconnect)
 _BACKOFF_S = 1.0  # after a pull request was refused (409), before asking that consumer again
+_CONFIRM_TIMEOUT_S = 2.0  # for one ack confirmation; acks are retried until the ack wait ends
 
 
 def max_deliver(settings: Settings) -> int:
@@ -207,6 +208,7 @@ class NatsSource:
         self._acks_idle = asyncio.Event()
         self._acks_idle.set()
         self._tasks: list[asyncio.Task[None]] = []
+        self._ack_tasks: set[asyncio.Task[None]] = set()
         self._started = False
         self._stopping = False
         self._next = 0  # round-robin start among partition pullers
@@ -301,9 +303,10 @@ class NatsSource:
 
     async def stop(self) -> None:
         self._stopping = True
-        for task in self._tasks:
+        tasks = [*self._tasks, *self._ack_tasks]
+        for task in tasks:
             task.cancel()
-        for task in self._tasks:
+        for task in tasks:
             with contextlib.suppress(asyncio.CancelledError):
                 await task
         client = self._client
@@ -501,7 +504,8 @@ class NatsSource:
         wait runs out (after that JetStream redelivers the message anyway)."""
         assert self._client is not None
         delay = 0.1
-        timeout = self._settings.nats.publish_timeout_s
+        # Short: a reply lost with a dropped connection is retried, not waited out.
+        timeout = min(self._settings.nats.publish_timeout_s, _CONFIRM_TIMEOUT_S)
         while True:
             try:
                 await self._client.request(held.msg.reply, verb, timeout=timeout)
@@ -517,15 +521,26 @@ class NatsSource:
                 delay = min(delay * 2, 2.0)
 
     async def _acknowledge(self) -> None:
+        # Each batch is confirmed on its own, so one ack that waits for a lost reply (sent
+        # as the connection dropped) does not hold back the acks of later jobs.
         while True:
             await self._ack_wake.wait()
             self._ack_wake.clear()
-            while self._acks:
+            if self._acks:
                 batch = list(self._acks)
                 self._acks.clear()
-                await asyncio.gather(*(self._confirm(held, verb) for held, verb in batch))
-                for held, _ in batch:
-                    self._forget(held)
+                task = asyncio.create_task(self._confirm_batch(batch))
+                self._ack_tasks.add(task)
+                task.add_done_callback(self._ack_batch_done)
+
+    async def _confirm_batch(self, batch: list[tuple[_Held, bytes]]) -> None:
+        await asyncio.gather(*(self._confirm(held, verb) for held, verb in batch))
+        for held, _ in batch:
+            self._forget(held)
+
+    def _ack_batch_done(self, task: asyncio.Task[None]) -> None:
+        self._ack_tasks.discard(task)
+        if not self._ack_tasks and not self._acks:
             self._acks_idle.set()
 
     async def _heartbeats(self) -> None:

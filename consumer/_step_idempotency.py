@@ -40,17 +40,22 @@ class IdempotencyStep:
         key = attributes.dedup_key if attributes else f"record:{delivery.describe}"
         if not await self._claim(key):
             return Outcome.DUPLICATE
-        renewer = asyncio.create_task(self._renew(key))
+        # Most jobs end long before a renewal is due: start the renewal loop only for the
+        # ones still running after a third of the lease (a timer is far cheaper than a task).
+        renewal = _Renewal(self, key)
+        timer = asyncio.get_running_loop().call_later(self._lease_s / 3, renewal.start)
         try:
             outcome = await call_next(run)
         except BaseException:
-            renewer.cancel()
+            timer.cancel()
+            renewal.stop()
             # Cut off (shutdown) or a runtime fault: give the claim up so the redelivery
             # can run at once instead of waiting for the lease.
             with contextlib.suppress(Exception):
                 await asyncio.shield(self._store.release(key, self._owner))
             raise
-        renewer.cancel()
+        timer.cancel()
+        renewal.stop()
         # Completed and dead-lettered are final: a redelivery is skipped. A retry releases
         # the claim so that the retry record can take it.
         if outcome in (Outcome.COMPLETED, Outcome.DEAD_LETTERED, Outcome.CANCELLED):
@@ -71,15 +76,30 @@ class IdempotencyStep:
             await asyncio.sleep(delay)
             delay = min(delay * 2, self._lease_s / 4, _MAX_BACKOFF_S)
 
-    async def _renew(self, key: str) -> None:
+    async def renew_forever(self, key: str) -> None:
         while True:
-            await asyncio.sleep(self._lease_s / 3)
             try:
                 if not await self._store.renew(key, self._owner, self._lease_s):
                     log.warning("lost the claim on %s: another worker may take it over", key)
                     return
             except Exception as error:  # noqa: BLE001 - renewal is retried next period
                 log.warning("could not renew the claim on %s: %s", key, error)
+            await asyncio.sleep(self._lease_s / 3)
+
+
+class _Renewal:
+    """The lease renewal of one running job, started late (see `IdempotencyStep`)."""
+
+    def __init__(self, step: IdempotencyStep, key: str) -> None:
+        self._step, self._key = step, key
+        self._task: asyncio.Task[None] | None = None
+
+    def start(self) -> None:
+        self._task = asyncio.create_task(self._step.renew_forever(self._key))
+
+    def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
 
 
 async def _persist(operation: Callable[[], Awaitable[T]]) -> T:

@@ -51,10 +51,14 @@ class TraceLinks:
     previous: SpanContext | None
 
     @classmethod
-    def of(cls, attributes: JobAttributes | None) -> TraceLinks:
+    def of(
+        cls, attributes: JobAttributes | None, producer: SpanContext | None = None
+    ) -> TraceLinks:
+        """`producer`: the parsed `traceparent`, when the caller parsed it already."""
         if attributes is None:
             return cls(None, None, None)
-        producer = span_context_of(attributes.traceparent, attributes.tracestate)
+        if producer is None:
+            producer = span_context_of(attributes.traceparent, attributes.tracestate)
         origin = span_context_of(attributes.origin_traceparent, attributes.origin_tracestate)
         previous = span_context_of(attributes.extensions.get(PREVIOUS_ATTEMPT))
         # A job from a producer that sets no `joborigin`: its publish created it.
@@ -93,36 +97,25 @@ class TracingStep:
         self._system = system
         self._group = group
         self._child_of_producer = attempt_parent == "producer"
+        self._start_attributes: dict[str, dict[str, str]] = {}
 
     async def __call__(self, run: JobRun, call_next: Next) -> Outcome:
         delivery = run.delivery
         attributes = run.attributes
-        found = TraceLinks.of(attributes)
+        producer = None
+        if attributes is not None and attributes.traceparent is not None:
+            producer = span_context_of(attributes.traceparent, attributes.tracestate)
         parent = Context()  # a new trace, unless the producer's span is the parent
-        if self._child_of_producer and found.producer is not None:
-            parent = trace.set_span_in_context(trace.NonRecordingSpan(found.producer))
-        span_attributes: dict[str, str | int] = {
-            otel.SYSTEM: self._system,
-            otel.OPERATION_NAME: "process",
-            otel.OPERATION_TYPE: "process",
-            otel.DESTINATION: delivery.topic,
-            otel.CONSUMER_GROUP: self._group,
-        }
-        partition = getattr(delivery.partition, "partition", None)
-        if partition is not None:
-            span_attributes[otel.PARTITION] = str(partition)
-        if self._system == "kafka":
-            span_attributes[otel.KAFKA_OFFSET] = delivery.offset
-        if attributes is not None:
-            span_attributes |= job_attributes(attributes)
-            if attributes.key is not None and self._system == "kafka":
-                span_attributes[otel.KAFKA_KEY] = attributes.key
+        if self._child_of_producer and producer is not None:
+            parent = trace.set_span_in_context(trace.NonRecordingSpan(producer))
         with self._tracer.start_as_current_span(
             f"process {delivery.topic}", context=parent, kind=SpanKind.CONSUMER,
-            attributes=span_attributes,
-            links=found.links(producer=not self._child_of_producer),
+            attributes=self._at_start(delivery.topic),
             record_exception=False, set_status_on_exception=False,
         ) as span:  # fmt: skip
+            if span.is_recording():
+                # Only now: a span sampled out costs no parsing and no attribute cleaning.
+                self._describe(span, run, TraceLinks.of(attributes, producer))
             try:
                 outcome = await call_next(run)
             except asyncio.CancelledError:
@@ -137,6 +130,33 @@ class TracingStep:
             if run.error is not None and outcome in _FAILED:
                 record_failure(span, run.error)
             return outcome
+
+    def _at_start(self, topic: str) -> dict[str, str]:
+        """What a sampler sees: the attributes known before the record is looked at."""
+        found = self._start_attributes.get(topic)
+        if found is None:
+            found = self._start_attributes[topic] = {
+                otel.SYSTEM: self._system, otel.OPERATION_NAME: "process",
+                otel.OPERATION_TYPE: "process", otel.DESTINATION: topic,
+                otel.CONSUMER_GROUP: self._group,
+            }  # fmt: skip
+        return found
+
+    def _describe(self, span: Span, run: JobRun, found: TraceLinks) -> None:
+        delivery, attributes = run.delivery, run.attributes
+        described: dict[str, str | int] = {}
+        partition = getattr(delivery.partition, "partition", None)
+        if partition is not None:
+            described[otel.PARTITION] = str(partition)
+        if self._system == "kafka":
+            described[otel.KAFKA_OFFSET] = delivery.offset
+        if attributes is not None:
+            described |= job_attributes(attributes)
+            if attributes.key is not None and self._system == "kafka":
+                described[otel.KAFKA_KEY] = attributes.key
+        span.set_attributes(described)
+        for link in found.links(producer=not self._child_of_producer):
+            span.add_link(link.context, link.attributes)
 
 
 @contextlib.contextmanager

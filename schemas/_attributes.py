@@ -146,10 +146,12 @@ class JobAttributes:
                     "lowercase letters and digits, and must not repeat a known attribute"
                 )
             _check_text(name, value)
-        for field in dataclasses.fields(self):
-            value = getattr(self, field.name)
-            if isinstance(value, str):
-                _check_text(field.name, value)
+        texts = [v for v in (getattr(self, name) for name in _TEXT_FIELDS) if isinstance(v, str)]
+        # One scan of all values (the common, clean case); find the culprit only on failure.
+        if _CONTROL.search(" ".join(texts)):
+            for name in _TEXT_FIELDS:
+                if isinstance(getattr(self, name), str):
+                    _check_text(name, getattr(self, name))
         object.__setattr__(self, "extensions", extensions)
 
     @property
@@ -175,6 +177,12 @@ class JobAttributes:
         """A copy without the extensions whose names start with `prefix`."""
         kept = {n: v for n, v in self.extensions.items() if not n.startswith(prefix)}
         return self.replace(extensions=kept)
+
+
+# The fields that hold text (the annotations are strings under `from __future__`).
+_TEXT_FIELDS = tuple(
+    f.name for f in dataclasses.fields(JobAttributes) if str(f.type) in ("str", "str | None")
+)
 
 
 class _Extensions(Mapping[str, str]):
@@ -240,6 +248,12 @@ def format_time(value: datetime) -> str:
 
 def parse_time(value: str) -> datetime:
     """An RFC 3339 timestamp as a UTC datetime (digits past microseconds are dropped)."""
+    if len(value) in (20, 27) and value[10] == "T" and value[-1] == "Z" and value[4] == "-":
+        # The form jobstream writes (`format_time`): the C parser, after the shape check.
+        try:
+            return datetime.fromisoformat(value)
+        except ValueError:
+            pass  # fall through to the strict parser, which says what is wrong
     match = _RFC3339.fullmatch(value)
     if match is None:
         raise ValueError(value)
@@ -337,7 +351,7 @@ def _collect(
             target, field = plain, lowered
         else:
             continue
-        value = _text(f"header {name!r}", raw)
+        value = raw if isinstance(raw, str) else _text("header", raw, name)
         # Kafka allows repeated header names; two different answers cannot both be trusted.
         if target.setdefault(field, value) != value:
             raise InvalidAttributes(f"header {name!r} appears twice with different values")
@@ -389,13 +403,15 @@ def _parse(
     )
 
 
-def _text(what: str, raw: str | bytes) -> str:
+def _text(what: str, raw: str | bytes, name: str | None = None) -> str:
     if isinstance(raw, str):
         return raw
     try:
         return raw.decode("utf-8")
     except UnicodeDecodeError:
-        raise InvalidAttributes(f"{what} is not UTF-8; header values must be UTF-8 text") from None
+        # The message is built only here: decoding is on every record's hot path.
+        where = f"{what} {name!r}" if name is not None else what
+        raise InvalidAttributes(f"{where} is not UTF-8; header values must be UTF-8 text") from None
 
 
 def _int(header: str, value: str) -> int:
