@@ -2,7 +2,8 @@
 
 A dead letter is a record of a `<topic>.dlq` topic: the original key, body and headers of a
 failed job plus its failure details (`ce_jobreason`, ...). Its id is
-`<dlq topic>:<partition>:<offset>`.
+`<dlq topic>:<partition>:<offset>`. NATS dead letters use the same record type (`ce-`
+headers, id `<stream>:<sequence>`); they are read and replayed by `consumer._nats_routing`.
 
 Replay republishes a dead letter to the job's main topic with the attempt count reset and
 the failure details removed, keeping the origin trace context, and marks it as a replay
@@ -273,3 +274,23 @@ def replay_headers(record: DeadLetterRecord) -> list[tuple[str, bytes]]:
         ("ce_jobidemkey", f"{idempotency_key}#replay:{record.id}".encode()),
         (f"ce_{REPLAY_OF}", record.id.encode()),
     ]
+
+
+def dead_letter_destinations(settings: Settings, job_types: Iterable[str]) -> list[str]:
+    """Where the dead letters of `job_types` are: Kafka topics, or JetStream subjects."""
+    if settings.transport == "nats":
+        subjects = {settings.routing.subject(job_type) for job_type in job_types}
+        return sorted(settings.jetstream.dead_letter_subject(s) for s in subjects)
+    mains = {settings.routing.topic(job_type) for job_type in job_types}
+    return sorted(settings.retry.dead_letter_topic(topic) for topic in mains)
+
+
+async def find_dead_letters(
+    settings: Settings, destinations: Sequence[str], where: DeadLetterFilter
+) -> list[DeadLetterRecord]:
+    """The dead letters in `destinations` that match `where`, on either transport."""
+    if settings.transport == "nats":
+        from consumer._nats_routing import list_nats_dead_letters  # noqa: PLC0415 - cycle
+
+        return await list_nats_dead_letters(settings, destinations, where)
+    return await list_dead_letters(settings, destinations, where)

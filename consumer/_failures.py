@@ -118,8 +118,10 @@ def _timestamp(moment: datetime) -> str:
 
 
 def _partition_number(partition: object) -> str:
-    # Kafka: a TopicPartition; NATS and memory sources use plain values.
-    return str(getattr(partition, "partition", partition))
+    # Kafka: a TopicPartition (its `partition` field); other sources use plain values, and a
+    # plain str has a `partition` *method*, which must not be mistaken for the field.
+    number = getattr(partition, "partition", partition)
+    return str(partition if callable(number) else number)
 
 
 def _printable(text: str) -> str:

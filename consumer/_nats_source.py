@@ -35,20 +35,27 @@ import logging
 import random
 import time
 from collections import deque
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
+from typing import TypeVar
 
 import nats.errors
 from nats.aio.client import Client as NatsClient
 from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription
 from nats.js import JetStreamContext
-from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
-from nats.js.errors import APIError, NotFoundError
+from nats.js.errors import NotFoundError
 
 from consumer._errors import WorkerError
 from consumer._failures import FIRST_FAILURE
+from consumer._metrics import Backlog
+from consumer._nats_provision import (
+    consumer_plan,
+    ensure_consumers,
+    ensure_key_partitions,
+    stream_destinations,
+)
 from consumer._outcome import Outcome
 from consumer._settings import Settings
 from consumer._source import Delivery, RevokeCallback
@@ -58,83 +65,13 @@ from producer._provision import ensure_nats_stream
 from schemas import JobAttributes, JobDecodeError, from_nats
 
 log = logging.getLogger("jobstream.nats")
+T = TypeVar("T")
 
 _ACK, _TERM, _NAK = b"+ACK", b"+TERM", b"-NAK"
 _API = "$JS.API"
 _GRACE_S = 2.0  # a pull request unanswered this long past its expiry was lost (reconnect)
 _BACKOFF_S = 1.0  # after a pull request was refused (409), before asking that consumer again
 _CONFIRM_TIMEOUT_S = 2.0  # for one ack confirmation; acks are retried until the ack wait ends
-
-
-def max_deliver(settings: Settings) -> int:
-    """Deliveries JetStream makes of one message: the largest `max_attempts` plus the margin
-    for redeliveries that are not failures."""
-    retry = settings.retry
-    attempts = max([retry.policy.max_attempts, *(p.max_attempts for p in retry.per_type.values())])
-    return attempts + settings.jetstream.max_deliver_margin
-
-
-def consumer_plan(settings: Settings, subjects: Sequence[str]) -> list[ConsumerConfig]:
-    """The durable consumers of the group: one on the subjects themselves and, with key
-    partitions, one per partition (`<group>-p<n>` on `<subject>.<n>`, one job at a time)."""
-    group, jet = settings.worker.group, settings.jetstream
-    if not group or any(ch in group for ch in ".*> \t/\\"):
-        msg = (
-            f"worker.group {group!r} cannot name a JetStream consumer: "
-            "use no '.', '*', '>', '/' or spaces"
-        )
-        raise WorkerError(msg)
-
-    def config(name: str, filters: list[str], pending: int) -> ConsumerConfig:
-        return ConsumerConfig(
-            durable_name=name, name=name, ack_policy=AckPolicy.EXPLICIT,
-            deliver_policy=DeliverPolicy.ALL, ack_wait=jet.ack_wait_s,
-            max_ack_pending=pending, max_deliver=max_deliver(settings),
-            filter_subjects=filters, description=f"jobstream workers of group {group}",
-        )  # fmt: skip
-
-    # Jobs published to a bare subject of a partitioned stream (a producer that does not
-    # partition) are still processed, without an order promise.
-    plan = [config(group, sorted(subjects), jet.max_ack_pending)]
-    for n in range(jet.key_partitions):
-        plan.append(config(f"{group}-p{n}", [f"{s}.{n}" for s in sorted(subjects)], 1))
-    return plan
-
-
-def stream_destinations(settings: Settings, subjects: Sequence[str]) -> list[str]:
-    """What the stream must capture: the subjects and, with key partitions, `<subject>.*`."""
-    partitions = [f"{s}.*" for s in subjects] if settings.jetstream.key_partitions else []
-    return [*subjects, *partitions]
-
-
-async def ensure_key_partitions(js: JetStreamContext, settings: Settings) -> None:
-    """Record `jetstream.key_partitions` in the stream's metadata, where producers read it."""
-    info = await js.stream_info(settings.routing.stream)
-    metadata = dict(info.config.metadata or {})
-    wanted = str(settings.jetstream.key_partitions)
-    if metadata.get(KEY_PARTITIONS_METADATA, "0") != wanted:
-        metadata[KEY_PARTITIONS_METADATA] = wanted
-        await js.update_stream(info.config.evolve(metadata=metadata))
-        log.info("stream %s: %s key partitions", settings.routing.stream, wanted)
-
-
-async def ensure_consumers(
-    js: JetStreamContext, settings: Settings, subjects: Sequence[str]
-) -> list[str]:
-    """Create or update the group's consumers (same settings on every replica); their names."""
-    names = []
-    for config in consumer_plan(settings, subjects):
-        try:
-            await js.add_consumer(settings.routing.stream, config)
-        except APIError as error:
-            msg = (
-                f"JetStream refused consumer {config.name!r} on stream {settings.routing.stream!r}"
-                f" for {', '.join(config.filter_subjects or [])}: {error.description}; run "
-                "`jobstream topics ensure --transport nats`"
-            )
-            raise WorkerError(msg) from error
-        names.append(config.name or "")
-    return names
 
 
 @dataclass(frozen=True, slots=True)
@@ -226,16 +163,20 @@ class NatsSource:
 
     async def start(self, on_revoke: RevokeCallback) -> None:
         # JetStream has no partition assignment, hence nothing is ever revoked.
-        client = await self._connect()
+        client = await until_reachable(self._settings, lambda: connect_nats(self._settings.nats))
         self._client = client
-        js = client.jetstream(timeout=self._settings.nats.publish_timeout_s)
-        await self._check_stream(js)
-        await ensure_consumers(js, self._settings, self._subjects)
-        for puller in self._pullers:
-            puller.inbox = client.new_inbox()
-            puller.subscription = await client.subscribe(
-                puller.inbox, cb=functools.partial(self._on_message, puller)
-            )
+        try:
+            js = client.jetstream(timeout=self._settings.nats.publish_timeout_s)
+            await self._check_stream(js)
+            await ensure_consumers(js, self._settings, self._subjects)
+            for puller in self._pullers:
+                puller.inbox = client.new_inbox()
+                puller.subscription = await client.subscribe(
+                    puller.inbox, cb=functools.partial(self._on_message, puller)
+                )
+        except BaseException:
+            await client.close()  # the runtime calls stop() only after a successful start
+            raise
         self._tasks = [
             asyncio.create_task(self._heartbeats(), name="jobstream-nats-heartbeats"),
             asyncio.create_task(self._acknowledge(), name="jobstream-nats-acks"),
@@ -295,11 +236,30 @@ class NatsSource:
             async with asyncio.timeout(self._settings.nats.publish_timeout_s):
                 await self._acks_idle.wait()
         except TimeoutError:
-            log.warning("%d acks unconfirmed: those jobs will be redelivered", len(self._acks))
+            waiting = sum(1 for held in self._held.values() if held.settling)
+            log.warning("%d acks unconfirmed: those jobs may be redelivered", waiting)
 
     def owns(self, delivery: Delivery) -> bool:
         held = self._ours(delivery)
         return held is not None and time.monotonic() < held.deadline
+
+    async def backlog(self) -> list[Backlog]:
+        """Per consumer of the group: messages not delivered yet plus delivered and not
+        acknowledged (retries waiting for their redelivery included). The consumers are
+        shared, so every worker of the group reports the same numbers: aggregate with max."""
+        client = self._client
+        if client is None or not client.is_connected:
+            return []
+        js = client.jetstream(timeout=1.0)
+        found: list[Backlog] = []
+        for puller in self._pullers:
+            try:
+                info = await js.consumer_info(self._settings.routing.stream, puller.consumer)
+            except nats.errors.Error:
+                continue
+            waiting = (info.num_pending or 0) + (info.num_ack_pending or 0)
+            found.append(Backlog(self._settings.routing.stream, puller.consumer, waiting))
+        return found
 
     async def stop(self) -> None:
         self._stopping = True
@@ -345,21 +305,6 @@ class NatsSource:
         return delivery.topic.rpartition(".")[0] if partitioned else delivery.topic
 
     # -- internals ---------------------------------------------------------------------
-
-    async def _connect(self) -> NatsClient:
-        budget = self._settings.worker.broker_wait_s
-        deadline = time.monotonic() + budget
-        delay = 0.5
-        while True:
-            try:
-                return await connect_nats(self._settings.nats)
-            except BrokerUnavailable as error:
-                if time.monotonic() + delay > deadline:
-                    msg = f"{error} (gave up after {budget:g}s: worker.broker_wait_s)"
-                    raise WorkerError(msg) from error
-                log.warning("NATS not reachable yet (%s); retrying in %.1fs", error, delay)
-                await asyncio.sleep(delay * (0.5 + random.random()))
-                delay = min(delay * 2, 10.0)
 
     async def _check_stream(self, js: JetStreamContext) -> None:
         stream, wanted = self._settings.routing.stream, self._jet.key_partitions
@@ -563,6 +508,24 @@ class NatsSource:
                 except nats.errors.Error:
                     continue  # disconnected: the deadline stays, the next beat tries again
                 held.deadline = now + self._jet.ack_wait_s
+
+
+async def until_reachable(settings: Settings, connect: Callable[[], Awaitable[T]]) -> T:
+    """`connect()`, retried with backoff while NATS is unreachable, for up to
+    `worker.broker_wait_s`; then `WorkerError` (the worker exits 1 with that one line)."""
+    budget = settings.worker.broker_wait_s
+    deadline = time.monotonic() + budget
+    delay = 0.5
+    while True:
+        try:
+            return await connect()
+        except BrokerUnavailable as error:
+            if time.monotonic() + delay > deadline:
+                msg = f"{error} (gave up after {budget:g}s: worker.broker_wait_s)"
+                raise WorkerError(msg) from error
+            log.warning("NATS not reachable yet (%s); retrying in %.1fs", error, delay)
+            await asyncio.sleep(delay * (0.5 + random.random()))
+            delay = min(delay * 2, 10.0)
 
 
 def _redelivered(attributes: JobAttributes, held: _Held) -> JobAttributes:

@@ -96,11 +96,11 @@ async def _nats_failure_router(
         dead_letter_subjects,
         ensure_dead_letter_stream,
     )
-    from consumer._nats_source import NatsSource  # noqa: PLC0415
+    from consumer._nats_source import NatsSource, until_reachable  # noqa: PLC0415
 
     assert isinstance(source, NatsSource)
     publisher = NatsPublisher(settings.nats, settings.routing)
-    await publisher.start()
+    await until_reachable(settings, publisher.start)
     stack.push_async_callback(publisher.stop)
     subjects = subjects_for(app, settings)
     if settings.create_missing:

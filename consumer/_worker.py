@@ -118,7 +118,7 @@ class Worker:
         if any(spec.cpu_bound for spec in self.app):
             self._processes = ProcessPoolExecutor(worker.process_pool_size or None)
         own_store = self._store is None
-        store = self._store or await open_store(self.settings.idempotency)
+        store = self._store or await open_store(self.settings.idempotency, self.settings.nats)
         cancellation = (
             CancellationStep(self._status, self.settings.status.cancel_poll_s)
             if self._status is not None

@@ -193,18 +193,21 @@ async def _follow(http: httpx.AsyncClient, jobs: list[Submitted], console: Conso
             await asyncio.sleep(0.3)
 
 
-async def _dead_letter(job: Submitted, transport: str) -> dict[str, object] | None:
+async def _dead_letter(job: Submitted) -> dict[str, object] | None:
     from consumer import Settings  # noqa: PLC0415 - imported once the env is set
-    from consumer._dead_letters import DeadLetterFilter, list_dead_letters  # noqa: PLC0415
+    from consumer._dead_letters import (  # noqa: PLC0415
+        DeadLetterFilter,
+        dead_letter_destinations,
+        find_dead_letters,
+    )
 
     settings = Settings()
-    topic = settings.retry.dead_letter_topic(settings.routing.topic(job.job_type))
-    for _ in range(20):
-        found = await list_dead_letters(
-            settings, [topic], DeadLetterFilter(ids=frozenset({job.job_id}))
-        )
-        if found or transport != "kafka":
-            return found[0].summary() if found else None
+    where = DeadLetterFilter(ids=frozenset({job.job_id}))
+    destinations = dead_letter_destinations(settings, [job.job_type])
+    for _ in range(20):  # the dead letter is written just before the job's state is
+        found = await find_dead_letters(settings, destinations, where)
+        if found:
+            return found[0].summary()
         await asyncio.sleep(0.25)
     return None
 
@@ -243,7 +246,7 @@ async def main(env: dict[str, str], console: Console, transport: str, port: int)
         codes = [process.wait(60) for process in processes]
     console.print(_table(jobs, "summary"))
     dead = next(job for job in jobs if job.expected == "dead_lettered")
-    letter = await _dead_letter(dead, transport)
+    letter = await _dead_letter(dead)
     if letter:
         console.print("[bold]dead letter[/] " + json.dumps(letter, indent=2))
     traced = next(job for job in jobs if job.label.startswith("resize banner"))

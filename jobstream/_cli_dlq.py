@@ -19,7 +19,8 @@ from consumer._dead_letters import (
     DeadLetterFilter,
     DeadLetterRecord,
     ReplayResult,
-    list_dead_letters,
+    dead_letter_destinations,
+    find_dead_letters,
     replay,
 )
 from consumer._failures import unescape
@@ -68,11 +69,7 @@ def _topics(settings: Settings, topics: list[str] | None) -> list[str]:
     types = default_registry.job_types()
     if not types:
         raise fail("no job types registered: set JOBSTREAM_JOB_MODULES or pass --topic", 2)
-    if settings.transport == "nats":
-        subjects = {settings.routing.subject(job_type) for job_type in types}
-        return sorted(settings.jetstream.dead_letter_subject(s) for s in subjects)
-    mains = {settings.routing.topic(job_type) for job_type in types}
-    return sorted(settings.retry.dead_letter_topic(topic) for topic in mains)
+    return dead_letter_destinations(settings, types)
 
 
 def _filter(job_type: str | None, reason: str | None, since: str | None, until: str | None,
@@ -91,11 +88,7 @@ def _settings() -> Settings:
 async def _list(
     settings: Settings, topics: list[str], where: DeadLetterFilter
 ) -> list[DeadLetterRecord]:
-    if settings.transport == "nats":
-        from consumer._nats_routing import list_nats_dead_letters  # noqa: PLC0415
-
-        return await list_nats_dead_letters(settings, topics, where)
-    return await list_dead_letters(settings, topics, where)
+    return await find_dead_letters(settings, topics, where)
 
 
 async def _replay(

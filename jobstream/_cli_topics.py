@@ -97,11 +97,11 @@ async def _ensure(settings: Settings, destinations: list[str]) -> list[str]:
 async def _ensure_nats(settings: Settings, subjects: list[str]) -> list[str]:
     """What the NATS workers need beyond the job stream; one report line each."""
     from consumer._idempotency_nats import bucket_config, provision_bucket  # noqa: PLC0415
+    from consumer._nats_provision import ensure_consumers, ensure_key_partitions  # noqa: PLC0415
     from consumer._nats_routing import (  # noqa: PLC0415
         ensure_dead_letter_stream,
         ensure_replay_ledger,
     )
-    from consumer._nats_source import ensure_consumers, ensure_key_partitions  # noqa: PLC0415
 
     jet, routing = settings.jetstream, settings.routing
     lines = []

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import contextlib
 import json
 import os
 import signal
@@ -34,15 +35,15 @@ from pathlib import Path
 from typing import Any
 
 import nats
-from nats.js.errors import NotFoundError
 import pytest
 from aiokafka import AIOKafkaProducer
 from aiokafka.admin import AIOKafkaAdminClient
+from nats.js.errors import NotFoundError
 
 from consumer import Settings
 from consumer._dead_letters import DeadLetterFilter, DeadLetterRecord, list_dead_letters
+from consumer._nats_provision import consumer_plan, ensure_key_partitions, stream_destinations
 from consumer._nats_routing import ensure_dead_letter_stream, list_nats_dead_letters
-from consumer._nats_source import consumer_plan, ensure_key_partitions, stream_destinations
 from producer import NatsSettings, RoutingSettings
 from producer._provision import ensure_nats_stream
 from schemas import Job
@@ -304,12 +305,12 @@ async def test_a_failing_job_is_retried_with_backoff_while_others_flow(
         await wait_until(
             lambda: len({line.job_id for line in read_sink(sink)}) == 300, 60, "every job done"
         )
-    runs = [l for l in read_sink(sink, None) if l.job_id == flaky_id and l.outcome != "start"]
-    assert [(l.attempt, l.outcome) for l in runs] == [(1, "raised"), (2, "raised"), (3, "done")]
+    runs = [x for x in read_sink(sink, None) if x.job_id == flaky_id and x.outcome != "start"]
+    assert [(x.attempt, x.outcome) for x in runs] == [(1, "raised"), (2, "raised"), (3, "done")]
     # Backoff 0.5 s then 1.0 s (no jitter): attempt 3 starts at least 1.5 s after attempt 1.
     assert runs[2].start - runs[0].end >= 1.5
     during_wait = [
-        l for l in read_sink(sink) if l.job_id != flaky_id and runs[0].end < l.end < runs[2].start
+        x for x in read_sink(sink) if x.job_id != flaky_id and runs[0].end < x.end < runs[2].start
     ]
     assert len(during_wait) >= 20, "other jobs kept flowing during the backoff"
     await bus.wait_settled()
@@ -364,7 +365,7 @@ async def test_failures_are_dead_lettered_with_their_reasons(
     assert len(names) == len(set(names)), "failure headers are replaced, never appended"
     assert by_id["bytes-1"].value == b"\xff\xfe not json"
     assert ("x-other", b"1") in by_id["no-id"].headers
-    assert [l.job_id for l in read_sink(sink)] == [good_id]
+    assert [x.job_id for x in read_sink(sink)] == [good_id]
     await bus.wait_settled()
 
 
@@ -415,19 +416,16 @@ async def test_dead_letters_are_listed_shown_and_replayed_once(
         assert {entry["to"] for entry in first} == {bus.destination}
         async with running_worker(app, settings):
             await wait_until(lambda: len(read_sink(sink)) == 5, 30, "5 replayed jobs done")
-        assert sorted(l.job_id for l in read_sink(sink)) == sorted(ids)
-        assert {l.attempt for l in read_sink(sink)} == {1}, "a replay starts at attempt 1"
+        assert sorted(x.job_id for x in read_sink(sink)) == sorted(ids)
+        assert {x.attempt for x in read_sink(sink)} == {1}, "a replay starts at attempt 1"
         second = _cli("dlq", "replay", "--type", "test.record", env=env)
         assert [entry["status"] for entry in second] == ["already-replayed"] * 5
         await bus.wait_settled()
     finally:
         if bus.transport == "nats":
             client = await nats.connect(NATS_URL)
-            with_ledger = client.jetstream()
-            try:
-                await with_ledger.delete_key_value(ledger)
-            except NotFoundError:
-                pass
+            with contextlib.suppress(NotFoundError):
+                await client.jetstream().delete_key_value(ledger)
             await client.close()
 
 

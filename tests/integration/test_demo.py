@@ -17,10 +17,11 @@ pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
 
 @pytest.mark.timeout(240)
-def test_demo_runs_every_job_to_its_expected_end() -> None:
+@pytest.mark.parametrize("transport", ["kafka", "nats"])
+def test_demo_runs_every_job_to_its_expected_end(transport: str) -> None:
     result = subprocess.run(
-        [sys.executable, "-m", "examples.demo"], cwd=ROOT, capture_output=True, text=True,
-        timeout=200, check=False,
+        [sys.executable, "-m", "examples.demo", "--transport", transport], cwd=ROOT,
+        capture_output=True, text=True, timeout=200, check=False,
     )  # fmt: skip
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     out = result.stdout

@@ -29,8 +29,8 @@ import pytest
 from nats.js import JetStreamContext
 
 from consumer import Settings
+from consumer._nats_provision import ensure_key_partitions, max_deliver, stream_destinations
 from consumer._nats_routing import ensure_dead_letter_stream
-from consumer._nats_source import ensure_key_partitions, max_deliver, stream_destinations
 from producer import JobProducer, PublishRequest
 from producer._provision import ensure_nats_stream
 from tests.apps.recorder import RecordJob, app
@@ -44,7 +44,6 @@ from tests.support import (
     read_sink,
     running_worker,
     start_ready_workers,
-    start_worker,
     stop_worker,
     wait_until,
     worker_env,
@@ -99,7 +98,7 @@ async def test_a_job_longer_than_the_ack_wait_is_not_redelivered(
             info = await js.consumer_info(stream, "long")
             assert (info.num_redelivered, info.num_ack_pending) == (0, 0)
         runs = read_sink(sink, None)
-        assert [(l.job_id, l.outcome) for l in runs] == [(job_id, "start"), (job_id, "done")]
+        assert [(x.job_id, x.outcome) for x in runs] == [(job_id, "start"), (job_id, "done")]
         assert runs[1].end - runs[0].start >= 3.5, "ran 3.5 ack waits, in one delivery"
         assert runs[1].attempt == 1
     finally:
@@ -119,12 +118,15 @@ class OwnServer:
         self.url = f"nats://127.0.0.1:{self.port}"
         self.process: subprocess.Popen[bytes] | None = None
 
-    async def start(self) -> None:
+    def launch(self) -> None:
         binary = Path(sys.executable).parent / "nats-server"
         command = [str(binary), "-a", "127.0.0.1", "-p", str(self.port), "-js",
                    "-sd", str(self.store)]  # fmt: skip
         with (self.store.parent / "nats-server.log").open("ab") as log:
             self.process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT)
+
+    async def start(self) -> None:
+        self.launch()
         for _ in range(100):
             with contextlib.suppress(Exception):
                 client = await nats.connect(
@@ -245,6 +247,11 @@ async def test_a_server_gone_past_the_reconnect_budget_stops_the_worker_with_exi
     assert own_server.url.removeprefix("nats://") in errors[0]
 
 
+def run_cli(*args: str, env: dict[str, str]) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "jobstream", *args], env=env, cwd=ROOT,
+                          capture_output=True, text=True, timeout=60, check=False)  # fmt: skip
+
+
 def test_an_unreachable_server_at_start_is_one_clear_error(tmp_path: Path) -> None:
     port = free_port()
     env = worker_env(
@@ -252,10 +259,7 @@ def test_an_unreachable_server_at_start_is_one_clear_error(tmp_path: Path) -> No
         **nats_env("JOBS", "jobs", JOBSTREAM_NATS__SERVERS=f'["nats://127.0.0.1:{port}"]'),
         JOBSTREAM_NATS__CONNECT_TIMEOUT_S="1", JOBSTREAM_WORKER__BROKER_WAIT_S="1",
     )  # fmt: skip
-    result = subprocess.run(
-        [sys.executable, "-m", "jobstream", "worker", "tests.apps.recorder:app"],
-        env=env, cwd=ROOT, capture_output=True, text=True, timeout=60, check=False,
-    )  # fmt: skip
+    result = run_cli("worker", "tests.apps.recorder:app", env=env)
     assert result.returncode == 1
     lines = [line for line in result.stderr.splitlines() if line.startswith("error:")]
     assert len(lines) == 1, result.stderr
@@ -280,11 +284,9 @@ async def test_topics_ensure_provisions_streams_consumers_and_buckets(
         "JOBSTREAM_IDEMPOTENCY__BACKEND": "nats-kv", "JOBSTREAM_IDEMPOTENCY__NAMESPACE": namespace,
         "JOBSTREAM_IDEMPOTENCY__RETENTION_S": "3600", "JOBSTREAM_ROUTING__STREAM_MAX_AGE_S": "7200",
     }  # fmt: skip
-    command = [sys.executable, "-m", "jobstream", "topics", "ensure", "--transport", "nats"]
     try:
         for _ in range(2):  # idempotent
-            result = subprocess.run(command, env=env, cwd=ROOT, capture_output=True, text=True,
-                                    timeout=60, check=False)  # fmt: skip
+            result = run_cli("topics", "ensure", "--transport", "nats", env=env)
             assert result.returncode == 0, result.stderr
         assert f"nats consumer {stream} > ens-p3" in result.stdout
         main = (await js.stream_info(stream)).config
@@ -339,10 +341,7 @@ async def test_a_worker_refuses_a_partition_count_that_differs_from_the_stream(
     await provision(NATS_URL, partitioned, subject)
     env = worker_env(subject, "mismatch", tmp_path / "sink", **nats_env(stream, prefix))
     try:
-        result = subprocess.run(
-            [sys.executable, "-m", "jobstream", "worker", "tests.apps.recorder:app"],
-            env=env, cwd=ROOT, capture_output=True, text=True, timeout=60, check=False,
-        )  # fmt: skip
+        result = run_cli("worker", "tests.apps.recorder:app", env=env)
         assert result.returncode == 1
         [line] = [line for line in result.stderr.splitlines() if line.startswith("error:")]
         assert "4 key partitions" in line and "JOBSTREAM_JETSTREAM__KEY_PARTITIONS=0" in line

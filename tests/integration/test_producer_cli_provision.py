@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import uuid
 from pathlib import Path
@@ -45,6 +46,7 @@ async def test_topics_ensure_creates_the_nats_stream(jetstream) -> None:
         "JOBSTREAM_NATS__SERVERS": json.dumps([NATS_URL]),
         "JOBSTREAM_ROUTING__STREAM": stream,
         "JOBSTREAM_ROUTING__SUBJECT_PREFIX": f"{stream.lower()}.",
+        "JOBSTREAM_JETSTREAM__REPLAY_LEDGER_BUCKET": f"{stream}_REPLAYS",
     }
     try:
         result = cli("topics", "ensure", "--transport", "nats", **env)
@@ -55,7 +57,10 @@ async def test_topics_ensure_creates_the_nats_stream(jetstream) -> None:
         again = cli("topics", "ensure", "--transport", "nats", **env)
         assert f"nats stream {stream}: exists" in again.stdout
     finally:
-        await jetstream.delete_stream(stream)
+        # `topics ensure` also made the dead-letter stream and the replay ledger bucket.
+        for name in (stream, f"{stream}_DLQ", f"KV_{stream}_REPLAYS"):
+            with contextlib.suppress(Exception):
+                await jetstream.delete_stream(name)
 
 
 def test_schemas_export_then_check(tmp_path: Path) -> None:
