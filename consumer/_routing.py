@@ -34,6 +34,7 @@ from consumer._pipeline import JobRun
 from consumer._settings import Settings
 from consumer._step_tracing import PREVIOUS_ATTEMPT, HandOff, handing_off, retrace
 from producer import KafkaPublisher, PublishError, Receipt
+from producer._tracecontext import traceparent_of
 from schemas import InvalidAttributes, JobAttributes, JobMessage
 
 log = logging.getLogger("jobstream.routing")
@@ -108,20 +109,24 @@ class KafkaFailureRouter:
 
 
 def _traced(retried: JobAttributes, hand_off: HandOff) -> JobAttributes:
-    """The retry record with the hand-off's trace context; the origin kept (pinned)."""
+    """The retry record with the hand-off's trace context and the origin pinned: the one it
+    had, else its first `traceparent`, else (a job that came without any trace context)
+    the attempt that failed."""
     trace = hand_off.trace_headers()
-    origin = hand_off.found.origin
+    origin, origin_state = retried.origin_traceparent, retried.origin_tracestate
+    if origin is None:
+        origin, origin_state = retried.traceparent, retried.tracestate
+    if origin is None:
+        origin, origin_state = traceparent_of(hand_off.attempt)
     try:
         changed = retried.replace(
             traceparent=trace["traceparent"], tracestate=trace["tracestate"],
-            origin_traceparent=retried.origin_traceparent or retried.traceparent,
-            origin_tracestate=(retried.origin_tracestate if retried.origin_traceparent
-                               else retried.tracestate),
+            origin_traceparent=origin, origin_tracestate=origin_state,
         )  # fmt: skip
         previous = trace.get(PREVIOUS_ATTEMPT)
         return changed.with_extensions(jobprevattempt=previous) if previous else changed
     except InvalidAttributes:  # at the header size limit: travel without the new context
-        log.debug("retry record of %s keeps its trace context (origin %s)", retried.id, origin)
+        log.debug("retry record of %s keeps its trace context", retried.id)
         return retried
 
 

@@ -243,15 +243,21 @@ def retrace(
 ) -> list[tuple[str, bytes]]:
     """`headers` (Kafka names) with the hand-off span as `traceparent`/`tracestate`, the
     failed attempt as `jobprevattempt` (when there is one), and the origin pinned: a record
-    without `joborigin` gets its old `traceparent` as its origin."""
+    without `joborigin` gets its old `traceparent` as its origin, or, without that either,
+    the failed attempt."""
     old = {name.lower(): value for name, value in headers}
     new = hand_off.trace_headers()
     if PREVIOUS_ATTEMPT in new:
         new[f"{prefix}{PREVIOUS_ATTEMPT}"] = new.pop(PREVIOUS_ATTEMPT)
-    if f"{prefix}joborigin" not in old and "traceparent" in old:
-        new[f"{prefix}joborigin"] = old["traceparent"].decode(errors="replace")
-        state = old.get("tracestate")
-        new[f"{prefix}joboriginstate"] = state.decode(errors="replace") if state else None
+    if f"{prefix}joborigin" not in old:
+        if "traceparent" in old:
+            new[f"{prefix}joborigin"] = old["traceparent"].decode(errors="replace")
+            state = old.get("tracestate")
+            new[f"{prefix}joboriginstate"] = state.decode(errors="replace") if state else None
+        else:  # a job without any trace context: its failed attempt is where it began
+            new[f"{prefix}joborigin"], new[f"{prefix}joboriginstate"] = traceparent_of(
+                hand_off.attempt
+            )
     replaced = {name.lower() for name in new}
     kept = [(name, value) for name, value in headers if name.lower() not in replaced]
     return kept + [(name, value.encode()) for name, value in new.items() if value]

@@ -12,6 +12,7 @@ account `slow` runs until it is cancelled.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import time
 
@@ -48,9 +49,12 @@ def resize(job: ResizeImage, ctx: JobContext) -> None:
 @app.handler(GenerateReport)
 async def report(job: GenerateReport, ctx: JobContext) -> None:
     if job.account_id == "slow":
-        # A long report that stops as soon as it is cancelled.
-        await ctx.cancellation.wait()
-        ctx.logger.info("report for %s cancelled", job.account_id)
+        # A long report (a minute at most) that stops as soon as it is cancelled.
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(ctx.cancellation.wait(), timeout=60)
+        ctx.logger.info(
+            "report for %s %s", job.account_id, "cancelled" if ctx.cancelled else "done"
+        )
         return
     digest = hashlib.sha256(f"{job.account_id}/{job.month}".encode()).hexdigest()[:12]
     ctx.logger.info("report %s for %s ready", digest, job.month)

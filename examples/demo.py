@@ -19,6 +19,7 @@ import socket
 import subprocess
 import sys
 import time
+import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -163,8 +164,10 @@ def _table(jobs: list[Submitted], title: str) -> Table:
 
 async def _submit(http: httpx.AsyncClient) -> list[Submitted]:
     jobs = []
+    run = uuid.uuid4().hex[:6]  # this run's keys: never queued behind an older run's jobs
     for label, job_type, payload, expected in SUBMISSIONS:
-        response = await http.post(f"/v1/jobs/{job_type}", json=payload, params={"key": label})
+        key = f"{label} {run}"
+        response = await http.post(f"/v1/jobs/{job_type}", json=payload, params={"key": key})
         if response.status_code != 202:
             msg = f"POST /v1/jobs/{job_type} answered {response.status_code}: {response.text}"
             raise RuntimeError(msg)

@@ -6,7 +6,7 @@
 # binary lives under cmd/jaeger of the v1.x module tags; `go install` refuses that module
 # (its go.mod has a replace directive), so the module is downloaded into .cache/go/mod and
 # built in place, where the replace directive applies. A cold build downloads about 1.7 GB
-# of modules and takes about 6 minutes on 2 cores; later calls only print the path.
+# of modules and takes 6 to 7 minutes on 2 cores; later calls only print the path.
 # Override with JAEGER=/path/to/jaeger.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -28,7 +28,7 @@ if [[ ! -x "$jaeger_bin" ]]; then
         exit 1
     }
     mkdir -p "$root/.cache/bin"
-    echo "building jaeger $JAEGER_VERSION into .cache/bin (once; takes about 6 minutes)" >&2
+    echo "building jaeger $JAEGER_VERSION into .cache/bin (once; takes 6 to 7 minutes)" >&2
     export GOPATH="$root/.cache/go" GOMODCACHE="$root/.cache/go/mod" GOFLAGS=-modcacherw GOTOOLCHAIN=local
     go mod download "$JAEGER_MODULE@$JAEGER_VERSION" >&2
     (cd "$GOMODCACHE/$JAEGER_MODULE@$JAEGER_VERSION" &&

@@ -19,12 +19,12 @@ from consumer import App, Settings, Worker
 from consumer._logging import JsonFormatter, TextFormatter
 from consumer._outcome import Outcome
 from consumer._pipeline import JobRun
+from consumer._routing import _traced
 from consumer._source import Delivery
-from consumer._step_tracing import HandOff, TracingStep, handing_off, retrace
+from consumer._step_tracing import HandOff, TraceLinks, TracingStep, handing_off, retrace
 from schemas import InvalidAttributes, JobAttributes, encode
 from schemas.examples import GenerateReport
 
-REQUEST = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"
 PUBLISH = "00-4bf92f3577b34da6a3ce929d0e0e4736-1111111111111111-01"
 
 
@@ -171,3 +171,27 @@ def test_telemetry_off_adds_no_step() -> None:
     assert worker.telemetry.tracing is False
     assert worker.telemetry.metrics is False
     assert worker._telemetry_steps() == []
+
+
+def test_a_job_without_trace_context_takes_its_first_attempt_as_origin(recorded) -> None:
+    provider, _ = recorded
+    tracer = provider.get_tracer("t")
+    untraced = attributes_with()
+    assert untraced.traceparent is None
+    assert untraced.origin_traceparent is None
+    with (
+        tracer.start_as_current_span("process jobs.t") as attempt,
+        handing_off(tracer, "kafka", "jobs.t.retry.1", untraced, "error") as hand_off,
+    ):
+        retried = _traced(untraced.replace(attempt=2), hand_off)
+        dead = dict(retrace([("ce_id", b"1")], hand_off))
+    first = traceparent(attempt.get_span_context())
+    assert retried.origin_traceparent == first
+    assert retried.extensions["jobprevattempt"] == first
+    assert retried.traceparent == traceparent(hand_off.span.get_span_context())
+    assert dead["ce_joborigin"] == first.encode()
+    # The next attempt links that first attempt as the origin, and as the previous one.
+    assert [link.context.span_id for link in TraceLinks.of(retried).links(producer=False)] == [
+        attempt.get_span_context().span_id,
+        attempt.get_span_context().span_id,
+    ]
