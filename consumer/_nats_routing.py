@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import json
 import logging
 import random
@@ -31,10 +32,13 @@ from nats.js import JetStreamContext
 from nats.js.api import AckPolicy, ConsumerConfig, KeyValueConfig, StorageType
 from nats.js.errors import BucketNotFoundError, KeyNotFoundError
 from nats.js.kv import KeyValue
+from opentelemetry import trace
+from opentelemetry.trace import Tracer
 
 from consumer._dead_letters import DeadLetterFilter, DeadLetterRecord, ReplayResult
 from consumer._failures import (
     FAILURE_EXTENSIONS,
+    REASON,
     REPLAY_OF,
     SOURCE_TOPIC,
     Decision,
@@ -45,8 +49,10 @@ from consumer._nats_source import NatsSource
 from consumer._outcome import Outcome
 from consumer._pipeline import JobRun
 from consumer._settings import Settings
+from consumer._step_tracing import handing_off, replaying, retrace
 from producer import NatsPublisher, PublishError, Receipt, connect_nats
 from producer._provision import ensure_nats_stream
+from producer._tracecontext import recording_provider
 
 log = logging.getLogger("jobstream.routing")
 _MAX_BACKOFF_S = 10.0
@@ -54,10 +60,15 @@ _READ_BATCH = 256
 
 
 class NatsFailureRouter:
-    def __init__(self, settings: Settings, publisher: NatsPublisher, source: NatsSource) -> None:
+    def __init__(
+        self, settings: Settings, publisher: NatsPublisher, source: NatsSource,
+        tracer: Tracer | None = None,
+    ) -> None:  # fmt: skip
+        """`tracer`: record the dead-letter hand-off span (None when tracing is off)."""
         self._settings = settings
         self._publisher = publisher
         self._source = source
+        self._tracer = tracer
 
     async def route(self, run: JobRun, error: Exception, decision: Decision) -> Outcome:
         delivery, attributes = run.delivery, run.attributes
@@ -79,7 +90,21 @@ class NatsFailureRouter:
         headers["ce-jobattempt"] = str(attempt)
         headers |= {f"ce-{name}": value for name, value in details.items()}
         headers["Nats-Msg-Id"] = f"dlq:{self._settings.routing.stream}:{delivery.offset}"
-        await _until_acknowledged(lambda: self._publisher.send_raw(subject, headers, delivery.body))
+        if self._tracer is None:
+            await _until_acknowledged(
+                lambda: self._publisher.send_raw(subject, headers, delivery.body)
+            )
+        else:
+            # A retry is a `nak` of the same message (no new record to trace); the dead
+            # letter is a new record: its own span, linked to the origin and the attempt.
+            with handing_off(
+                self._tracer, "nats", subject, attributes, details[REASON]
+            ) as hand_off:
+                pairs = retrace([(k, v.encode()) for k, v in headers.items()], hand_off, "ce-")
+                traced = {name: value.decode() for name, value in pairs}
+                await _until_acknowledged(
+                    lambda: self._publisher.send_raw(subject, traced, delivery.body)
+                )
         log.warning("dead-lettered %s to %s: %s", delivery.describe, subject, decision.reason)
         return Outcome.DEAD_LETTERED
 
@@ -168,6 +193,8 @@ async def replay_nats(
 ) -> list[ReplayResult]:  # fmt: skip
     """Republish dead letters to the subject they were consumed from, attempt reset,
     failure details removed, marked as replays; once each unless `force`."""
+    provider = trace.get_tracer_provider()
+    tracer = provider.get_tracer("jobstream.replay") if recording_provider(provider) else None
     client = await connect_nats(settings.nats)
     results: list[ReplayResult] = []
     try:
@@ -186,7 +213,18 @@ async def replay_nats(
                 results.append(ReplayResult(record, "would-replay", destination))
                 continue
             headers = nats_replay_headers(record, forced=force)
-            await js.publish(destination, record.value, headers=headers)
+            with contextlib.ExitStack() as span:
+                if tracer is not None:
+                    # The replay span, linked like Kafka's (`replaying` reads Kafka names).
+                    def kafka_named(name: str, record: DeadLetterRecord = record) -> str | None:
+                        return record.header("ce-" + name[3:] if name.startswith("ce_") else name)
+
+                    hand_off = span.enter_context(
+                        replaying(tracer, "nats", destination, kafka_named, record.id)
+                    )
+                    pairs = retrace([(k, v.encode()) for k, v in headers.items()], hand_off, "ce-")
+                    headers = {name: value.decode() for name, value in pairs}
+                await js.publish(destination, record.value, headers=headers)
             entry = {"replayed_at": datetime.now(UTC).isoformat(),
                      "job_id": record.job_id or "", "to": destination}  # fmt: skip
             await ledger.put(key, json.dumps(entry).encode())

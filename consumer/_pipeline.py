@@ -1,7 +1,8 @@
 """How one job is processed: a chain of steps, composed in one visible place.
 
-Order (outermost first): logging -> idempotency -> status -> failure routing ->
-cancellation -> timeout -> handler. (Tracing wraps them all once telemetry lands.) Status
+Order (outermost first): tracing -> metrics -> logging -> idempotency -> status ->
+failure routing -> cancellation -> timeout -> handler (tracing and metrics only when
+telemetry is on; see `_worker.py`, where the chain is composed). Status
 sits outside failure routing so it records `retrying` / `dead_lettered`; cancellation sits
 inside it so a cancelled job that raises is not retried. The status and cancellation steps
 are present when a status store is configured. Each step is a module of its own and sees

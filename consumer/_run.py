@@ -89,8 +89,9 @@ async def _failure_router(
 
 
 async def _nats_failure_router(
-    app: App, settings: Settings, stack: contextlib.AsyncExitStack, source: Source
-) -> FailureRouter:
+    app: App, settings: Settings, stack: contextlib.AsyncExitStack, source: Source,
+    telemetry: Telemetry,
+) -> FailureRouter:  # fmt: skip
     from consumer._nats_routing import (  # noqa: PLC0415
         NatsFailureRouter,
         dead_letter_subjects,
@@ -108,7 +109,8 @@ async def _nats_failure_router(
         await ensure_dead_letter_stream(js, settings, subjects)
     else:
         await publisher.check(dead_letter_subjects(settings, subjects))
-    return NatsFailureRouter(settings, publisher, source)
+    tracer = telemetry.tracer("jobstream.worker") if telemetry.tracing else None
+    return NatsFailureRouter(settings, publisher, source, tracer)
 
 
 @contextlib.asynccontextmanager
@@ -127,7 +129,7 @@ async def open_worker(
             stack.push_async_callback(status.close)
         source = build_source(app, settings)
         if settings.transport == "nats":
-            router = await _nats_failure_router(app, settings, stack, source)
+            router = await _nats_failure_router(app, settings, stack, source, telemetry)
         store: IdempotencyStore | None = None
         if settings.idempotency.backend == "nats-kv":  # it shares the worker's NATS settings
             store = await open_store(settings.idempotency, settings.nats)

@@ -6,6 +6,7 @@ Kafka: the `<topic>.dlq` topics and the replay ledger topic. NATS: the dead-lett
 
 from __future__ import annotations
 
+import asyncio
 import json
 from datetime import UTC, datetime
 from typing import Annotated
@@ -24,6 +25,7 @@ from consumer._dead_letters import (
     replay,
 )
 from consumer._failures import unescape
+from consumer._telemetry import configure
 from jobstream._config import fail, import_job_modules, load_settings, run
 from schemas import default_registry
 
@@ -169,8 +171,13 @@ def register(app: typer.Typer) -> None:
         where = _filter(job_type, reason, since, until, dead_letters)
 
         async def body() -> list[tuple[str, str, str]]:
-            records = await _list(settings, topics, where)
-            results = await _replay(settings, records, force=force, dry_run=dry_run, rate=rate)
+            # Replays are spans of their own (linked to each job's origin) when OTEL_* say so.
+            telemetry = configure("jobstream-cli")
+            try:
+                records = await _list(settings, topics, where)
+                results = await _replay(settings, records, force=force, dry_run=dry_run, rate=rate)
+            finally:
+                await asyncio.to_thread(telemetry.shutdown)
             return [(r.record.id, r.status, r.destination) for r in results]
 
         results = run(body)

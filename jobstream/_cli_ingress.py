@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import signal
 from typing import Annotated
@@ -13,6 +14,7 @@ from consumer import Settings
 from consumer._logging import configure_logging
 from consumer._run import open_status
 from consumer._status import FINAL_STATES, JobState, MemoryStatusStore, StatusStore
+from consumer._telemetry import configure
 from jobstream._config import USAGE, fail, import_job_modules, load_settings, run
 from jobstream._ingress import create_app
 
@@ -40,6 +42,7 @@ async def _serve(settings: Settings) -> None:
     # handlers in place that re-raise is harmless, so a graceful stop exits 0.
     for signum in (signal.SIGTERM, signal.SIGINT):
         signal.signal(signum, lambda *_: None)
+    telemetry = configure("jobstream-ingress")  # OTEL_* decide; off costs nothing
     status = await _with_status(settings)  # one event loop for the store and the server
     try:
         web = create_app(settings, status)
@@ -48,6 +51,7 @@ async def _serve(settings: Settings) -> None:
         await uvicorn.Server(config).serve()
     finally:
         await status.close()
+        await asyncio.to_thread(telemetry.shutdown)  # exports the spans still queued
 
 
 def register(app: typer.Typer) -> None:

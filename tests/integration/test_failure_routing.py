@@ -22,11 +22,11 @@ from consumer._dead_letters import (
 from tests.apps.recorder import RecordJob, app
 from tests.conftest import KAFKA_BOOTSTRAP, REDIS_URL
 from tests.support import (
-    routed_topic,
     ROOT,
     caught_up,
     publish_raw,
     read_sink,
+    routed_topic,
     running_worker,
     start_worker,
     stop_worker,

@@ -18,7 +18,7 @@ from consumer._run import open_status
 from jobstream._ingress import create_app
 from tests.apps.recorder import app
 from tests.conftest import REDIS_URL
-from tests.support import routed_topic, read_sink, running_worker
+from tests.support import read_sink, routed_topic, running_worker
 
 pytestmark = pytest.mark.integration
 

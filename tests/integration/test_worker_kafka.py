@@ -20,9 +20,9 @@ import pytest
 from tests.apps.recorder import RecordJob
 from tests.conftest import REDIS_URL
 from tests.support import (
-    routed_topic,
     publish_raw,
     read_sink,
+    routed_topic,
     start_ready_workers,
     start_worker,
     stop_worker,
