@@ -23,9 +23,8 @@ import base64
 import contextlib
 import json
 import logging
-import random
 import uuid
-from collections.abc import Awaitable, Callable, Iterable, Sequence
+from collections.abc import Iterable, Sequence
 from datetime import UTC, datetime
 
 from nats.js import JetStreamContext
@@ -48,9 +47,10 @@ from consumer._failures import (
 from consumer._nats_source import NatsSource
 from consumer._outcome import Outcome
 from consumer._pipeline import JobRun
+from consumer._routing import until_acknowledged
 from consumer._settings import Settings
 from consumer._step_tracing import handing_off, replaying, retrace
-from producer import NatsPublisher, PublishError, Receipt, connect_nats
+from producer import NatsPublisher, connect_nats
 from producer._provision import ensure_nats_stream
 from producer._tracecontext import recording_provider
 
@@ -91,7 +91,7 @@ class NatsFailureRouter:
         headers |= {f"ce-{name}": value for name, value in details.items()}
         headers["Nats-Msg-Id"] = f"dlq:{self._settings.routing.stream}:{delivery.offset}"
         if self._tracer is None:
-            await _until_acknowledged(
+            await until_acknowledged(
                 lambda: self._publisher.send_raw(subject, headers, delivery.body)
             )
         else:
@@ -102,7 +102,7 @@ class NatsFailureRouter:
             ) as hand_off:
                 pairs = retrace([(k, v.encode()) for k, v in headers.items()], hand_off, "ce-")
                 traced = {name: value.decode() for name, value in pairs}
-                await _until_acknowledged(
+                await until_acknowledged(
                     lambda: self._publisher.send_raw(subject, traced, delivery.body)
                 )
         log.warning("dead-lettered %s to %s: %s", delivery.describe, subject, decision.reason)
@@ -261,14 +261,3 @@ def nats_replay_headers(record: DeadLetterRecord, *, forced: bool) -> dict[str, 
         f"ce-{REPLAY_OF}": record.id,
         "Nats-Msg-Id": f"{msg_id}#{uuid.uuid4().hex[:8]}" if forced else msg_id,
     }
-
-
-async def _until_acknowledged(publish: Callable[[], Awaitable[Receipt]]) -> Receipt:
-    delay = 0.2
-    while True:
-        try:
-            return await publish()
-        except PublishError as error:
-            log.error("could not store a dead letter (%s); retrying in %.1fs", error, delay)
-            await asyncio.sleep(delay * (0.5 + random.random()))
-            delay = min(delay * 2, _MAX_BACKOFF_S)

@@ -75,7 +75,7 @@ class KafkaFailureRouter:
                     retried = _traced(retried, hand_off)
                     hand_off.describe({"jobstream.retry.delay_s": round(decision.delay_s, 3)})
                 record = JobMessage(retried, run.delivery.body)
-                await _until_acknowledged(lambda: self._publisher.send(topic, record))
+                await until_acknowledged(lambda: self._publisher.send(topic, record))
             log.info(
                 "retry %d of %s in %.1fs via %s",
                 retried.attempt,
@@ -89,7 +89,7 @@ class KafkaFailureRouter:
             headers = dead_letter_headers(run.delivery.raw_headers, details)
             if hand_off is not None and attributes is not None:
                 headers = retrace(headers, hand_off)
-            await _until_acknowledged(
+            await until_acknowledged(
                 lambda: self._publisher.send_record(
                     topic, run.delivery.raw_key, headers, run.delivery.body
                 )
@@ -139,7 +139,9 @@ def dead_letter_headers(
     return kept + [(f"ce_{name}", value.encode()) for name, value in details.items()]
 
 
-async def _until_acknowledged(publish: Callable[[], Awaitable[Receipt]]) -> Receipt:
+async def until_acknowledged(publish: Callable[[], Awaitable[Receipt]]) -> Receipt:
+    """Publish until the broker acknowledges, with backoff (logged): a failed job's hand-off
+    is never dropped; while it waits the job stays unsettled (G1, G2)."""
     delay = 0.2
     while True:
         try:

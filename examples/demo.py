@@ -139,7 +139,7 @@ def _environment(transport: str, port: int) -> dict[str, str]:
         "JOBSTREAM_STATUS__CANCEL_POLL_S": "0.2",
         "JOBSTREAM_INGRESS__PORT": str(port),
         "JOBSTREAM_HEALTH__PORT": "0",
-        "JOBSTREAM_LOGGING__LEVEL": "WARNING",
+        "JOBSTREAM_LOGGING__LEVEL": "INFO",  # one JSON line per job, in .run/demo/*.log
         "OTEL_SERVICE_NAME": os.environ.get("OTEL_SERVICE_NAME", "jobstream-demo"),
     }
 
@@ -177,7 +177,7 @@ async def _submit(http: httpx.AsyncClient) -> list[Submitted]:
 
 
 async def _follow(http: httpx.AsyncClient, jobs: list[Submitted], console: Console) -> None:
-    cancel_sent = False
+    cancel_sent_at = 0.0
     deadline = time.monotonic() + 90
     with Live(_table(jobs, "jobs (live)"), console=console, refresh_per_second=4) as live:
         while time.monotonic() < deadline:
@@ -187,9 +187,12 @@ async def _follow(http: httpx.AsyncClient, jobs: list[Submitted], console: Conso
                     body = response.json()
                     job.state, job.attempts = body["state"], body["attempts"]
                     job.last_error = body.get("last_error")
-                if job.expected == "cancelled" and job.state == "running" and not cancel_sent:
+                # Cancel the long report once it runs; the request is idempotent, so a client
+                # repeats it until the job's state says it took effect.
+                running = job.expected == "cancelled" and job.state == "running"
+                if running and time.monotonic() - cancel_sent_at > 2:
                     await http.post(f"/v1/jobs/{job.job_id}/cancel")
-                    cancel_sent = True
+                    cancel_sent_at = time.monotonic()
             live.update(_table(jobs, "jobs (live)"))
             if all(job.state in FINAL for job in jobs):
                 return
