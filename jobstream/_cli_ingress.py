@@ -38,16 +38,17 @@ async def _with_status(settings: Settings) -> StatusStore:
 
 async def _serve(settings: Settings) -> None:
     """Serve until SIGTERM/SIGINT, then shut down gracefully and return (exit 0)."""
-    # uvicorn re-raises the signal it handled once it has shut down; with these no-op
-    # handlers in place that re-raise is harmless, so a graceful stop exits 0.
-    for signum in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(signum, lambda *_: None)
     telemetry = configure("jobstream-ingress")  # OTEL_* decide; off costs nothing
     status = await _with_status(settings)  # one event loop for the store and the server
     try:
         web = create_app(settings, status)
         config = uvicorn.Config(web, host=settings.ingress.host, port=settings.ingress.port,
                                 log_level="warning", access_log=False)  # fmt: skip
+        # uvicorn handles SIGTERM/SIGINT while it serves, restores the handlers it found,
+        # then re-raises the signal; no-op handlers installed just before make that
+        # re-raise harmless, so a graceful stop exits 0 (a signal before this still kills).
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(signum, lambda *_: None)
         await uvicorn.Server(config).serve()
     finally:
         await status.close()
