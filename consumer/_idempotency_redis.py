@@ -44,7 +44,9 @@ class RedisIdempotencyStore:
 
     @classmethod
     async def connect(cls, url: str, namespace: str) -> RedisIdempotencyStore:
-        client = redis.Redis.from_url(url, decode_responses=True, socket_connect_timeout=5)
+        client = redis.Redis.from_url(
+            url, decode_responses=True, socket_connect_timeout=5, socket_timeout=5
+        )
         await cast("Awaitable[Any]", client.ping())
         return cls(client, namespace)
 

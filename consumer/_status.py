@@ -29,6 +29,7 @@ from datetime import UTC, datetime
 from typing import Any, Protocol, cast
 
 import redis.asyncio as redis
+from opentelemetry import trace
 from pydantic import BaseModel, ConfigDict
 
 log = logging.getLogger("jobstream.status")
@@ -132,7 +133,9 @@ class RedisStatusStore:
 
     @classmethod
     async def connect(cls, url: str, namespace: str, retention_s: float) -> RedisStatusStore:
-        client = redis.Redis.from_url(url, decode_responses=True, socket_connect_timeout=5)
+        client = redis.Redis.from_url(
+            url, decode_responses=True, socket_connect_timeout=5, socket_timeout=5
+        )
         await cast("Awaitable[Any]", client.ping())
         return cls(client, namespace, retention_s)
 
@@ -196,7 +199,5 @@ async def open_status_store(
 
 def trace_id_now() -> str | None:
     """The current span's trace id as 32 hex digits, if a span is recording."""
-    from opentelemetry import trace  # noqa: PLC0415 - optional at call time
-
     context = trace.get_current_span().get_span_context()
     return f"{context.trace_id:032x}" if context.is_valid else None
