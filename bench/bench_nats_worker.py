@@ -44,8 +44,8 @@ from nats.js import JetStreamContext
 from nats.js.api import AckPolicy, ConsumerConfig, StorageType, StreamConfig
 
 from consumer import App, JobContext, Settings, Worker
-from consumer._nats_source import NatsSource
-from producer._nats import KEY_PARTITIONS_METADATA, key_partition
+from consumer.nats import NatsSource
+from producer.nats import KEY_PARTITIONS_METADATA, key_partition
 from schemas import Job, encode, to_nats
 
 RUN_TIMEOUT_S = 180.0

@@ -47,12 +47,8 @@ from opentelemetry.sdk.trace.sampling import TraceIdRatioBased
 from prometheus_client import CollectorRegistry
 
 from consumer import App, JobContext, Settings, Worker
-from consumer._metrics import WorkerMetrics
-from consumer._outcome import Outcome
-from consumer._pipeline import JobRun, Step
-from consumer._source import Delivery
-from consumer._step_tracing import TracingStep
-from consumer._telemetry import Telemetry
+from consumer.core import Delivery, JobRun, Outcome, Step
+from consumer.telemetry import Telemetry, TracingStep, WorkerMetrics
 from schemas import Job, encode
 
 TOPIC = "bench.trace"

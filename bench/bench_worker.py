@@ -53,9 +53,9 @@ from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 
 from consumer import App, JobContext, Settings, Worker
-from consumer._kafka_source import KafkaSource
-from consumer._logging import JsonFormatter
-from consumer._run import routing_topics
+from consumer.core import main_destinations
+from consumer.kafka import KafkaSource, failure_topics
+from consumer.telemetry import JsonFormatter
 from schemas import Job, encode, to_kafka
 
 RUN_TIMEOUT_S = 120.0
@@ -126,7 +126,9 @@ class Bench:
         """A fresh job topic plus the retry/dead-letter topics a worker of it expects, as
         `jobstream topics ensure` would provision them."""
         name = f"bench-{uuid.uuid4().hex[:12]}"
-        needed = [name, *routing_topics(bench_app(Tally(0), 0), settings_for(self, name, ""))]
+        settings = settings_for(self, name, "")
+        topics = main_destinations(bench_app(Tally(0), 0), settings)
+        needed = [name, *failure_topics(settings, topics)]
         await self.admin.create_topics(
             [NewTopic(name=t, num_partitions=partitions, replication_factor=1) for t in needed]
         )

@@ -1,4 +1,4 @@
-"""The jobstream worker: run typed handlers for jobs from Kafka or NATS JetStream.
+"""The jobstream worker: run typed handlers for jobs from Kafka, NATS JetStream or memory.
 
 ```python
 app = App("mail")
@@ -7,18 +7,21 @@ app = App("mail")
 async def send_welcome(job: SendWelcomeEmail, ctx: JobContext) -> None: ...
 ```
 
-`jobstream worker mymodule:app` runs it. docs/worker.md explains the guarantees.
+`jobstream worker mymodule:app` runs it; `consumer.memory.TestApp` runs it in a test.
+docs/worker.md explains the guarantees, docs/architecture.md the packages:
+`core` (shared, broker-free), `stores`, `telemetry`, `steps`, `runtime` (the worker) and
+one package per backend (`kafka`, `nats`, `memory`), chosen by `backend_for`.
 """
 
-from consumer._app import App, JobContext
-from consumer._errors import DeadLetter, JobTimeout, Retry, WorkerError
-from consumer._idempotency import ClaimState, IdempotencyStore, MemoryIdempotencyStore
+from consumer._backends import Backend, backend_for
 from consumer._run import open_worker, run_worker
-from consumer._settings import Settings
-from consumer._worker import Worker
+from consumer.core import App, DeadLetter, JobContext, JobTimeout, Retry, Settings, WorkerError
+from consumer.runtime import Worker
+from consumer.stores import ClaimState, IdempotencyStore, MemoryIdempotencyStore
 
 __all__ = [
     "App",
+    "Backend",
     "ClaimState",
     "DeadLetter",
     "IdempotencyStore",
@@ -29,6 +32,7 @@ __all__ = [
     "Settings",
     "Worker",
     "WorkerError",
+    "backend_for",
     "open_worker",
     "run_worker",
 ]

@@ -200,18 +200,15 @@ async def _follow(http: httpx.AsyncClient, jobs: list[Submitted], console: Conso
 
 
 async def _dead_letter(job: Submitted) -> dict[str, object] | None:
-    from consumer import Settings  # noqa: PLC0415 - imported once the env is set
-    from consumer._dead_letters import (  # noqa: PLC0415
-        DeadLetterFilter,
-        dead_letter_destinations,
-        find_dead_letters,
-    )
+    from consumer import Settings, backend_for  # noqa: PLC0415 - imported once the env is set
+    from consumer.core import DeadLetterFilter  # noqa: PLC0415
 
     settings = Settings()
+    backend = backend_for(settings.transport)
     where = DeadLetterFilter(ids=frozenset({job.job_id}))
-    destinations = dead_letter_destinations(settings, [job.job_type])
+    destinations = backend.dead_letter_destinations(settings, [job.job_type])
     for _ in range(20):  # the dead letter is written just before the job's state is
-        found = await find_dead_letters(settings, destinations, where)
+        found = await backend.find_dead_letters(settings, destinations, where)
         if found:
             return found[0].summary()
         await asyncio.sleep(0.25)

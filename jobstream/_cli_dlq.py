@@ -15,17 +15,9 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from consumer import Settings
-from consumer._dead_letters import (
-    DeadLetterFilter,
-    DeadLetterRecord,
-    ReplayResult,
-    dead_letter_destinations,
-    find_dead_letters,
-    replay,
-)
-from consumer._failures import unescape
-from consumer._telemetry import configure
+from consumer import Settings, backend_for
+from consumer.core import DeadLetterFilter, DeadLetterRecord, ReplayResult, unescape
+from consumer.telemetry import configure
 from jobstream._config import fail, import_job_modules, load_settings, run
 from schemas import default_registry
 
@@ -71,7 +63,7 @@ def _topics(settings: Settings, topics: list[str] | None) -> list[str]:
     types = default_registry.job_types()
     if not types:
         raise fail("no job types registered: set JOBSTREAM_JOB_MODULES or pass --topic", 2)
-    return dead_letter_destinations(settings, types)
+    return backend_for(settings.transport).dead_letter_destinations(settings, types)
 
 
 def _filter(job_type: str | None, reason: str | None, since: str | None, until: str | None,
@@ -90,18 +82,15 @@ def _settings() -> Settings:
 async def _list(
     settings: Settings, topics: list[str], where: DeadLetterFilter
 ) -> list[DeadLetterRecord]:
-    return await find_dead_letters(settings, topics, where)
+    return await backend_for(settings.transport).find_dead_letters(settings, topics, where)
 
 
 async def _replay(
     settings: Settings, records: list[DeadLetterRecord], *, force: bool, dry_run: bool,
     rate: float,
 ) -> list[ReplayResult]:  # fmt: skip
-    if settings.transport == "nats":
-        from consumer._nats_routing import replay_nats  # noqa: PLC0415
-
-        return await replay_nats(settings, records, force=force, dry_run=dry_run, rate_per_s=rate)
-    return await replay(settings, records, force=force, dry_run=dry_run, rate_per_s=rate)
+    backend = backend_for(settings.transport)
+    return await backend.replay(settings, records, force=force, dry_run=dry_run, rate_per_s=rate)
 
 
 def register(app: typer.Typer) -> None:

@@ -11,10 +11,8 @@ import typer
 import uvicorn
 
 from consumer import Settings
-from consumer._logging import configure_logging
-from consumer._run import open_status
-from consumer._status import FINAL_STATES, JobState, MemoryStatusStore, StatusStore
-from consumer._telemetry import configure
+from consumer.stores import FINAL_STATES, JobState, MemoryStatusStore, StatusStore, open_status
+from consumer.telemetry import configure, configure_logging
 from jobstream._config import USAGE, fail, import_job_modules, load_settings, run
 from jobstream._ingress import create_app
 

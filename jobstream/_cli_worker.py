@@ -10,7 +10,7 @@ from typing import Annotated
 import typer
 
 from consumer import App, Settings, WorkerError, run_worker
-from consumer._logging import configure_logging
+from consumer.telemetry import configure_logging
 from jobstream._config import fail, load_settings
 from schemas import JobstreamError
 

@@ -20,8 +20,7 @@ import typer
 from pydantic import ValidationError
 from pydantic_settings import BaseSettings, SettingsError
 
-from producer import ProducerSettings
-from producer._settings import CONFIG_FILE_ENV, ENV_PREFIX
+from producer import CONFIG_FILE_ENV, ENV_PREFIX, ProducerSettings
 from schemas import JobstreamError
 
 S = TypeVar("S", bound=BaseSettings)

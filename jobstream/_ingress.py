@@ -33,7 +33,7 @@ from fastapi.responses import JSONResponse, Response
 from opentelemetry import propagate, trace
 
 from consumer import Settings
-from consumer._status import FINAL_STATES, JobState, StatusStore, trace_id_now
+from consumer.stores import FINAL_STATES, JobState, StatusStore, trace_id_now
 from producer import BrokerUnavailable, JobProducer, PublishTimeout
 from schemas import (
     InvalidPayload,
@@ -211,7 +211,7 @@ class Ingress:
 def create_app(
     settings: Settings, status: StatusStore, *, registry: JobRegistry = default_registry
 ) -> FastAPI:
-    """The ingress app. `status` is shared with the workers (see `consumer._status`)."""
+    """The ingress app. `status` is shared with the workers (see `consumer.stores._status`)."""
     ingress = Ingress(settings, status, registry)
 
     @contextlib.asynccontextmanager

@@ -1,29 +1,32 @@
-"""Publish typed jobs to Kafka or NATS JetStream.
+"""Publish typed jobs to Kafka, NATS JetStream or an in-memory broker.
 
-`JobProducer` is the entry point; `Publisher` is the transport seam under it, with a
-Kafka, a NATS and an in-memory implementation. See docs/producer.md.
+`JobProducer` is the entry point; `Publisher` is the transport seam under it. Each backend
+is a package of its own, imported only when `transport` names it (`producer._backends`):
+`producer.kafka`, `producer.nats`, `producer.memory`. See docs/producer.md.
 """
 
 from producer._errors import BrokerUnavailable, DestinationMissing, PublishError, PublishTimeout
-from producer._kafka import KafkaPublisher, kafka_client_options
-from producer._memory import MemoryBroker, MemoryPublisher, MemoryRecord
-from producer._nats import NatsPublisher, connect_nats
 from producer._producer import JobProducer, PublishRequest
 from producer._provision import DestinationHook, plan_destinations
 from producer._publisher import Publisher, Receipt
-from producer._settings import KafkaSettings, NatsSettings, ProducerSettings, RoutingSettings
+from producer._settings import (
+    CONFIG_FILE_ENV,
+    ENV_PREFIX,
+    KafkaSettings,
+    NatsSettings,
+    ProducerSettings,
+    RoutingSettings,
+    Transport,
+)
 
 __all__ = [
+    "CONFIG_FILE_ENV",
+    "ENV_PREFIX",
     "BrokerUnavailable",
     "DestinationHook",
     "DestinationMissing",
     "JobProducer",
-    "KafkaPublisher",
     "KafkaSettings",
-    "MemoryBroker",
-    "MemoryPublisher",
-    "MemoryRecord",
-    "NatsPublisher",
     "NatsSettings",
     "ProducerSettings",
     "PublishError",
@@ -32,7 +35,6 @@ __all__ = [
     "Publisher",
     "Receipt",
     "RoutingSettings",
-    "connect_nats",
-    "kafka_client_options",
+    "Transport",
     "plan_destinations",
 ]

@@ -35,16 +35,14 @@ from typing import Any, Self
 from opentelemetry import trace
 from opentelemetry.trace import Span, SpanKind, Tracer, TracerProvider
 
-from producer import _tracecontext as otel
-from producer._kafka import KafkaPublisher
-from producer._memory import MemoryBroker, MemoryPublisher
-from producer._nats import NatsPublisher
+from producer import tracecontext as otel
+from producer._backends import make_publisher
 from producer._publisher import Publisher, Receipt
 from producer._settings import ProducerSettings
-from producer._tracecontext import TraceHeaders, current_trace_headers, traceparent_of
+from producer.tracecontext import TraceHeaders, current_trace_headers, traceparent_of
 from schemas import Job, JobMessage, JobRegistry, default_registry, encode, validate_payload
 
-__all__ = ["MAX_BATCH", "JobProducer", "PublishRequest", "make_publisher"]
+__all__ = ["MAX_BATCH", "JobProducer", "PublishRequest"]
 
 MAX_BATCH = 10_000
 """Most jobs `publish_many` encodes and hands to the publisher at once."""
@@ -66,15 +64,6 @@ class PublishRequest:
     """Do not start the job before this (timezone-aware) time."""
     subject: str | None = None
     """CloudEvents `subject`: what the job is about, e.g. `user/42`."""
-
-
-def make_publisher(settings: ProducerSettings) -> Publisher:
-    """The publisher for `settings.transport`, not started."""
-    if settings.transport == "kafka":
-        return KafkaPublisher(settings.kafka, settings.routing)
-    if settings.transport == "nats":
-        return NatsPublisher(settings.nats, settings.routing)
-    return MemoryPublisher(MemoryBroker(), partitions=settings.routing.partitions)
 
 
 class JobProducer:
@@ -133,10 +122,7 @@ class JobProducer:
 
     def destination(self, job_type: str) -> str:
         """Where jobs of `job_type` go: the topic (Kafka, memory) or subject (NATS)."""
-        routing = self._settings.routing
-        if self._publisher.transport == "nats":
-            return routing.subject(job_type)
-        return routing.topic(job_type)
+        return self._settings.routing.destination(self._publisher.transport, job_type)
 
     async def publish(
         self,

@@ -143,6 +143,10 @@ class RoutingSettings(_Frozen):
     def subject(self, job_type: str) -> str:
         return self.routes.get(job_type, f"{self.subject_prefix}{job_type}")
 
+    def destination(self, transport: Transport, job_type: str) -> str:
+        """The subject (NATS) or topic (Kafka, memory) of `job_type`."""
+        return self.subject(job_type) if transport == "nats" else self.topic(job_type)
+
 
 class ProducerSettings(BaseSettings):
     """Everything a service needs to publish jobs."""
@@ -166,6 +170,10 @@ class ProducerSettings(BaseSettings):
     """How to reach NATS JetStream (`JOBSTREAM_NATS__*`)."""
     routing: RoutingSettings = Field(default_factory=RoutingSettings)
     """Topic, subject and stream names, and how `topics ensure` creates them."""
+
+    def destination(self, job_type: str) -> str:
+        """Where jobs of `job_type` go: its subject on NATS, its topic on Kafka and memory."""
+        return self.routing.destination(self.transport, job_type)
 
     @classmethod
     def settings_customise_sources(

@@ -41,11 +41,17 @@ from aiokafka.admin import AIOKafkaAdminClient
 from nats.js.errors import NotFoundError
 
 from consumer import Settings
-from consumer._dead_letters import DeadLetterFilter, DeadLetterRecord, list_dead_letters
-from consumer._nats_provision import consumer_plan, ensure_key_partitions, stream_destinations
-from consumer._nats_routing import ensure_dead_letter_stream, list_nats_dead_letters
+from consumer.core import DeadLetterFilter, DeadLetterRecord
+from consumer.kafka import list_dead_letters
+from consumer.nats import (
+    consumer_plan,
+    ensure_dead_letter_stream,
+    ensure_key_partitions,
+    list_nats_dead_letters,
+    stream_destinations,
+)
 from producer import NatsSettings, RoutingSettings
-from producer._provision import ensure_nats_stream
+from producer.nats import ensure_nats_stream
 from schemas import Job
 from tests.apps.recorder import RecordJob, app
 from tests.conftest import KAFKA_BOOTSTRAP, NATS_URL, REDIS_URL, unique_name

@@ -13,12 +13,8 @@ import pytest
 from aiokafka import AIOKafkaProducer
 
 from consumer import Settings
-from consumer._dead_letters import (
-    DeadLetterFilter,
-    DeadLetterRecord,
-    list_dead_letters,
-    read_topics,
-)
+from consumer.core import DeadLetterFilter, DeadLetterRecord
+from consumer.kafka import list_dead_letters, read_topics
 from tests.apps.recorder import RecordJob, app
 from tests.conftest import KAFKA_BOOTSTRAP, REDIS_URL
 from tests.support import (

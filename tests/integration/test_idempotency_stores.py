@@ -10,8 +10,8 @@ import nats
 import pytest
 
 from consumer import ClaimState, IdempotencyStore, MemoryIdempotencyStore
-from consumer._idempotency import open_store
-from consumer._settings import IdempotencySettings
+from consumer.core import IdempotencySettings
+from consumer.stores import open_store
 from tests.conftest import NATS_URL, POSTGRES_DSN, REDIS_URL
 
 pytestmark = pytest.mark.integration

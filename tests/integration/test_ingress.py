@@ -13,8 +13,8 @@ import httpx
 import pytest
 
 from consumer import Settings
-from consumer._dead_letters import read_topics
 from consumer._run import open_status
+from consumer.kafka import read_topics
 from jobstream._ingress import create_app
 from tests.apps.recorder import app
 from tests.conftest import REDIS_URL

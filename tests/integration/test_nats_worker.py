@@ -29,10 +29,14 @@ import pytest
 from nats.js import JetStreamContext
 
 from consumer import Settings
-from consumer._nats_provision import ensure_key_partitions, max_deliver, stream_destinations
-from consumer._nats_routing import ensure_dead_letter_stream
+from consumer.nats import (
+    ensure_dead_letter_stream,
+    ensure_key_partitions,
+    max_deliver,
+    stream_destinations,
+)
 from producer import JobProducer, PublishRequest
-from producer._provision import ensure_nats_stream
+from producer.nats import ensure_nats_stream
 from tests.apps.recorder import RecordJob, app
 from tests.conftest import NATS_URL
 from tests.support import (

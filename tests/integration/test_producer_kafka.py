@@ -16,12 +16,12 @@ from producer import (
     BrokerUnavailable,
     DestinationMissing,
     JobProducer,
-    KafkaPublisher,
     KafkaSettings,
     ProducerSettings,
     PublishRequest,
     RoutingSettings,
 )
+from producer.kafka import KafkaPublisher
 from schemas import InvalidPayload
 from schemas.examples import GenerateReport, SendWelcomeEmail
 from tests.conftest import KAFKA_BOOTSTRAP

@@ -24,12 +24,12 @@ from producer import (
     BrokerUnavailable,
     DestinationMissing,
     JobProducer,
-    NatsPublisher,
     NatsSettings,
     ProducerSettings,
     PublishRequest,
     RoutingSettings,
 )
+from producer.nats import NatsPublisher
 from schemas import InvalidPayload
 from schemas.examples import GenerateReport, SendWelcomeEmail
 from tests.conftest import NATS_URL

@@ -24,15 +24,9 @@ from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanE
 from opentelemetry.trace import SpanContext, SpanKind, StatusCode
 
 from consumer import App, JobContext, Settings, Worker, open_worker
-from consumer._dead_letters import (
-    DeadLetterFilter,
-    DeadLetterRecord,
-    list_dead_letters,
-    read_topics,
-    replay,
-)
-from consumer._logging import JsonFormatter
-from consumer._telemetry import Telemetry
+from consumer.core import DeadLetterFilter, DeadLetterRecord
+from consumer.kafka import list_dead_letters, read_topics, replay
+from consumer.telemetry import JsonFormatter, Telemetry
 from producer import JobProducer
 from schemas import Job
 from tests.conftest import KAFKA_BOOTSTRAP

@@ -9,7 +9,7 @@ import json
 import pytest
 
 from consumer import App, JobContext, Settings, Worker
-from consumer._kafka_source import KafkaSource
+from consumer.kafka import KafkaSource
 from tests.apps.recorder import RecordJob
 from tests.apps.recorder import handle as record_handler
 from tests.support import publish_raw, read_sink, wait_until

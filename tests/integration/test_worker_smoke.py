@@ -8,7 +8,7 @@ import json
 import pytest
 
 from consumer import Settings, Worker
-from consumer._kafka_source import KafkaSource
+from consumer.kafka import KafkaSource
 from tests.apps.recorder import RecordJob, app
 from tests.support import publish_raw, read_sink, wait_until
 

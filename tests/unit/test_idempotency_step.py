@@ -6,11 +6,8 @@ import asyncio
 from datetime import UTC, datetime
 
 from consumer import ClaimState, MemoryIdempotencyStore
-from consumer._outcome import Outcome
-from consumer._pipeline import JobRun
-from consumer._settings import IdempotencySettings
-from consumer._source import Delivery
-from consumer._step_idempotency import IdempotencyStep
+from consumer.core import Delivery, IdempotencySettings, JobRun, Outcome
+from consumer.steps import IdempotencyStep
 from schemas import JobAttributes
 
 

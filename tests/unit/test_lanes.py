@@ -9,7 +9,8 @@ from hypothesis import settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
 
-from consumer._lanes import LaneScheduler, OrderingMode, lane_for
+from consumer.core import OrderingMode
+from consumer.runtime import LaneScheduler, lane_for
 
 
 @pytest.mark.parametrize(

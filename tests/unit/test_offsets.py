@@ -7,7 +7,7 @@ from hypothesis import settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
 
-from consumer._offsets import OffsetTracker
+from consumer.runtime import OffsetTracker
 
 TP = tuple[str, int]
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ast
+import importlib
 import inspect
 import itertools
 import pickle
@@ -27,22 +28,20 @@ from producer import (
     RoutingSettings,
     plan_destinations,
 )
-from producer._provision import _covers, stream_subjects
+from producer.nats import stream_subjects
+from producer.nats._provision import _covers
 from schemas import JobstreamError
 
 ROOT = Path(__file__).resolve().parents[2]
 
 EXPECTED = {
+    "CONFIG_FILE_ENV",
+    "ENV_PREFIX",
     "BrokerUnavailable",
     "DestinationHook",
     "DestinationMissing",
     "JobProducer",
-    "KafkaPublisher",
     "KafkaSettings",
-    "MemoryBroker",
-    "MemoryPublisher",
-    "MemoryRecord",
-    "NatsPublisher",
     "NatsSettings",
     "ProducerSettings",
     "PublishError",
@@ -51,9 +50,26 @@ EXPECTED = {
     "Publisher",
     "Receipt",
     "RoutingSettings",
-    "connect_nats",
-    "kafka_client_options",
+    "Transport",
     "plan_destinations",
+}
+BACKENDS = {
+    "producer.kafka": {
+        "KafkaPublisher",
+        "ensure_kafka_topics",
+        "kafka_client_options",
+        "make_publisher",
+    },
+    "producer.nats": {
+        "KEY_PARTITIONS_METADATA",
+        "NatsPublisher",
+        "connect_nats",
+        "ensure_nats_stream",
+        "key_partition",
+        "make_publisher",
+        "stream_subjects",
+    },
+    "producer.memory": {"MemoryBroker", "MemoryPublisher", "MemoryRecord", "make_publisher"},
 }
 
 
@@ -61,6 +77,14 @@ def test_all_is_exactly_the_public_api() -> None:
     assert set(producer.__all__) == EXPECTED
     for name in producer.__all__:
         assert getattr(producer, name) is not None
+
+
+@pytest.mark.parametrize("package", sorted(BACKENDS))
+def test_each_backend_package_exports_exactly_its_api(package: str) -> None:
+    module = importlib.import_module(package)
+    assert set(module.__all__) == BACKENDS[package]
+    for name in module.__all__:
+        assert getattr(module, name) is not None
 
 
 def test_public_signatures_are_typed() -> None:

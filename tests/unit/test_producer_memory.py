@@ -6,7 +6,8 @@ import asyncio
 
 import pytest
 
-from producer import DestinationMissing, MemoryBroker, MemoryPublisher
+from producer import DestinationMissing
+from producer.memory import MemoryBroker, MemoryPublisher
 from schemas import encode, from_kafka
 from schemas.examples import GenerateReport
 

@@ -10,14 +10,13 @@ import pytest
 from producer import (
     DestinationMissing,
     JobProducer,
-    MemoryBroker,
-    MemoryPublisher,
     ProducerSettings,
     PublishRequest,
     Receipt,
     RoutingSettings,
 )
 from producer._settings import Transport
+from producer.memory import MemoryBroker, MemoryPublisher
 from schemas import InvalidPayload, JobMessage, UnknownJobType, from_kafka
 from schemas.examples import GenerateReport, ResizeImage, SendWelcomeEmail
 

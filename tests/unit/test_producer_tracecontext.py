@@ -9,7 +9,8 @@ from opentelemetry import trace
 from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.trace import NonRecordingSpan, SpanContext, TraceFlags, TraceState
 
-from producer import JobProducer, MemoryBroker, MemoryPublisher, ProducerSettings, Receipt
+from producer import JobProducer, ProducerSettings, Receipt
+from producer.memory import MemoryBroker, MemoryPublisher
 from schemas import JobAttributes, from_kafka
 from schemas.examples import GenerateReport
 

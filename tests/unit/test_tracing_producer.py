@@ -11,15 +11,9 @@ from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 from opentelemetry.trace import SpanContext, SpanKind, TraceFlags, TraceState
 
-from producer import (
-    DestinationMissing,
-    JobProducer,
-    MemoryBroker,
-    MemoryPublisher,
-    ProducerSettings,
-    Receipt,
-)
-from producer._tracecontext import span_context_of, traceparent_of
+from producer import DestinationMissing, JobProducer, ProducerSettings, Receipt
+from producer.memory import MemoryBroker, MemoryPublisher
+from producer.tracecontext import span_context_of, traceparent_of
 from schemas import JobAttributes, from_kafka
 from schemas.examples import GenerateReport
 

@@ -16,12 +16,17 @@ from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanE
 from opentelemetry.trace import SpanContext, SpanKind, StatusCode
 
 from consumer import App, Settings, Worker
-from consumer._logging import JsonFormatter, TextFormatter
-from consumer._outcome import Outcome
-from consumer._pipeline import JobRun
-from consumer._routing import _traced
-from consumer._source import Delivery
-from consumer._step_tracing import HandOff, TraceLinks, TracingStep, handing_off, retrace
+from consumer.core import Delivery, JobRun, Outcome
+from consumer.runtime._record_routing import _traced
+from consumer.telemetry import (
+    HandOff,
+    JsonFormatter,
+    TextFormatter,
+    TraceLinks,
+    TracingStep,
+    handing_off,
+    retrace,
+)
 from schemas import InvalidAttributes, JobAttributes, encode
 from schemas.examples import GenerateReport
 

@@ -10,8 +10,8 @@ import pytest
 from opentelemetry.sdk.trace import TracerProvider
 
 from consumer import WorkerError
-from consumer._telemetry import Telemetry
-from consumer._telemetry import configure as configure_from_env
+from consumer.telemetry import Telemetry
+from consumer.telemetry import configure as configure_from_env
 
 
 @pytest.fixture(autouse=True)

@@ -1,0 +1,82 @@
+"""What every part of the worker shares, broker-free: the app and what a handler sees, the
+settings, the error tree, a delivery and the `Source` seam, a job run and the step chain,
+failure decisions and details, dead letters, and the `Backend` seam.
+
+Nothing here imports a broker client; `make check` enforces it.
+"""
+
+from consumer.core._app import App, CancellationSignal, HandlerSpec, JobContext, main_destinations
+from consumer.core._dead_letters import (
+    DeadLetterFilter,
+    DeadLetterRecord,
+    ReplayResult,
+    replay_headers,
+)
+from consumer.core._errors import DeadLetter, JobTimeout, Retry, WorkerError
+from consumer.core._failures import (
+    ERROR,
+    FAILURE_EXTENSIONS,
+    FIRST_FAILURE,
+    REASON,
+    REPLAY_OF,
+    SOURCE_TOPIC,
+    decide,
+    failure_details,
+    unescape,
+    utc_now,
+)
+from consumer.core._features import Features
+from consumer.core._outcome import Outcome
+from consumer.core._pipeline import Decision, FailureRouter, JobRun, Next, Step, compose
+from consumer.core._settings import (
+    IdempotencySettings,
+    LoggingSettings,
+    OrderingMode,
+    RetryPolicy,
+    RetrySettings,
+    Settings,
+)
+from consumer.core._source import Delivery, RevokeCallback, Source
+
+__all__ = [
+    "ERROR",
+    "FAILURE_EXTENSIONS",
+    "FIRST_FAILURE",
+    "REASON",
+    "REPLAY_OF",
+    "SOURCE_TOPIC",
+    "App",
+    "CancellationSignal",
+    "DeadLetter",
+    "DeadLetterFilter",
+    "DeadLetterRecord",
+    "Decision",
+    "Delivery",
+    "FailureRouter",
+    "Features",
+    "HandlerSpec",
+    "IdempotencySettings",
+    "JobContext",
+    "JobRun",
+    "JobTimeout",
+    "LoggingSettings",
+    "Next",
+    "OrderingMode",
+    "Outcome",
+    "ReplayResult",
+    "Retry",
+    "RetryPolicy",
+    "RetrySettings",
+    "RevokeCallback",
+    "Settings",
+    "Source",
+    "Step",
+    "WorkerError",
+    "compose",
+    "decide",
+    "failure_details",
+    "main_destinations",
+    "replay_headers",
+    "unescape",
+    "utc_now",
+]

@@ -1,0 +1,95 @@
+"""How one job is processed: a chain of steps, composed in one visible place.
+
+Order (outermost first): tracing -> metrics -> logging -> idempotency -> status ->
+failure routing -> cancellation -> timeout -> handler (tracing and metrics only when
+telemetry is on; see `_worker.py`, where the chain is composed). Status
+sits outside failure routing so it records `retrying` / `dead_lettered`; cancellation sits
+inside it so a cancelled job that raises is not retried. The status and cancellation steps
+are present when a status store is configured. Each step is a module of its own and sees
+the `JobRun`; it calls the next step and may act on the outcome or on the exception.
+Handler exceptions end in the failure step; `asyncio.CancelledError` (shutdown cut-off)
+passes through every step untouched, so a cut-off job is never settled.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Protocol
+
+from consumer.core._app import HandlerSpec, JobContext
+from consumer.core._outcome import Outcome
+from consumer.core._source import Delivery
+from schemas import Job, JobAttributes, JobDecodeError
+
+
+@dataclass(slots=True)
+class JobRun:
+    """One attempt at one delivery, as it moves through the steps."""
+
+    delivery: Delivery
+    job: Job | None
+    spec: HandlerSpec | None
+    context: JobContext | None
+    decode_error: JobDecodeError | None = None
+    started: float = field(default_factory=time.monotonic)
+    error: BaseException | None = None
+    failure_reason: str | None = None
+    """Set by the failure step: the reason code of the last routing decision."""
+
+    @property
+    def attributes(self) -> JobAttributes | None:
+        return self.delivery.attributes
+
+    def next_attempt(self) -> None:
+        """Make this run the job's next attempt (an in-place retry): one attempt later, a
+        fresh deadline, no error yet. Mutated in place, so every step sees the same run."""
+        assert self.attributes is not None
+        assert self.context is not None
+        attributes = self.attributes.replace(attempt=self.attributes.attempt + 1)
+        timeout = self.context.deadline - self.started
+        self.context = dataclasses.replace(
+            self.context, attributes=attributes, deadline=time.monotonic() + timeout
+        )
+        self.delivery = dataclasses.replace(self.delivery, attributes=attributes)
+        self.error = None
+        self.failure_reason = None
+
+
+Next = Callable[[JobRun], Awaitable[Outcome]]
+Step = Callable[[JobRun, Next], Awaitable[Outcome]]
+
+
+@dataclass(frozen=True, slots=True)
+class Decision:
+    """Where a failed job goes next (`core._failures.decide`)."""
+
+    retry: bool
+    delay_s: float
+    reason: str
+
+
+class FailureRouter(Protocol):
+    """Hands a failed job on: to a retry destination or the dead-letter destination (each
+    backend has one), or records the failure (`steps.RecordFailures`)."""
+
+    async def route(self, run: JobRun, error: Exception, decision: Decision) -> Outcome:
+        """Hand the failed job on (broker-acknowledged) and say how it was settled."""
+        ...
+
+
+def compose(steps: Sequence[Step], terminal: Next) -> Next:
+    """Chain `steps` around `terminal`, the first step outermost."""
+    chain = terminal
+    for step in reversed(steps):
+        chain = _bind(step, chain)
+    return chain
+
+
+def _bind(step: Step, following: Next) -> Next:
+    async def call(run: JobRun) -> Outcome:
+        return await step(run, following)
+
+    return call

@@ -1,0 +1,247 @@
+"""Kafka as a `Source`: consumer-group membership, batched commits after settle.
+
+The source reads the main topics and their retry tier topics in one consumer. A tier
+record that is not due yet (`jobnotbefore` in the future) is not handed out: its partition
+is paused and rewound to it, and resumed when it is due, so a waiting retry blocks neither
+other partitions nor the main topics, and holds no memory while it waits.
+
+Auto-commit is off. Every fetched record is tracked by the `OffsetTracker`; settled records
+advance the commit position, and commits happen in batches (`commit_every` settled records
+or `commit_interval_s`, whichever first), on revoke (after the runtime drained the revoked
+partitions) and on shutdown. Nothing else in jobstream commits offsets.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+import time
+from collections import Counter, deque
+from collections.abc import Sequence
+from datetime import UTC, datetime
+
+from aiokafka import AIOKafkaConsumer, ConsumerRecord, TopicPartition
+from aiokafka.abc import ConsumerRebalanceListener
+from aiokafka.errors import CommitFailedError, IllegalStateError, KafkaError
+from aiokafka.structs import OffsetAndMetadata
+
+from consumer.core import Delivery, Outcome, RevokeCallback, Settings, WorkerError
+from consumer.runtime import OffsetTracker
+from consumer.telemetry import Backlog
+from producer.kafka import kafka_client_options
+from schemas import JobDecodeError, from_kafka
+
+log = logging.getLogger("jobstream.kafka")
+
+
+class _Listener(ConsumerRebalanceListener):  # type: ignore[misc]
+    def __init__(self, source: KafkaSource) -> None:
+        self._source = source
+
+    async def on_partitions_revoked(self, revoked: list[TopicPartition]) -> None:
+        await self._source._revoked(revoked)
+
+    async def on_partitions_assigned(self, assigned: list[TopicPartition]) -> None:
+        self._source._assigned(assigned)
+
+
+class KafkaSource:
+    """A member of the consumer group `settings.worker.group` reading `topics`."""
+
+    def __init__(self, settings: Settings, topics: Sequence[str]) -> None:
+        worker = settings.worker
+        self._tiers = {tier for topic in topics for tier in settings.retry.tier_topics(topic)}
+        self._topics = sorted({*topics, *self._tiers})
+        self._settings = settings
+        self._consumer = AIOKafkaConsumer(
+            **kafka_client_options(settings.kafka),
+            group_id=worker.group,
+            enable_auto_commit=False,
+            auto_offset_reset="earliest",
+            isolation_level="read_committed",
+            max_poll_records=worker.fetch_max_records,
+            session_timeout_ms=int(worker.session_timeout_s * 1000),
+            heartbeat_interval_ms=int(worker.session_timeout_s * 1000 / 3),
+            max_poll_interval_ms=int(worker.max_poll_interval_s * 1000),
+            # A rebalance waits for our revoke drain (revoke_timeout_s) plus the commit.
+            rebalance_timeout_ms=int((worker.revoke_timeout_s + worker.session_timeout_s) * 1000),
+        )
+        self._tracker: OffsetTracker[TopicPartition] = OffsetTracker()
+        self._on_revoke: RevokeCallback | None = None
+        self._assignment: set[TopicPartition] = set()
+        self._ready = False
+        self._paused = False
+        self._commit_lock = asyncio.Lock()
+        self._fetch_max = worker.fetch_max_records
+        self._held: deque[tuple[TopicPartition, ConsumerRecord[bytes, bytes]]] = deque()
+        self._waiting: dict[TopicPartition, asyncio.TimerHandle] = {}
+
+    @property
+    def ready(self) -> bool:
+        return self._ready
+
+    @property
+    def tracker(self) -> OffsetTracker[TopicPartition]:
+        return self._tracker
+
+    async def start(self, on_revoke: RevokeCallback) -> None:
+        self._on_revoke = on_revoke
+        budget = self._settings.worker.broker_wait_s
+        deadline = time.monotonic() + budget
+        delay = 0.5
+        while True:
+            try:
+                await self._consumer.start()
+                break
+            except KafkaError as error:
+                if time.monotonic() + delay > deadline:
+                    servers = self._settings.kafka.bootstrap_servers
+                    msg = (
+                        f"Kafka at {servers} did not answer within {budget:g}s ({error}): "
+                        "check JOBSTREAM_KAFKA__BOOTSTRAP_SERVERS and that the broker runs"
+                    )
+                    await self._consumer.stop()
+                    raise WorkerError(msg) from error
+                log.warning("Kafka not reachable yet (%s); retrying in %.1fs", error, delay)
+                await asyncio.sleep(delay * (0.5 + random.random()))
+                delay = min(delay * 2, 10.0)
+        self._consumer.subscribe(self._topics, listener=_Listener(self))
+
+    async def fetch(self, max_records: int, timeout_s: float) -> list[Delivery]:
+        # Records that arrive beyond `max_records` (a fetch racing a pause) wait in `_held`
+        # instead of overrunning the runtime's in-flight bound.
+        if len(self._held) < max(max_records, 1):
+            # With records already in hand, only top up what is ready: never wait for more.
+            wait_ms = 0 if self._held else int(timeout_s * 1000)
+            batches = await self._consumer.getmany(timeout_ms=wait_ms, max_records=self._fetch_max)
+            for tp, records in batches.items():
+                self._held.extend((tp, record) for record in records)
+        deliveries: list[Delivery] = []
+        while self._held and len(deliveries) < max_records:
+            tp, record = self._held.popleft()
+            if tp not in self._assignment or tp in self._waiting:
+                continue  # revoked (the new owner reads it again) or rewound (read again)
+            delivery = _delivery(tp, record)
+            if tp.topic in self._tiers and self._hold_until_due(tp, delivery):
+                continue
+            self._tracker.track(tp, record.offset)
+            deliveries.append(delivery)
+        return deliveries
+
+    def _hold_until_due(self, tp: TopicPartition, delivery: Delivery) -> bool:
+        due = delivery.attributes.not_before if delivery.attributes is not None else None
+        wait = (due - datetime.now(UTC)).total_seconds() if due is not None else 0.0
+        if wait <= 0:
+            return False
+        self._consumer.pause(tp)
+        self._consumer.seek(tp, delivery.offset)
+        self._held = deque(item for item in self._held if item[0] != tp)
+        loop = asyncio.get_running_loop()
+        self._waiting[tp] = loop.call_later(wait, self._due, tp)
+        return True
+
+    def _due(self, tp: TopicPartition) -> None:
+        self._waiting.pop(tp, None)
+        if not self._paused and tp in self._assignment:
+            self._consumer.resume(tp)
+
+    def pause(self) -> None:
+        if not self._paused and self._assignment:
+            self._consumer.pause(*self._assignment)
+            self._paused = True
+
+    def resume(self) -> None:
+        if self._paused:
+            ready = [tp for tp in self._consumer.assignment() if tp not in self._waiting]
+            self._consumer.resume(*ready)
+            self._paused = False
+
+    def settle(self, delivery: Delivery, outcome: Outcome) -> None:
+        tp = delivery.partition
+        if isinstance(tp, TopicPartition) and tp in self._assignment:
+            try:
+                self._tracker.settle(tp, delivery.offset)
+            except ValueError:
+                # From an earlier assignment of this partition: already redelivered.
+                log.debug("stale settle ignored: %s", delivery.describe)
+
+    def owns(self, delivery: Delivery) -> bool:
+        return delivery.partition in self._assignment
+
+    def pending_commits(self) -> int:
+        return self._tracker.pending_commit()
+
+    async def backlog(self) -> list[Backlog]:
+        """Per assigned partition: records not yet settled here, i.e. its end (highwater)
+        minus the fetch position, plus what was fetched and is not settled yet (the
+        `jobstream.consumer.lag` metric; on a tier topic, the retries waiting there)."""
+        held = Counter(tp for tp, _ in self._held)
+        found: list[Backlog] = []
+        for tp in sorted(self._assignment):
+            end = self._consumer.highwater(tp)
+            if end is None:
+                continue  # no fetch answered for it yet
+            try:
+                position = await asyncio.wait_for(self._consumer.position(tp), 1.0)
+            except (KafkaError, IllegalStateError, TimeoutError):
+                continue  # revoked meanwhile, or no position yet
+            waiting = max(0, end - position) + held[tp] + self._tracker.unsettled(tp)
+            found.append(Backlog(tp.topic, str(tp.partition), waiting))
+        return found
+
+    async def commit(self) -> None:
+        async with self._commit_lock:
+            positions = self._tracker.committable()
+            if not positions:
+                return
+            offsets = {tp: OffsetAndMetadata(pos, "") for tp, pos in positions.items()}
+            try:
+                await self._consumer.commit(offsets)
+            except (CommitFailedError, IllegalStateError) as error:
+                # The group moved on (rebalance): these records will be redelivered to the
+                # new owner and skipped there by the idempotency store.
+                log.warning("commit failed, records will be redelivered: %s", error)
+                return
+            self._tracker.mark_committed(positions)
+            log.debug(
+                "committed %s", {f"{tp.topic}[{tp.partition}]": p for tp, p in positions.items()}
+            )
+
+    async def stop(self) -> None:
+        await self._consumer.stop()
+
+    async def _revoked(self, revoked: list[TopicPartition]) -> None:
+        revoked_set = set(revoked)
+        if self._on_revoke is not None and revoked_set:
+            await self._on_revoke(list(revoked_set))
+        try:
+            await self.commit()
+        except KafkaError as error:
+            log.warning("commit on revoke failed: %s", error)
+        self._assignment -= revoked_set
+        self._tracker.forget(revoked_set)
+        self._held = deque(item for item in self._held if item[0] not in revoked_set)
+        for tp in revoked_set & self._waiting.keys():
+            self._waiting.pop(tp).cancel()
+        self._paused = False
+
+    def _assigned(self, assigned: list[TopicPartition]) -> None:
+        self._assignment = set(self._consumer.assignment())
+        self._paused = False
+        self._ready = True
+        log.info("assigned %s", sorted(f"{tp.topic}[{tp.partition}]" for tp in assigned))
+
+
+def _delivery(tp: TopicPartition, record: ConsumerRecord[bytes, bytes]) -> Delivery:
+    headers = list(record.headers or ())
+    value = record.value or b""
+    try:
+        attributes = from_kafka(record.key, headers)
+        error: JobDecodeError | None = None
+    except JobDecodeError as exc:
+        attributes, error = None, exc
+    return Delivery(
+        partition=tp, offset=record.offset, topic=tp.topic, attributes=attributes,
+        body=value, raw_key=record.key, raw_headers=headers, error=error,
+    )  # fmt: skip

@@ -1,0 +1,25 @@
+"""The worker runtime, written once for every backend: admission under the in-flight
+bound, lanes (ordering), offset tracking, the commit loop, revoke and shutdown drains, the
+health endpoint, and failure routing to retry and dead-letter records (used by the
+backends whose retries are records: Kafka and memory)."""
+
+from consumer.runtime._health import HealthServer
+from consumer.runtime._lanes import LaneScheduler, lane_for
+from consumer.runtime._offsets import OffsetTracker
+from consumer.runtime._record_routing import (
+    RecordFailureRouter,
+    RecordPublisher,
+    until_acknowledged,
+)
+from consumer.runtime._worker import Worker
+
+__all__ = [
+    "HealthServer",
+    "LaneScheduler",
+    "OffsetTracker",
+    "RecordFailureRouter",
+    "RecordPublisher",
+    "Worker",
+    "lane_for",
+    "until_acknowledged",
+]

@@ -1,0 +1,22 @@
+"""The steps of a job run, one module each, composed by the worker in this order
+(outermost first): tracing -> metrics (`consumer.telemetry`) -> logging -> idempotency ->
+status -> failure routing -> cancellation -> timeout -> handler. See `core/_pipeline.py`."""
+
+from consumer.steps._cancel import CancellationStep
+from consumer.steps._failure import FailureStep, RecordFailures
+from consumer.steps._handler import HandlerStep
+from consumer.steps._idempotency import IdempotencyStep
+from consumer.steps._logging import logging_step
+from consumer.steps._status import StatusStep
+from consumer.steps._timeout import TimeoutStep
+
+__all__ = [
+    "CancellationStep",
+    "FailureStep",
+    "HandlerStep",
+    "IdempotencyStep",
+    "RecordFailures",
+    "StatusStep",
+    "TimeoutStep",
+    "logging_step",
+]

@@ -1,0 +1,65 @@
+"""Step: turn a handler's exception into a settled outcome.
+
+The failure is classified (`_failures.decide`): retry after a delay, or dead-letter. In
+strict order mode (`retry.in_place`) a retry happens right here, in the job's lane, after
+the backoff, so later jobs of the same key wait; otherwise the `FailureRouter` hands the
+job to a retry tier or the dead-letter destination and returns once the broker
+acknowledged it, so the offset is committed after the hand-off, never before.
+
+A job cut off by shutdown (its task was cancelled) is not settled and is redelivered; a
+`CancelledError` the handler raised by itself is an ordinary failure.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+
+from consumer.core import (
+    Decision,
+    FailureRouter,
+    JobRun,
+    Next,
+    Outcome,
+    RetrySettings,
+    decide,
+    utc_now,
+)
+
+log = logging.getLogger("jobstream.failure")
+
+
+class RecordFailures:
+    """The router of the in-memory setup: the failure is logged and the job settled as
+    failed, so one bad job never blocks its partition."""
+
+    async def route(self, run: JobRun, error: Exception, decision: Decision) -> Outcome:
+        return Outcome.FAILED
+
+
+class FailureStep:
+    def __init__(self, router: FailureRouter, settings: RetrySettings) -> None:
+        self._router = router
+        self._settings = settings
+
+    async def __call__(self, run: JobRun, call_next: Next) -> Outcome:
+        while True:
+            try:
+                return await call_next(run)
+            except asyncio.CancelledError as cancelled:
+                current = asyncio.current_task()
+                if current is not None and current.cancelling():
+                    raise  # the worker cut the job off (shutdown, revoke): leave it unsettled
+                error: Exception = RuntimeError(f"handler raised CancelledError: {cancelled}")
+            except Exception as caught:  # noqa: BLE001 - every handler failure is routed
+                error = caught
+            run.error = error
+            decision = decide(run, error, self._settings, now=utc_now())
+            run.failure_reason = decision.reason
+            if not (decision.retry and self._settings.in_place):
+                return await self._router.route(run, error, decision)
+            log.info(
+                "retrying %s in place in %.1fs: %s", run.delivery.describe, decision.delay_s, error
+            )
+            await asyncio.sleep(decision.delay_s)
+            run.next_attempt()

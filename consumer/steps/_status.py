@@ -1,0 +1,52 @@
+"""Step: record the job's state transitions in the status store (running, then its
+outcome). Writes are bounded in time and never fail the job: status is an observation."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from typing import Any
+
+from consumer.core import JobRun, Next, Outcome
+from consumer.stores import JobState, StatusStore, trace_id_now
+
+log = logging.getLogger("jobstream.status")
+_WRITE_TIMEOUT_S = 2.0
+_STATES = {
+    Outcome.COMPLETED: JobState.SUCCEEDED,
+    Outcome.RETRYING: JobState.RETRYING,
+    Outcome.DEAD_LETTERED: JobState.DEAD_LETTERED,
+    Outcome.FAILED: JobState.FAILED,
+    Outcome.CANCELLED: JobState.CANCELLED,
+}
+
+
+class StatusStep:
+    def __init__(self, store: StatusStore) -> None:
+        self._store = store
+
+    async def __call__(self, run: JobRun, call_next: Next) -> Outcome:
+        attributes = run.attributes
+        if attributes is None:
+            return await call_next(run)
+        job_id = attributes.id
+        await self._write(job_id, JobState.RUNNING, job_type=attributes.type,
+                          attempts=attributes.attempt, trace_id=trace_id_now())  # fmt: skip
+        outcome = await call_next(run)
+        state = _STATES.get(outcome)
+        if state is not None:
+            error = run.error
+            attempts = run.context.attempt if run.context else attributes.attempt
+            await self._write(
+                job_id, state, attempts=attempts,
+                last_error=f"{type(error).__name__}: {error}"[:500] if error is not None else None,
+                reason=run.failure_reason if outcome is Outcome.DEAD_LETTERED else None,
+            )  # fmt: skip
+        return outcome
+
+    async def _write(self, job_id: str, state: JobState, **fields: Any) -> None:
+        try:
+            async with asyncio.timeout(_WRITE_TIMEOUT_S):
+                await self._store.record(job_id, state, **fields)
+        except Exception as error:  # noqa: BLE001 - status must never fail a job
+            log.warning("could not record %s for job %s: %s", state.value, job_id, error)

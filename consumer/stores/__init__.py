@@ -1,0 +1,30 @@
+"""Where the worker remembers things between deliveries: idempotency claims (memory,
+Redis, PostgreSQL; the NATS KV store is the NATS backend's) and job status with
+cancellation requests (memory, Redis). No broker client is imported here."""
+
+from consumer.stores._idempotency import ClaimState, IdempotencyStore, MemoryIdempotencyStore
+from consumer.stores._open import open_status, open_store
+from consumer.stores._status import (
+    FINAL_STATES,
+    JobState,
+    JobStatus,
+    MemoryStatusStore,
+    StatusStore,
+    open_status_store,
+    trace_id_now,
+)
+
+__all__ = [
+    "FINAL_STATES",
+    "ClaimState",
+    "IdempotencyStore",
+    "JobState",
+    "JobStatus",
+    "MemoryIdempotencyStore",
+    "MemoryStatusStore",
+    "StatusStore",
+    "open_status",
+    "open_status_store",
+    "open_store",
+    "trace_id_now",
+]

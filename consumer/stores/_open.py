@@ -1,0 +1,37 @@
+"""Open the stores the settings name: idempotency (memory, Redis, PostgreSQL) and status.
+
+The `nats-kv` backend is a JetStream bucket: the NATS backend opens it
+(`consumer.nats.open_kv_store`, chosen in `consumer/_backends.py`), so this package never
+imports nats-py.
+"""
+
+from __future__ import annotations
+
+from consumer.core import IdempotencySettings, Settings
+from consumer.stores._idempotency import IdempotencyStore, MemoryIdempotencyStore
+from consumer.stores._status import StatusStore, open_status_store
+
+
+async def open_store(settings: IdempotencySettings) -> IdempotencyStore:
+    """The store `settings.backend` names, connected. Raises `ValueError` for `nats-kv`,
+    which `consumer._backends.open_idempotency_store` opens through the NATS backend."""
+    if settings.backend == "memory":
+        return MemoryIdempotencyStore()
+    url = settings.url.get_secret_value() if settings.url else ""
+    if settings.backend == "redis":
+        from consumer.stores._redis import RedisIdempotencyStore  # noqa: PLC0415 - optional
+
+        return await RedisIdempotencyStore.connect(url, settings.namespace)
+    if settings.backend == "postgres":
+        from consumer.stores._postgres import PostgresIdempotencyStore  # noqa: PLC0415
+
+        return await PostgresIdempotencyStore.connect(url, settings.namespace)
+    msg = f"idempotency backend {settings.backend!r} is opened by its broker backend"
+    raise ValueError(msg)
+
+
+async def open_status(settings: Settings) -> StatusStore | None:
+    """The configured status store, connected (None when `status.backend` is `none`)."""
+    status = settings.status
+    url = status.url.get_secret_value() if status.url else None
+    return await open_status_store(status.backend, url, status.namespace, status.retention_s)

@@ -1,0 +1,96 @@
+"""PostgreSQL idempotency store: one row per job key in `<namespace>_idempotency`.
+
+A claim is a single `INSERT ... ON CONFLICT DO UPDATE ... WHERE` that only takes over a
+row whose claim expired or is our own, so two workers can never both hold a live claim.
+Expired rows are deleted now and then (the retention bound).
+"""
+
+from __future__ import annotations
+
+import re
+
+from psycopg import sql
+from psycopg_pool import AsyncConnectionPool
+
+from consumer.stores._idempotency import ClaimState
+
+_CLEANUP_EVERY = 1000
+
+
+class PostgresIdempotencyStore:
+    def __init__(self, pool: AsyncConnectionPool, table: str) -> None:
+        self._pool = pool
+        self._table = sql.Identifier(table)
+        self._completions = 0
+
+    @classmethod
+    async def connect(cls, url: str, namespace: str) -> PostgresIdempotencyStore:
+        if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", namespace):
+            msg = f"idempotency namespace {namespace!r} must be a plain SQL identifier"
+            raise ValueError(msg)
+        pool = AsyncConnectionPool(
+            url, min_size=1, max_size=8, open=False, kwargs={"autocommit": True}
+        )
+        await pool.open(wait=True, timeout=10)
+        store = cls(pool, f"{namespace}_idempotency")
+        async with pool.connection() as conn:
+            await conn.execute(
+                sql.SQL(
+                    "CREATE TABLE IF NOT EXISTS {} (key text PRIMARY KEY, state text NOT NULL,"
+                    " owner text NOT NULL, expires_at timestamptz NOT NULL)"
+                ).format(store._table)
+            )
+        return store
+
+    async def claim(self, key: str, owner: str, lease_s: float) -> ClaimState:
+        query = sql.SQL(
+            "INSERT INTO {t} AS t (key, state, owner, expires_at)"
+            " VALUES (%s, 'running', %s, now() + make_interval(secs => %s))"
+            " ON CONFLICT (key) DO UPDATE SET state = 'running', owner = EXCLUDED.owner,"
+            " expires_at = EXCLUDED.expires_at"
+            " WHERE t.expires_at < now() OR (t.state = 'running' AND t.owner = EXCLUDED.owner)"
+            " RETURNING state"
+        ).format(t=self._table)
+        async with self._pool.connection() as conn:
+            claimed = await (await conn.execute(query, (key, owner, lease_s))).fetchone()
+            if claimed is not None:
+                return ClaimState.CLAIMED
+            row = await (
+                await conn.execute(
+                    sql.SQL("SELECT state FROM {} WHERE key = %s").format(self._table), (key,)
+                )
+            ).fetchone()
+        if row is not None and row[0] == "done":
+            return ClaimState.COMPLETED
+        return ClaimState.BUSY
+
+    async def renew(self, key: str, owner: str, lease_s: float) -> bool:
+        query = sql.SQL(
+            "UPDATE {} SET expires_at = now() + make_interval(secs => %s)"
+            " WHERE key = %s AND owner = %s AND state = 'running'"
+        ).format(self._table)
+        async with self._pool.connection() as conn:
+            return (await conn.execute(query, (lease_s, key, owner))).rowcount == 1
+
+    async def complete(self, key: str, owner: str, retention_s: float) -> None:
+        query = sql.SQL(
+            "INSERT INTO {t} AS t (key, state, owner, expires_at)"
+            " VALUES (%s, 'done', %s, now() + make_interval(secs => %s))"
+            " ON CONFLICT (key) DO UPDATE SET state = 'done', owner = EXCLUDED.owner,"
+            " expires_at = EXCLUDED.expires_at"
+        ).format(t=self._table)
+        async with self._pool.connection() as conn:
+            await conn.execute(query, (key, owner, retention_s))
+            self._completions += 1
+            if self._completions % _CLEANUP_EVERY == 0:
+                await conn.execute(
+                    sql.SQL("DELETE FROM {} WHERE expires_at < now()").format(self._table)
+                )
+
+    async def release(self, key: str, owner: str) -> None:
+        query = sql.SQL("DELETE FROM {} WHERE key = %s AND owner = %s AND state = 'running'")
+        async with self._pool.connection() as conn:
+            await conn.execute(query.format(self._table), (key, owner))
+
+    async def close(self) -> None:
+        await self._pool.close()

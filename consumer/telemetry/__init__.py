@@ -1,0 +1,33 @@
+"""Traces, metrics and logs: the tracing and metrics steps, hand-off and replay spans, the
+OTEL_* configuration and the JSON log format. No broker client is imported here."""
+
+from consumer.telemetry._logging import JsonFormatter, TextFormatter, configure_logging
+from consumer.telemetry._metrics import Backlog, ReportsBacklog, WorkerMetrics
+from consumer.telemetry._telemetry import Telemetry, configure
+from consumer.telemetry._tracing import (
+    PREVIOUS_ATTEMPT,
+    HandOff,
+    TraceLinks,
+    TracingStep,
+    handing_off,
+    replaying,
+    retrace,
+)
+
+__all__ = [
+    "PREVIOUS_ATTEMPT",
+    "Backlog",
+    "HandOff",
+    "JsonFormatter",
+    "ReportsBacklog",
+    "Telemetry",
+    "TextFormatter",
+    "TraceLinks",
+    "TracingStep",
+    "WorkerMetrics",
+    "configure",
+    "configure_logging",
+    "handing_off",
+    "replaying",
+    "retrace",
+]

@@ -1,0 +1,14 @@
+"""The Kafka backend of the producer: `KafkaPublisher` (an idempotent aiokafka producer,
+`acks=all`), the client options every aiokafka client of jobstream shares, and topic
+creation. The only producer package that imports aiokafka."""
+
+from producer._settings import ProducerSettings
+from producer.kafka._provision import ensure_kafka_topics
+from producer.kafka._publisher import KafkaPublisher, kafka_client_options
+
+__all__ = ["KafkaPublisher", "ensure_kafka_topics", "kafka_client_options", "make_publisher"]
+
+
+def make_publisher(settings: ProducerSettings) -> KafkaPublisher:
+    """The publisher `producer._backends` selects for `transport = "kafka"`."""
+    return KafkaPublisher(settings.kafka, settings.routing)

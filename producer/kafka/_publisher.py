@@ -1,0 +1,345 @@
+"""Kafka as a `Publisher`: an idempotent aiokafka producer with `acks=all`.
+
+Guarantees:
+
+- A receipt means every in-sync replica has the record (`acks=all`); the idempotent
+  producer keeps per-partition order and drops its own retried duplicates.
+- Nothing waits forever: `start()` gives up after `connect_timeout_s`; each publish after
+  `publish_timeout_s` (the client's request timeout is capped to it, so a record that was
+  not delivered in time expires inside the client instead of being sent later).
+- A topic that does not exist fails fast with `DestinationMissing`, checked once per topic
+  with a metadata request, instead of waiting for the client's metadata timeout.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import AsyncIterator, Iterable, Sequence
+from typing import Any
+
+from aiokafka import AIOKafkaProducer
+from aiokafka.admin import AIOKafkaAdminClient
+from aiokafka.errors import KafkaError, KafkaTimeoutError, UnknownTopicOrPartitionError
+from aiokafka.helpers import create_ssl_context
+from aiokafka.partitioner import DefaultPartitioner
+
+from producer._errors import BrokerUnavailable, DestinationMissing, PublishError, PublishTimeout
+from producer._publisher import Receipt
+from producer._settings import KafkaSettings, RoutingSettings, Transport
+from producer.kafka._provision import ensure_kafka_topics
+from schemas import JobMessage, to_kafka
+
+__all__ = ["KafkaPublisher", "kafka_client_options"]
+
+log = logging.getLogger("jobstream.producer")
+
+_ID_HEADER = "ce_id"
+_PARTITIONER = DefaultPartitioner()
+_MAX_BACKOFF_S = 2.0
+
+
+def kafka_client_options(settings: KafkaSettings) -> dict[str, Any]:
+    """Keyword arguments every aiokafka client (producer, consumer, admin) needs to reach
+    the cluster: addresses, client id, request timeout, TLS and SASL."""
+    options: dict[str, Any] = {
+        "bootstrap_servers": settings.bootstrap_servers,
+        "client_id": settings.client_id,
+        "request_timeout_ms": int(settings.request_timeout_s * 1000),
+        "security_protocol": settings.security_protocol,
+    }
+    if settings.security_protocol in ("SSL", "SASL_SSL"):
+        password = settings.ssl_password.get_secret_value() if settings.ssl_password else None
+        options["ssl_context"] = create_ssl_context(
+            cafile=settings.ssl_cafile,
+            certfile=settings.ssl_certfile,
+            keyfile=settings.ssl_keyfile,
+            password=password,
+        )
+    if settings.security_protocol.startswith("SASL_"):
+        options["sasl_mechanism"] = settings.sasl_mechanism or "PLAIN"
+        options["sasl_plain_username"] = settings.sasl_username
+        if settings.sasl_password is not None:
+            options["sasl_plain_password"] = settings.sasl_password.get_secret_value()
+    return options
+
+
+class KafkaPublisher:
+    """Publishes jobs to Kafka topics. Use through `JobProducer`, or directly for raw
+    records (`send_record`, the worker's retry and dead-letter path)."""
+
+    def __init__(self, settings: KafkaSettings, routing: RoutingSettings | None = None) -> None:
+        """`routing` gives partitions and replication factor of topics `ensure` creates."""
+        self._settings = settings
+        self._routing = routing if routing is not None else RoutingSettings()
+        self._timeout = settings.publish_timeout_s
+        self._producer: Any = None
+        self._known_topics: set[str] = set()
+
+    @property
+    def transport(self) -> Transport:
+        return "kafka"
+
+    async def start(self) -> None:
+        """Connect, retrying with backoff for up to `connect_timeout_s`."""
+        if self._producer is not None:
+            return
+        deadline = time.monotonic() + self._settings.connect_timeout_s
+        backoff = 0.1
+        while True:
+            producer = self._new_producer()
+            try:
+                async with asyncio.timeout(max(deadline - time.monotonic(), 0.01)):
+                    await producer.start()
+            except (KafkaError, OSError, TimeoutError) as error:
+                await producer.stop()
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    raise BrokerUnavailable(
+                        "kafka", self._settings.bootstrap_servers, _describe(error)
+                    ) from error
+                log.debug("kafka not reachable yet (%r); retrying in %.1fs", error, backoff)
+                await asyncio.sleep(min(backoff, left))  # the last attempt is at the deadline
+                backoff = min(backoff * 2, _MAX_BACKOFF_S)
+            else:
+                self._producer = producer
+                return
+
+    async def stop(self) -> None:
+        """Deliver what is queued (bounded by the request timeout), then disconnect."""
+        producer, self._producer = self._producer, None
+        if producer is not None:
+            await producer.stop()
+
+    async def send(self, destination: str, message: JobMessage) -> Receipt:
+        key, headers = to_kafka(message.attributes)
+        future = await self._enqueue(destination, key, headers, message.body)
+        async with self._deadline(destination):
+            return await self._receipt(message.attributes.id, destination, future)
+
+    async def send_many(self, items: Sequence[tuple[str, JobMessage]]) -> list[Receipt]:
+        # Build record batches per partition ourselves and hand each over whole: about four
+        # times cheaper per record than `send()`, and the partition of a key is the one
+        # `send()` picks (aiokafka's default partitioner), so `send` and `send_many` agree.
+        producer = self._running()
+        layout: dict[str, tuple[list[int], list[int]]] = {}  # topic -> (all, available)
+        for topic in dict.fromkeys(topic for topic, _ in items):
+            layout[topic] = await self._layout(topic)
+        open_batches: dict[tuple[str, int], _Batch] = {}
+        submitted: list[_Batch] = []
+        placed: list[tuple[str, _Batch, int]] = []  # (job id, batch, offset in the batch)
+        try:
+            for topic, message in items:
+                key, headers = to_kafka(message.attributes)
+                partition = int(_PARTITIONER(key, *layout[topic]))
+                batch = open_batches.get((topic, partition))
+                if batch is None:
+                    batch = open_batches[(topic, partition)] = _Batch(producer, topic, partition)
+                relative = batch.append(key, message.body, headers)
+                if relative is None:  # full: send it, start the next one
+                    await self._submit(batch)
+                    submitted.append(batch)
+                    batch = open_batches[(topic, partition)] = _Batch(producer, topic, partition)
+                    relative = batch.append(key, message.body, headers)
+                    if relative is None:
+                        msg = f"job {message.attributes.id} is larger than kafka.max_batch_bytes"
+                        raise PublishError(msg)
+                placed.append((message.attributes.id, batch, relative))
+            for batch in open_batches.values():
+                await self._submit(batch)
+                submitted.append(batch)
+            async with self._deadline(submitted[-1].topic if submitted else ""):
+                for batch in submitted:
+                    batch.base_offset = (await batch.future()).offset
+        except BaseException:
+            _discard(b.future() for b in submitted)
+            raise
+        return [
+            Receipt(job_id, "kafka", batch.topic, batch.partition, batch.base_offset + relative)
+            for job_id, batch, relative in placed
+        ]
+
+    async def send_record(
+        self, topic: str, key: bytes | None, headers: list[tuple[str, bytes]], value: bytes
+    ) -> Receipt:
+        """Publish a raw record as-is: the worker's path to retry and dead-letter topics."""
+        job_id = next((v.decode(errors="replace") for n, v in headers if n == _ID_HEADER), "")
+        future = await self._enqueue(topic, key, headers, value)
+        async with self._deadline(topic):
+            return await self._receipt(job_id, topic, future)
+
+    async def check(self, destinations: Sequence[str]) -> None:
+        """Raise `DestinationMissing` naming every topic in `destinations` that does not
+        exist (without creating any); the worker calls this at start."""
+        missing: list[str] = []
+        for topic in dict.fromkeys(destinations):
+            if topic not in self._known_topics:
+                try:
+                    await self._check_topic(topic)
+                except DestinationMissing:
+                    missing.append(topic)
+        if missing:
+            raise DestinationMissing("kafka", ", ".join(missing))
+
+    async def ensure(self, destinations: Sequence[str]) -> list[str]:
+        admin = AIOKafkaAdminClient(**kafka_client_options(self._settings))
+        try:
+            async with asyncio.timeout(self._settings.connect_timeout_s):
+                await admin.start()
+        except (KafkaError, OSError, TimeoutError) as error:
+            await admin.close()
+            address = self._settings.bootstrap_servers
+            raise BrokerUnavailable("kafka", address, _describe(error)) from error
+        try:
+            created = await ensure_kafka_topics(admin, destinations, self._routing)
+        except KafkaError as error:
+            msg = f"kafka could not create topics ({_describe(error)}); check the broker"
+            raise PublishError(msg) from error
+        finally:
+            await admin.close()
+        return created
+
+    def _new_producer(self) -> Any:
+        settings = self._settings
+        options = kafka_client_options(settings)
+        # Cap the client's own timeouts to ours, so an undelivered batch expires inside
+        # aiokafka instead of being sent after we reported a timeout.
+        request_timeout = min(settings.request_timeout_s, settings.publish_timeout_s)
+        options["request_timeout_ms"] = int(request_timeout * 1000)
+        return AIOKafkaProducer(
+            **options,
+            acks="all",
+            enable_idempotence=True,
+            linger_ms=settings.linger_ms,
+            max_batch_size=settings.max_batch_bytes,
+            compression_type=None if settings.compression == "none" else settings.compression,
+        )
+
+    def _running(self) -> Any:
+        if self._producer is None:
+            msg = "KafkaPublisher is not started: await start() (or use `async with JobProducer`)"
+            raise RuntimeError(msg)
+        return self._producer
+
+    async def _check_topic(self, topic: str) -> None:
+        """Fail fast if `topic` does not exist; else make the client track its metadata."""
+        producer = self._running()
+        if producer.client.cluster.partitions_for_topic(topic) is None:
+            try:
+                async with asyncio.timeout(self._timeout):
+                    metadata = await producer.client.fetch_all_metadata()
+            except (KafkaError, TimeoutError) as error:
+                address = self._settings.bootstrap_servers
+                raise BrokerUnavailable("kafka", address, _describe(error)) from error
+            if metadata.partitions_for_topic(topic) is None:
+                raise DestinationMissing("kafka", topic)
+        try:
+            await producer.partitions_for(topic)  # tracked from now on, refreshed by aiokafka
+        except KafkaError as error:
+            raise self._translate(error, topic) from error
+        self._known_topics.add(topic)
+
+    async def _layout(self, topic: str) -> tuple[list[int], list[int]]:
+        """All and available partitions of `topic`, for the partitioner."""
+        producer = self._running()
+        if topic not in self._known_topics:
+            await self._check_topic(topic)
+        try:
+            every = sorted(await producer.partitions_for(topic))  # cached by the client
+        except KafkaError as error:
+            raise self._translate(error, topic) from error
+        available = sorted(producer.client.cluster.available_partitions_for_topic(topic) or ())
+        return every, available or every
+
+    async def _submit(self, batch: _Batch) -> None:
+        try:
+            batch.submitted = await batch.producer.send_batch(
+                batch.builder, batch.topic, partition=batch.partition
+            )
+        except KafkaError as error:
+            raise self._translate(error, batch.topic) from error
+
+    async def _enqueue(
+        self, topic: str, key: bytes | None, headers: list[tuple[str, bytes]], value: bytes
+    ) -> asyncio.Future[Any]:
+        """Hand a record to the client's batch. aiokafka bounds this by its request timeout
+        (capped to ours) when the partition's batch is full."""
+        producer = self._running()
+        if topic not in self._known_topics:
+            await self._check_topic(topic)
+        try:
+            future: asyncio.Future[Any] = await producer.send(
+                topic, value, key=key, headers=headers
+            )
+        except KafkaError as error:
+            raise self._translate(error, topic) from error
+        return future
+
+    async def _receipt(self, job_id: str, topic: str, future: asyncio.Future[Any]) -> Receipt:
+        metadata = await future
+        return Receipt(job_id, "kafka", metadata.topic, metadata.partition, metadata.offset)
+
+    @contextlib.asynccontextmanager
+    async def _deadline(self, topic: str) -> AsyncIterator[None]:
+        """Bound waiting for acknowledgements by `publish_timeout_s`; translate errors."""
+        try:
+            async with asyncio.timeout(self._timeout):
+                yield
+        except TimeoutError as error:
+            raise PublishTimeout("kafka", topic, self._timeout) from error
+        except KafkaError as error:
+            raise self._translate(error, topic) from error
+
+    def _translate(self, error: KafkaError, topic: str) -> PublishError:
+        if isinstance(error, KafkaTimeoutError):
+            return PublishTimeout("kafka", topic, self._timeout)
+        if isinstance(error, UnknownTopicOrPartitionError):
+            self._known_topics.discard(topic)
+            return DestinationMissing("kafka", topic)
+        return PublishError(f"kafka refused the publish to {topic!r}: {_describe(error)}")
+
+
+def _describe(error: BaseException) -> str:
+    name = type(error).__name__
+    text = str(error).removeprefix(f"{name}: ")
+    if "Unable to bootstrap" in text:
+        return f"{name}: no broker answered"
+    if isinstance(error, TimeoutError) and not text:
+        return "timed out"
+    return f"{name}: {text}" if text else name
+
+
+def _discard(futures: Iterable[asyncio.Future[Any]]) -> None:
+    """Retrieve the outcome of futures nobody will await, so asyncio does not log them."""
+
+    def consume(future: asyncio.Future[Any]) -> None:
+        if not future.cancelled():
+            future.exception()
+
+    for future in futures:
+        future.add_done_callback(consume)
+
+
+class _Batch:
+    """Records for one partition, built by us and handed to aiokafka in one piece."""
+
+    def __init__(self, producer: Any, topic: str, partition: int) -> None:
+        self.producer = producer
+        self.topic = topic
+        self.partition = partition
+        self.builder = producer.create_batch()
+        self.submitted: asyncio.Future[Any] | None = None
+        self.base_offset = -1
+
+    def append(
+        self, key: bytes | None, value: bytes, headers: list[tuple[str, bytes]]
+    ) -> int | None:
+        """The record's offset within the batch, or None if the batch is full."""
+        metadata = self.builder.append(timestamp=None, key=key, value=value, headers=headers)
+        return None if metadata is None else int(metadata.offset)
+
+    def future(self) -> asyncio.Future[Any]:
+        assert self.submitted is not None
+        return self.submitted

@@ -1,0 +1,66 @@
+"""Creating the JetStream stream: one stream (`RoutingSettings.stream`) capturing
+`<subject_prefix>>` plus any routed subject outside that prefix. An existing stream gets the
+missing subjects and the configured limits; its storage type is never changed."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterable, Sequence
+from typing import Any
+
+from nats.js import JetStreamContext
+from nats.js.api import StorageType, StreamConfig
+from nats.js.errors import NotFoundError
+
+from producer._settings import RoutingSettings
+
+log = logging.getLogger("jobstream.producer")
+
+
+def stream_subjects(prefix: str, subjects: Iterable[str]) -> list[str]:
+    """The subjects a stream must capture: `<prefix>>` (when the prefix ends with a dot)
+    and every subject it does not cover."""
+    wildcard = [f"{prefix}>"] if prefix.endswith(".") else []
+    rest = [s for s in dict.fromkeys(subjects) if not any(_covers(w, s) for w in wildcard)]
+    return wildcard + rest
+
+
+async def ensure_nats_stream(
+    js: JetStreamContext, subjects: Sequence[str], routing: RoutingSettings
+) -> list[str]:
+    """Create or extend the stream `routing.stream`; returns `[stream]` if created now."""
+    wanted = stream_subjects(routing.subject_prefix, subjects)
+    limits: dict[str, Any] = {
+        "max_age": routing.stream_max_age_s,
+        "max_bytes": routing.stream_max_bytes,
+        "duplicate_window": routing.duplicate_window_s,
+        "num_replicas": routing.replication_factor,
+    }
+    try:
+        info = await js.stream_info(routing.stream)
+    except NotFoundError:
+        config = StreamConfig(
+            name=routing.stream, subjects=wanted, storage=StorageType.FILE, **limits
+        )
+        await js.add_stream(config)
+        log.info("created stream %s capturing %s", routing.stream, ", ".join(wanted))
+        return [routing.stream]
+    current = info.config
+    have = list(current.subjects or [])
+    missing = [s for s in wanted if not any(_covers(h, s) for h in have)]
+    changed = {k: v for k, v in limits.items() if getattr(current, k) != v}
+    if missing or changed:
+        await js.update_stream(current.evolve(subjects=have + missing, **limits))
+        log.info("updated stream %s: %s", routing.stream, ", ".join([*missing, *changed]))
+    return []
+
+
+def _covers(pattern: str, subject: str) -> bool:
+    """Does the subject filter `pattern` (with `*` and `>`) match every message of `subject`?"""
+    want, have = pattern.split("."), subject.split(".")
+    for i, part in enumerate(want):
+        if part == ">":
+            return len(have) > i
+        if i >= len(have) or (part not in ("*", have[i])):
+            return False
+    return len(want) == len(have)

@@ -1,0 +1,355 @@
+"""NATS JetStream as a `Publisher`.
+
+Guarantees:
+
+- A receipt means JetStream stored the message (its PubAck), or dropped it as a repeat of
+  the same job id within the stream's duplicate window (`Receipt.duplicate`): the headers
+  carry `Nats-Msg-Id` = job id.
+- Nothing waits forever: `start()` gives up after `connect_timeout_s`; a publish after
+  `publish_timeout_s`.
+- By default (`reconnect_buffer_bytes=0`) nothing is buffered while the connection is down:
+  a publish fails at once with `BrokerUnavailable` and is never sent later.
+- A subject no stream captures fails at once with `DestinationMissing` ("no responders").
+- `send_many` keeps at most `max_in_flight` publishes awaiting their acknowledgement.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import importlib.util
+import itertools
+import json
+import logging
+import ssl
+from collections.abc import AsyncIterator, Sequence
+from typing import Any
+
+import nats.errors
+from nats.aio.client import Client as NatsClient
+from nats.aio.msg import Msg
+from nats.aio.subscription import Subscription
+from nats.js.errors import NotFoundError
+
+from producer._errors import BrokerUnavailable, DestinationMissing, PublishError, PublishTimeout
+from producer._publisher import Receipt
+from producer._settings import NatsSettings, RoutingSettings, Transport
+from producer.nats._provision import ensure_nats_stream
+from schemas import JobMessage, to_nats
+
+__all__ = ["KEY_PARTITIONS_METADATA", "NatsPublisher", "connect_nats", "key_partition"]
+
+log = logging.getLogger("jobstream.producer")
+
+_NO_RESPONDERS = "503"
+KEY_PARTITIONS_METADATA = "jobstream.key-partitions"
+"""Stream metadata entry: into how many subjects per job type jobs are partitioned by key."""
+_FNV_OFFSET, _FNV_PRIME = 0x811C9DC5, 0x01000193
+
+
+def key_partition(key: str, partitions: int) -> int:
+    """The partition of `key`: 32-bit FNV-1a of its UTF-8 bytes, modulo `partitions`. Part
+    of the wire contract (docs/nats.md): other languages must compute the same."""
+    value = _FNV_OFFSET
+    for byte in key.encode():
+        value = ((value ^ byte) * _FNV_PRIME) & 0xFFFFFFFF
+    return value % partitions
+
+
+# Raised by nats-py when the connection cannot carry a publish right now.
+_CONNECTION_ERRORS = (
+    nats.errors.OutboundBufferLimitError,
+    nats.errors.ConnectionClosedError,
+    nats.errors.ConnectionReconnectingError,
+    nats.errors.StaleConnectionError,
+    nats.errors.ConnectionDrainingError,
+)
+
+
+async def connect_nats(settings: NatsSettings) -> NatsClient:
+    """A connected nats-py client built from `settings` (auth, TLS, reconnects), or
+    `BrokerUnavailable` once `connect_timeout_s` passed without a connection."""
+    client = NatsClient()
+    connected = False
+    servers = ", ".join(settings.servers)
+
+    async def on_error(error: Exception) -> None:
+        # During start, failed attempts are expected and reported by BrokerUnavailable.
+        log.log(logging.WARNING if connected else logging.DEBUG, "nats: %r", error)
+
+    async def on_disconnected() -> None:
+        if client.is_closed:  # our own close()
+            return
+        log.warning("nats: disconnected from %s; reconnecting", servers)
+
+    async def on_reconnected() -> None:
+        log.warning("nats: reconnected to %s", _url(client))
+
+    try:
+        async with asyncio.timeout(settings.connect_timeout_s):
+            await client.connect(
+                **_connect_options(settings),
+                error_cb=on_error,
+                disconnected_cb=on_disconnected,
+                reconnected_cb=on_reconnected,
+            )
+    except (TimeoutError, OSError, nats.errors.Error) as error:
+        last = client.last_error or error
+        with contextlib.suppress(Exception):
+            await client.close()
+        raise BrokerUnavailable("nats", servers, _describe(last)) from error
+    connected = True
+    return client
+
+
+class NatsPublisher:
+    """Publishes jobs to JetStream subjects. Use through `JobProducer`, or directly for raw
+    messages (`send_raw`, the worker's retry and dead-letter path)."""
+
+    def __init__(self, settings: NatsSettings, routing: RoutingSettings | None = None) -> None:
+        """`routing` names the stream (and its limits) that `ensure` creates or updates."""
+        self._settings = settings
+        self._routing = routing if routing is not None else RoutingSettings()
+        self._timeout = settings.publish_timeout_s
+        self._client: NatsClient | None = None
+        self._acks: _AckInbox | None = None
+        self._partitions = 0
+
+    @property
+    def transport(self) -> Transport:
+        return "nats"
+
+    @property
+    def client(self) -> NatsClient:
+        """The underlying nats-py connection (started)."""
+        if self._client is None:
+            msg = "NatsPublisher is not started: await start() (or use `async with JobProducer`)"
+            raise RuntimeError(msg)
+        return self._client
+
+    async def start(self) -> None:
+        if self._client is not None:
+            return
+        client = await connect_nats(self._settings)
+        acks = _AckInbox(client)
+        await acks.open()
+        self._client, self._acks = client, acks
+        self._partitions = await self._key_partitions()
+
+    async def stop(self) -> None:
+        client, self._client, self._acks = self._client, None, None
+        if client is not None and not client.is_closed:
+            await client.close()
+
+    async def send(self, destination: str, message: JobMessage) -> Receipt:
+        subject = self._partitioned(destination, message)
+        [receipt] = await self._publish([(subject, to_nats(message.attributes), message.body)])
+        return receipt
+
+    async def send_many(self, items: Sequence[tuple[str, JobMessage]]) -> list[Receipt]:
+        return await self._publish(
+            [(self._partitioned(s, m), to_nats(m.attributes), m.body) for s, m in items]
+        )
+
+    def _partitioned(self, subject: str, message: JobMessage) -> str:
+        # A stream partitioned by key (docs/nats.md): `<subject>.<n>`; jobs without a key
+        # are spread by their id.
+        if not self._partitions:
+            return subject
+        attributes = message.attributes
+        return f"{subject}.{key_partition(attributes.key or attributes.id, self._partitions)}"
+
+    async def _key_partitions(self) -> int:
+        """The stream's key partition count from its metadata (0: not partitioned, or the
+        stream is not readable with these credentials)."""
+        try:
+            info = await self.client.jetstream(timeout=self._timeout).stream_info(
+                self._routing.stream
+            )
+            return int((info.config.metadata or {}).get(KEY_PARTITIONS_METADATA, "0"))
+        except (nats.errors.Error, ValueError) as error:
+            log.debug("no key partitions for stream %s: %r", self._routing.stream, error)
+            return 0
+
+    async def send_raw(self, subject: str, headers: dict[str, str], body: bytes) -> Receipt:
+        """Publish a raw message as-is: the worker's path to retry and dead-letter subjects."""
+        [receipt] = await self._publish([(subject, headers, body)])
+        return receipt
+
+    async def check(self, destinations: Sequence[str]) -> None:
+        """Raise `DestinationMissing` naming every subject no stream captures."""
+        js = self.client.jetstream(timeout=self._timeout)
+        missing: list[str] = []
+        for subject in dict.fromkeys(destinations):
+            try:
+                await js.find_stream_name_by_subject(subject)
+            except NotFoundError:
+                missing.append(subject)
+            except nats.errors.Error as error:
+                msg = f"nats could not look up the stream of {subject!r}: {_describe(error)}"
+                raise PublishError(msg) from error
+        if missing:
+            raise DestinationMissing("nats", ", ".join(missing))
+
+    async def ensure(self, destinations: Sequence[str]) -> list[str]:
+        try:
+            created = await ensure_nats_stream(
+                self.client.jetstream(timeout=self._timeout), destinations, self._routing
+            )
+            self._partitions = await self._key_partitions()
+            return created
+        except nats.errors.TimeoutError as error:
+            raise PublishTimeout("nats", self._routing.stream, self._timeout) from error
+        except nats.errors.Error as error:
+            stream = self._routing.stream
+            msg = f"nats could not create or update stream {stream!r}: {_describe(error)}"
+            raise PublishError(msg) from error
+
+    async def _publish(self, items: Sequence[tuple[str, dict[str, str], bytes]]) -> list[Receipt]:
+        acks = self._acks
+        if acks is None:
+            msg = "NatsPublisher is not started: await start() (or use `async with JobProducer`)"
+            raise RuntimeError(msg)
+        window = asyncio.Semaphore(self._settings.max_in_flight)
+        pending: list[tuple[str, str, str, asyncio.Future[Msg]]] = []
+        try:
+            for subject, headers, body in items:
+                if window.locked():  # wait for an acknowledgement, but not forever
+                    async with self._deadline(subject):
+                        await window.acquire()
+                else:
+                    await window.acquire()
+                try:
+                    token, future = await acks.publish(subject, headers, body)
+                except _CONNECTION_ERRORS as error:
+                    window.release()
+                    servers = ", ".join(self._settings.servers)
+                    raise BrokerUnavailable("nats", servers, _describe(error)) from error
+                except nats.errors.Error as error:
+                    window.release()
+                    msg = f"nats refused the publish to {subject!r}: {_describe(error)}"
+                    raise PublishError(msg) from error
+                future.add_done_callback(lambda _: window.release())
+                pending.append((subject, headers.get("Nats-Msg-Id", ""), token, future))
+            receipts: list[Receipt] = []
+            async with self._deadline(pending[-1][0] if pending else ""):
+                for subject, job_id, _, future in pending:
+                    receipts.append(_receipt(job_id, subject, await future))
+        finally:
+            acks.forget(t for _, _, t, f in pending if not f.done())
+        return receipts
+
+    @contextlib.asynccontextmanager
+    async def _deadline(self, subject: str) -> AsyncIterator[None]:
+        try:
+            async with asyncio.timeout(self._timeout):
+                yield
+        except TimeoutError as error:
+            raise PublishTimeout("nats", subject, self._timeout) from error
+
+
+class _AckInbox:
+    """Publishes with a reply subject under one wildcard inbox, so many publishes await
+    their PubAck at once without a subscription or a task per message."""
+
+    def __init__(self, client: NatsClient) -> None:
+        self._client = client
+        self._prefix = ""
+        self._waiting: dict[str, asyncio.Future[Msg]] = {}
+        self._tokens = itertools.count()
+        self._subscription: Subscription | None = None
+
+    async def open(self) -> None:
+        self._prefix = self._client.new_inbox() + "."
+        self._subscription = await self._client.subscribe(self._prefix + "*", cb=self._on_reply)
+
+    async def publish(
+        self, subject: str, headers: dict[str, str], body: bytes
+    ) -> tuple[str, asyncio.Future[Msg]]:
+        token = str(next(self._tokens))
+        future: asyncio.Future[Msg] = asyncio.get_running_loop().create_future()
+        self._waiting[token] = future
+        try:
+            await self._client.publish(subject, body, reply=self._prefix + token, headers=headers)
+        except BaseException:
+            del self._waiting[token]
+            raise
+        return token, future
+
+    def forget(self, tokens: Any) -> None:
+        """Stop waiting for these acknowledgements (after a timeout or an error)."""
+        for token in tokens:
+            future = self._waiting.pop(token, None)
+            if future is not None and not future.done():
+                future.cancel()
+
+    async def _on_reply(self, msg: Msg) -> None:
+        future = self._waiting.pop(msg.subject[len(self._prefix) :], None)
+        if future is not None and not future.done():
+            future.set_result(msg)
+
+
+def _receipt(job_id: str, subject: str, reply: Msg) -> Receipt:
+    if reply.headers and reply.headers.get("Status") == _NO_RESPONDERS:
+        raise DestinationMissing("nats", subject)
+    try:
+        answer = json.loads(reply.data)
+    except ValueError:
+        answer = {"error": {"description": f"unreadable acknowledgement {reply.data[:80]!r}"}}
+    if "error" in answer:
+        error = answer["error"]
+        code = error.get("err_code") or error.get("code")
+        msg = f"JetStream refused the publish to {subject!r}: {error.get('description')} ({code})"
+        raise PublishError(msg)
+    return Receipt(
+        job_id, "nats", answer["stream"], None, answer["seq"], bool(answer.get("duplicate"))
+    )
+
+
+def _connect_options(settings: NatsSettings) -> dict[str, Any]:
+    options: dict[str, Any] = {
+        "servers": settings.servers,
+        "name": settings.name,
+        "connect_timeout": settings.connect_timeout_s,
+        "max_reconnect_attempts": settings.max_reconnect_attempts,
+        "reconnect_time_wait": settings.reconnect_wait_s,
+        "allow_reconnect": True,
+        "pending_size": settings.reconnect_buffer_bytes,
+    }
+    if settings.credentials_file or settings.nkey_seed_file:
+        if importlib.util.find_spec("nkeys") is None:
+            msg = (
+                "NATS credentials files and nkey seeds need the `nkeys` package: "
+                "pip install nkeys (or nats-py[nkeys])"
+            )
+            raise PublishError(msg)
+        if settings.credentials_file:
+            options["user_credentials"] = str(settings.credentials_file)
+        if settings.nkey_seed_file:
+            options["nkeys_seed"] = str(settings.nkey_seed_file)
+    if settings.token is not None:
+        options["token"] = settings.token.get_secret_value()
+    if settings.user is not None:
+        options["user"] = settings.user
+        if settings.password is not None:
+            options["password"] = settings.password.get_secret_value()
+    if settings.tls_ca_file or settings.tls_cert_file:
+        context = ssl.create_default_context(
+            cafile=str(settings.tls_ca_file) if settings.tls_ca_file else None
+        )
+        if settings.tls_cert_file:
+            context.load_cert_chain(settings.tls_cert_file, settings.tls_key_file)
+        options["tls"] = context
+    return options
+
+
+def _url(client: NatsClient) -> str:
+    url = client.connected_url
+    return url.netloc if url is not None else "?"
+
+
+def _describe(error: BaseException) -> str:
+    text = str(error).removeprefix("nats: ")
+    if isinstance(error, TimeoutError) and not text:
+        return "timed out"
+    return f"{type(error).__name__}: {text}" if text else type(error).__name__
