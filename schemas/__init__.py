@@ -4,16 +4,8 @@ Declare a job type by subclassing `Job`; publish with `encode` plus `to_kafka`/`
 consume with `from_kafka`/`from_nats` plus `decode`. See docs/wire-contract.md.
 """
 
-from schemas._attributes import (
-    MAX_HEADER_BYTES,
-    JobAttributes,
-    from_kafka,
-    from_nats,
-    header_bytes,
-    to_kafka,
-    to_nats,
-)
-from schemas._codec import DecodedJob, JobMessage, decode, encode, validate_payload
+from schemas._attributes import MAX_HEADER_BYTES, JobAttributes
+from schemas._codec import DecodedJob, JobMessage, decode, encode, header_bytes, validate_payload
 from schemas._errors import (
     InvalidAttributes,
     InvalidPayload,
@@ -25,6 +17,8 @@ from schemas._errors import (
 )
 from schemas._export import export_json_schemas
 from schemas._job import Job
+from schemas._kafka import from_kafka, to_kafka
+from schemas._nats import from_nats, to_nats
 from schemas._registry import JobRegistry, default_registry
 
 __all__ = [

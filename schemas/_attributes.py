@@ -1,7 +1,6 @@
-"""The wire contract: CloudEvents attributes of a job and their Kafka and NATS headers.
-
-Every attribute and header name jobstream puts on the wire is a constant in this module;
-docs/wire-contract.md is the prose version of it.
+"""The wire contract: the CloudEvents attributes of a job, validated, and what both header
+bindings share (`_kafka.py` and `_nats.py` hold one binding each; every wire name is a
+constant in `names.py`; docs/wire-contract.md is the prose version).
 
 Guarantees:
 
@@ -21,58 +20,39 @@ from __future__ import annotations
 
 import dataclasses
 import re
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping
 from datetime import UTC, datetime, timedelta, timezone
 from typing import Any
 
 from schemas._errors import InvalidAttributes
-
-__all__ = [
-    "MAX_HEADER_BYTES",
-    "JobAttributes",
-    "from_kafka",
-    "from_nats",
-    "header_bytes",
-    "to_kafka",
-    "to_nats",
-]
-
-SPECVERSION = "1.0"
-JSON = "application/json"
-MAX_HEADER_BYTES = 16 * 1024
-"""Upper bound on the bytes of a record's key and headers (names plus values)."""
-
-# CloudEvents attribute names, without the binding prefix.
-SPECVERSION_ATTR = "specversion"
-ID = "id"
-TYPE = "type"
-SOURCE = "source"
-TIME = "time"
-SUBJECT = "subject"
-DATASCHEMA = "dataschema"
-DATACONTENTTYPE = "datacontenttype"  # carried by content-type in binary mode, never ce_
-PARTITIONKEY = "partitionkey"  # CloudEvents partitioning extension: the ordering key
-TRACEPARENT = "traceparent"  # W3C trace context, also the CloudEvents tracing extension
-TRACESTATE = "tracestate"
-# jobstream's extension attributes (CloudEvents names: lowercase letters and digits only).
-JOBVERSION = "jobversion"
-JOBATTEMPT = "jobattempt"
-JOBIDEMKEY = "jobidemkey"
-JOBNOTBEFORE = "jobnotbefore"
-JOBORIGIN = "joborigin"  # traceparent of the request that created the job
-JOBORIGINSTATE = "joboriginstate"
-RESERVED = frozenset(
-    {SPECVERSION_ATTR, ID, TYPE, SOURCE, TIME, SUBJECT, DATASCHEMA, DATACONTENTTYPE}
-    | {PARTITIONKEY, TRACEPARENT, TRACESTATE, JOBVERSION, JOBATTEMPT, JOBIDEMKEY}
-    | {JOBNOTBEFORE, JOBORIGIN, JOBORIGINSTATE}
+from schemas.names import (
+    DATACONTENTTYPE,
+    DATASCHEMA,
+    ID,
+    JOBATTEMPT,
+    JOBIDEMKEY,
+    JOBNOTBEFORE,
+    JOBORIGIN,
+    JOBORIGINSTATE,
+    JOBVERSION,
+    JSON,
+    KAFKA_CONTENT_TYPE,
+    PARTITIONKEY,
+    RESERVED,
+    SOURCE,
+    SPECVERSION,
+    SPECVERSION_ATTR,
+    SUBJECT,
+    TIME,
+    TRACEPARENT,
+    TRACESTATE,
+    TYPE,
 )
 
-# Header names per binding.
-KAFKA_PREFIX = "ce_"
-NATS_PREFIX = "ce-"
-KAFKA_CONTENT_TYPE = "content-type"
-NATS_CONTENT_TYPE = "Content-Type"
-NATS_MSG_ID = "Nats-Msg-Id"
+__all__ = ["MAX_HEADER_BYTES", "JobAttributes", "format_time", "parse_time"]
+
+MAX_HEADER_BYTES = 16 * 1024
+"""Upper bound on the bytes of a record's key and headers (names plus values)."""
 
 _PLAIN_HEADERS = frozenset({KAFKA_CONTENT_TYPE, TRACEPARENT, TRACESTATE})
 _EXTENSION_NAME = re.compile(r"^[a-z0-9]+$")
@@ -145,13 +125,13 @@ class JobAttributes:
                     f"extension name {name!r} is not allowed: CloudEvents extension names are "
                     "lowercase letters and digits, and must not repeat a known attribute"
                 )
-            _check_text(name, value)
+            _checktext(name, value)
         texts = [v for v in (getattr(self, name) for name in _TEXT_FIELDS) if isinstance(v, str)]
         # One scan of all values (the common, clean case); find the culprit only on failure.
         if _CONTROL.search(" ".join(texts)):
             for name in _TEXT_FIELDS:
                 if isinstance(getattr(self, name), str):
-                    _check_text(name, getattr(self, name))
+                    _checktext(name, getattr(self, name))
         object.__setattr__(self, "extensions", extensions)
 
     @property
@@ -209,38 +189,6 @@ class _Extensions(Mapping[str, str]):
         return repr(self._items)
 
 
-def to_kafka(attrs: JobAttributes) -> tuple[bytes | None, list[tuple[str, bytes]]]:
-    """(record key, headers) in the CloudEvents Kafka binding, binary content mode."""
-    key, headers = _kafka(attrs)
-    _check_size(attrs, _kafka_size(key, headers))
-    return key, headers
-
-
-def from_kafka(key: bytes | None, headers: Sequence[tuple[str, bytes | None]]) -> JobAttributes:
-    """Attributes from a Kafka record's key and headers; `InvalidAttributes` if untrusted."""
-    ce, plain = _collect(((n, v) for n, v in headers if v is not None), KAFKA_PREFIX)
-    # An empty record key is no key: Kafka partitions both the same way (no ordering).
-    return _parse(ce, plain, KAFKA_PREFIX, _text("the record key", key) if key else None)
-
-
-def to_nats(attrs: JobAttributes) -> dict[str, str]:
-    """Message headers in the CloudEvents NATS binding, binary content mode."""
-    headers = _nats(attrs)
-    _check_size(attrs, _nats_size(headers))
-    return headers
-
-
-def from_nats(headers: Mapping[str, str] | None) -> JobAttributes:
-    """Attributes from NATS message headers (names matched case-insensitively)."""
-    ce, plain = _collect((headers or {}).items(), NATS_PREFIX)
-    return _parse(ce, plain, NATS_PREFIX, None)
-
-
-def header_bytes(attrs: JobAttributes) -> int:
-    """Bytes `attrs` take on the wire: the larger of the Kafka and the NATS encoding."""
-    return max(_kafka_size(*_kafka(attrs)), _nats_size(_nats(attrs)))
-
-
 def format_time(value: datetime) -> str:
     """RFC 3339 in UTC with microseconds and `Z`, e.g. `2025-01-31T09:30:00.000000Z`."""
     return value.astimezone(UTC).replace(tzinfo=None).isoformat(timespec="microseconds") + "Z"
@@ -268,7 +216,7 @@ def parse_time(value: str) -> datetime:
     return datetime(y, mo, d, h, mi, s, micros, tzinfo=timezone(offset)).astimezone(UTC)
 
 
-def _ce_pairs(attrs: JobAttributes) -> list[tuple[str | None, str]]:
+def ce_pairs(attrs: JobAttributes) -> list[tuple[str | None, str]]:
     """(CloudEvents attribute name, value) in wire order; None stands for the content type,
     which, like the trace context, has a binding-specific header name (`_header_name`)."""
     optional = [
@@ -290,42 +238,15 @@ def _ce_pairs(attrs: JobAttributes) -> list[tuple[str | None, str]]:
     return [*required, *present, *attrs.extensions.items()]
 
 
-def _header_name(name: str | None, prefix: str, content_type: str) -> str:
+def header_name(name: str | None, prefix: str, content_type: str) -> str:
     if name is None:
         return content_type
     return name if name in (TRACEPARENT, TRACESTATE) else prefix + name
 
 
-def _kafka(attrs: JobAttributes) -> tuple[bytes | None, list[tuple[str, bytes]]]:
-    headers = [
-        (_header_name(name, KAFKA_PREFIX, KAFKA_CONTENT_TYPE), value.encode())
-        for name, value in _ce_pairs(attrs)
-    ]
-    return (attrs.key.encode() if attrs.key is not None else None), headers
-
-
-def _nats(attrs: JobAttributes) -> dict[str, str]:
-    headers = {
-        _header_name(name, NATS_PREFIX, NATS_CONTENT_TYPE): value
-        for name, value in _ce_pairs(attrs)
-    }
-    if attrs.key is not None:
-        headers[NATS_PREFIX + PARTITIONKEY] = attrs.key
-    headers[NATS_MSG_ID] = attrs.id  # JetStream drops a repeated publish within its window
-    return headers
-
-
-def _kafka_size(key: bytes | None, headers: Iterable[tuple[str, bytes]]) -> int:
-    return len(key or b"") + sum(len(n.encode()) + len(v) for n, v in headers)
-
-
-def _nats_size(headers: Mapping[str, str]) -> int:
-    return sum(len(n.encode()) + len(v.encode()) for n, v in headers.items())
-
-
-def _check_size(attrs: JobAttributes, size: int) -> None:
+def check_size(attrs: JobAttributes, size: int) -> None:
     if size > MAX_HEADER_BYTES:
-        largest = max(_ce_pairs(attrs), key=lambda pair: len(pair[1].encode()))
+        largest = max(ce_pairs(attrs), key=lambda pair: len(pair[1].encode()))
         raise InvalidAttributes(
             f"job {attrs.id}: {size} bytes of headers exceed the limit of {MAX_HEADER_BYTES}; "
             f"keep attribute values small (largest: {largest[0] or 'content type'!r}, "
@@ -333,7 +254,7 @@ def _check_size(attrs: JobAttributes, size: int) -> None:
         )
 
 
-def _collect(
+def collect(
     headers: Iterable[tuple[str, str | bytes]], prefix: str
 ) -> tuple[dict[str, str], dict[str, str]]:
     """(CloudEvents attributes by name, plain headers by lowercased name) as text.
@@ -351,16 +272,14 @@ def _collect(
             target, field = plain, lowered
         else:
             continue
-        value = raw if isinstance(raw, str) else _text("header", raw, name)
+        value = raw if isinstance(raw, str) else text("header", raw, name)
         # Kafka allows repeated header names; two different answers cannot both be trusted.
         if target.setdefault(field, value) != value:
             raise InvalidAttributes(f"header {name!r} appears twice with different values")
     return ce, plain
 
 
-def _parse(
-    ce: dict[str, str], plain: dict[str, str], prefix: str, key: str | None
-) -> JobAttributes:
+def parse(ce: dict[str, str], plain: dict[str, str], prefix: str, key: str | None) -> JobAttributes:
     content_type = plain.get(KAFKA_CONTENT_TYPE) or ce.get(DATACONTENTTYPE) or JSON
     if content_type.lower().startswith("application/cloudevents"):
         raise InvalidAttributes(
@@ -403,7 +322,7 @@ def _parse(
     )
 
 
-def _text(what: str, raw: str | bytes, name: str | None = None) -> str:
+def text(what: str, raw: str | bytes, name: str | None = None) -> str:
     if isinstance(raw, str):
         return raw
     try:
@@ -438,6 +357,6 @@ def _utc(name: str, value: object) -> datetime:
     raise InvalidAttributes(f"attribute {name!r} must be a timezone-aware datetime")
 
 
-def _check_text(name: str, value: object) -> None:
+def _checktext(name: str, value: object) -> None:
     if not isinstance(value, str) or _CONTROL.search(value):
         raise InvalidAttributes(f"attribute {name!r} must be text without control characters")

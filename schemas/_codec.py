@@ -32,6 +32,8 @@ import pydantic
 from schemas._attributes import JobAttributes
 from schemas._errors import InvalidPayload, UndecodableBody
 from schemas._job import Job, is_concrete
+from schemas._kafka import kafka_size, to_kafka_unchecked
+from schemas._nats import nats_size, to_nats_unchecked
 from schemas._registry import JobRegistry
 
 __all__ = [
@@ -185,3 +187,8 @@ def _is_json(content_type: str) -> bool:
     return media == "application/json" or (
         media.startswith("application/") and media.endswith("+json")
     )
+
+
+def header_bytes(attrs: JobAttributes) -> int:
+    """Bytes `attrs` take on the wire: the larger of the Kafka and the NATS encoding."""
+    return max(kafka_size(*to_kafka_unchecked(attrs)), nats_size(to_nats_unchecked(attrs)))

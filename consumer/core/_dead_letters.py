@@ -17,7 +17,26 @@ from __future__ import annotations
 from dataclasses import dataclass
 from datetime import datetime
 
-from consumer.core._failures import FAILURE_EXTENSIONS, REPLAY_OF
+from schemas.names import (
+    ERROR,
+    ERROR_TYPE,
+    FAILURE_EXTENSIONS,
+    FIRST_FAILURE,
+    GROUP,
+    ID,
+    JOBATTEMPT,
+    JOBIDEMKEY,
+    JOBNOTBEFORE,
+    JOBVERSION,
+    KAFKA_PREFIX,
+    LAST_FAILURE,
+    REASON,
+    REPLAY_OF,
+    SOURCE_OFFSET,
+    SOURCE_PARTITION,
+    SOURCE_TOPIC,
+    TYPE,
+)
 
 
 @dataclass(frozen=True, slots=True)
@@ -55,19 +74,19 @@ class DeadLetterRecord:
 
     @property
     def job_id(self) -> str | None:
-        return self.ext("id")
+        return self.ext(ID)
 
     @property
     def job_type(self) -> str | None:
-        return self.ext("type")
+        return self.ext(TYPE)
 
     @property
     def reason(self) -> str:
-        return self.ext("jobreason") or "unknown"
+        return self.ext(REASON) or "unknown"
 
     @property
     def failed_at(self) -> datetime:
-        value = self.ext("joblastfail")
+        value = self.ext(LAST_FAILURE)
         try:
             return datetime.fromisoformat(value) if value else self.timestamp
         except ValueError:
@@ -76,17 +95,17 @@ class DeadLetterRecord:
     @property
     def source(self) -> str:
         """Where the job was first consumed: `topic[partition]@offset`."""
-        topic, partition = self.ext("jobsrctopic"), self.ext("jobsrcpartition")
-        return f"{topic}[{partition}]@{self.ext('jobsrcoffset')}"
+        topic, partition = self.ext(SOURCE_TOPIC), self.ext(SOURCE_PARTITION)
+        return f"{topic}[{partition}]@{self.ext(SOURCE_OFFSET)}"
 
     def summary(self) -> dict[str, object]:
         return {
             "id": self.id, "job_id": self.job_id, "type": self.job_type,
-            "version": self.ext("jobversion"), "reason": self.reason,
-            "error_type": self.ext("joberrortype"), "error": self.ext("joberror"),
-            "attempts": self.ext("jobattempt"),
+            "version": self.ext(JOBVERSION), "reason": self.reason,
+            "error_type": self.ext(ERROR_TYPE), "error": self.ext(ERROR),
+            "attempts": self.ext(JOBATTEMPT),
             "source": self.source,
-            "group": self.ext("jobgroup"), "first_failure": self.ext("jobfirstfail"),
+            "group": self.ext(GROUP), "first_failure": self.ext(FIRST_FAILURE),
             "last_failure": self.failed_at.isoformat(),
         }  # fmt: skip
 
@@ -121,13 +140,13 @@ def replay_headers(record: DeadLetterRecord) -> list[tuple[str, bytes]]:
     """The dead letter's headers for a fresh run: failure details out, attempt 1, marked."""
     dropped = {
         f"ce_{name}"
-        for name in (*FAILURE_EXTENSIONS, "jobattempt", "jobnotbefore", "jobidemkey", REPLAY_OF)
+        for name in (*FAILURE_EXTENSIONS, JOBATTEMPT, JOBNOTBEFORE, JOBIDEMKEY, REPLAY_OF)
     }
     headers = [(k, v) for k, v in record.headers if k.lower() not in dropped]
-    idempotency_key = record.ext("jobidemkey") or record.job_id or record.id
+    idempotency_key = record.ext(JOBIDEMKEY) or record.job_id or record.id
     return [
         *headers,
         ("ce_jobattempt", b"1"),
         ("ce_jobidemkey", f"{idempotency_key}#replay:{record.id}".encode()),
-        (f"ce_{REPLAY_OF}", record.id.encode()),
+        (f"{KAFKA_PREFIX}{REPLAY_OF}", record.id.encode()),
     ]

@@ -17,20 +17,35 @@ from consumer.core._errors import Retry
 from consumer.core._pipeline import Decision, JobRun
 from consumer.core._settings import RetrySettings
 from schemas import JobstreamError
+from schemas.names import (
+    ERROR,
+    ERROR_TYPE,
+    FAILURE_EXTENSIONS,
+    FIRST_FAILURE,
+    GROUP,
+    LAST_FAILURE,
+    REASON,
+    REPLAY_OF,
+    SOURCE_OFFSET,
+    SOURCE_PARTITION,
+    SOURCE_TOPIC,
+    TRACEBACK,
+)
 
-REASON = "jobreason"
-ERROR_TYPE = "joberrortype"
-ERROR = "joberror"
-TRACEBACK = "jobtraceback"
-SOURCE_TOPIC = "jobsrctopic"
-SOURCE_PARTITION = "jobsrcpartition"
-SOURCE_OFFSET = "jobsrcoffset"
-GROUP = "jobgroup"
-FIRST_FAILURE = "jobfirstfail"
-LAST_FAILURE = "joblastfail"
-REPLAY_OF = "jobreplayof"
-FAILURE_EXTENSIONS = (REASON, ERROR_TYPE, ERROR, TRACEBACK, SOURCE_TOPIC, SOURCE_PARTITION,
-                      SOURCE_OFFSET, GROUP, FIRST_FAILURE, LAST_FAILURE)  # fmt: skip
+__all__ = [
+    "ERROR",
+    "FAILURE_EXTENSIONS",
+    "FIRST_FAILURE",
+    "REASON",
+    "REPLAY_OF",
+    "SOURCE_TOPIC",
+    "decide",
+    "failure_details",
+    "qualified_name",
+    "unescape",
+    "utc_now",
+]
+
 MAX_ERROR_CHARS = 1000
 MAX_TRACEBACK_CHARS = 4000
 

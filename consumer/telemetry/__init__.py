@@ -5,7 +5,6 @@ from consumer.telemetry._logging import JsonFormatter, TextFormatter, configure_
 from consumer.telemetry._metrics import Backlog, ReportsBacklog, WorkerMetrics
 from consumer.telemetry._telemetry import Telemetry, configure
 from consumer.telemetry._tracing import (
-    PREVIOUS_ATTEMPT,
     HandOff,
     TraceLinks,
     TracingStep,
@@ -15,7 +14,6 @@ from consumer.telemetry._tracing import (
 )
 
 __all__ = [
-    "PREVIOUS_ATTEMPT",
     "Backlog",
     "HandOff",
     "JsonFormatter",

@@ -32,8 +32,8 @@ from consumer.core import JobRun, Next, Outcome
 from producer import tracecontext as otel
 from producer.tracecontext import span_context_of, traceparent_of
 from schemas import JobAttributes
+from schemas.names import PREVIOUS_ATTEMPT
 
-PREVIOUS_ATTEMPT = "jobprevattempt"
 """Extension attribute (`ce_jobprevattempt`): traceparent of the attempt that failed last."""
 OUTCOME = "jobstream.job.outcome"
 REASON = "jobstream.failure.reason"
