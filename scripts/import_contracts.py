@@ -1,10 +1,11 @@
-"""A custom import-linter contract: importers use other packages' public names only.
+"""A custom import-linter contract: a private module is imported only from inside the
+package that owns it.
 
-`lint-imports` (in `make check`) loads it from `[tool.importlinter] contract_types`. A
-module is private when any part of its dotted name starts with `_` (`consumer._run`,
-`consumer.kafka._source`); importing one from outside its own top-level package breaks the
-contract. import-linter's wildcards match whole name parts only, so the built-in
-contracts cannot say this.
+`lint-imports` (in `make check`) loads it from `[tool.importlinter] contract_types`. In
+`consumer.kafka._source` the owner is `consumer.kafka`: the package right above the first
+name part that starts with `_`. `consumer.kafka._backend` may import it; `consumer.runtime`
+or `jobstream` must use `consumer.kafka`'s public names. import-linter's wildcards match
+whole name parts only, so the built-in contracts cannot say this.
 """
 
 from __future__ import annotations
@@ -13,12 +14,18 @@ from grimp import ImportGraph
 from importlinter import Contract, ContractCheck, fields, output
 
 
-def _private(module: str) -> bool:
-    return any(part.startswith("_") for part in module.split("."))
+def _owner(module: str) -> str | None:
+    """The package owning `module` when it is private (None when it is public)."""
+    parts = module.split(".")
+    for index, part in enumerate(parts):
+        if part.startswith("_"):
+            return ".".join(parts[:index])
+    return None
 
 
 class PublicNamesContract(Contract):
-    """`importers` (packages) import nothing private from the `root_packages`."""
+    """Modules in `importers` (packages) import private modules of the `root_packages`
+    only from inside their owning package."""
 
     type_name = "public_names"
 
@@ -29,10 +36,12 @@ class PublicNamesContract(Contract):
         broken: list[str] = []
         for package in self.importers:  # type: ignore[attr-defined]
             for importer in sorted({package, *graph.find_descendants(package)}):
-                own = importer.split(".")[0]
                 for imported in sorted(graph.find_modules_directly_imported_by(importer)):
-                    top = imported.split(".")[0]
-                    if top in roots and top != own and _private(imported):
+                    owner = _owner(imported)
+                    inside = owner is not None and (
+                        importer == owner or importer.startswith(owner + ".")
+                    )
+                    if imported.split(".")[0] in roots and owner is not None and not inside:
                         details = graph.get_import_details(importer=importer, imported=imported)
                         lines = ", ".join(str(d["line_number"]) for d in details)
                         broken.append(f"{importer} -> {imported} (l. {lines})")
