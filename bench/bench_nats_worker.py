@@ -106,8 +106,9 @@ class Bench:
         """A fresh stream capturing `<prefix>.>`; returns (stream, subject of bench.noop)."""
         name = f"BENCH_{uuid.uuid4().hex[:10].upper()}"
         metadata = {KEY_PARTITIONS_METADATA: str(partitions)}
-        config = StreamConfig(name=name, subjects=[f"{name.lower()}.>"],
-                              storage=StorageType.FILE, metadata=metadata)  # fmt: skip
+        config = StreamConfig(
+            name=name, subjects=[f"{name.lower()}.>"], storage=StorageType.FILE, metadata=metadata
+        )
         await self.js.add_stream(config)
         self.streams.append(name)
         return name, f"{name.lower()}.bench.noop"
@@ -197,18 +198,26 @@ def bench_app(tally: Tally) -> App:
 
 
 async def drain_ours(
-    bench: Bench, stream: str, subject: str, n: int, *, max_in_flight: int, partitions: int = 0,
+    bench: Bench,
+    stream: str,
+    subject: str,
+    n: int,
+    *,
+    max_in_flight: int,
+    partitions: int = 0,
     label: str = "ours",
-) -> Measurement:  # fmt: skip
+) -> Measurement:
     group = f"ours-{uuid.uuid4().hex[:8]}"
     prefix = subject.rpartition(".bench.noop")[0]
     settings = Settings(
-        transport="nats", nats={"servers": [bench.url]},
+        transport="nats",
+        nats={"servers": [bench.url]},
         routing={"stream": stream, "subject_prefix": f"{prefix}."},
         worker={"group": group, "max_in_flight": max_in_flight, "ordering": "key"},
         jetstream={"key_partitions": partitions, "max_ack_pending": 1000},
-        idempotency={"backend": "memory"}, logging={"level": "WARNING"},
-    )  # fmt: skip
+        idempotency={"backend": "memory"},
+        logging={"level": "WARNING"},
+    )
     tally = Tally(target=n)
     source = NatsSource(settings, [subject])
     worker = Worker(bench_app(tally), settings, source)
@@ -232,9 +241,10 @@ async def drain_ours(
 
 def median(runs: list[Measurement]) -> Measurement:
     return Measurement(
-        runs[0].jobs, statistics.median(m.wall_s for m in runs),
+        runs[0].jobs,
+        statistics.median(m.wall_s for m in runs),
         statistics.median(m.cpu_s for m in runs),
-    )  # fmt: skip
+    )
 
 
 async def run(bench: Bench, args: argparse.Namespace) -> None:
@@ -247,10 +257,11 @@ async def run(bench: Bench, args: argparse.Namespace) -> None:
     if args.partitions:
         keyed = await bench.new_stream(args.partitions)
         await bench.fill(keyed[1], n, args.partitions)
-    print(f"\nNATS worker throughput: {n:,} jobs, {size} B per message (body + headers), "
-          f"1000 keys; filled in {fill_s:.1f}s ({n / fill_s:,.0f} jobs/s)")  # fmt: skip
-    print(f"   ours: max_in_flight={args.max_in_flight}, memory idempotency store, "
-          "logging WARNING")  # fmt: skip
+    print(
+        f"\nNATS worker throughput: {n:,} jobs, {size} B per message (body + headers), "
+        f"1000 keys; filled in {fill_s:.1f}s ({n / fill_s:,.0f} jobs/s)"
+    )
+    print(f"   ours: max_in_flight={args.max_in_flight}, memory idempotency store, logging WARNING")
     runs: dict[str, list[Measurement]] = collections.defaultdict(list)
     for _ in range(args.repeats):
         runs["raw"].append(await drain_raw(bench, stream, n))
@@ -259,21 +270,32 @@ async def run(bench: Bench, args: argparse.Namespace) -> None:
         )
         if keyed is not None:
             keyed_run = await drain_ours(
-                bench, keyed[0], keyed[1], n, max_in_flight=args.max_in_flight,
-                partitions=args.partitions, label="ours/keyed",
-            )  # fmt: skip
+                bench,
+                keyed[0],
+                keyed[1],
+                n,
+                max_in_flight=args.max_in_flight,
+                partitions=args.partitions,
+                label="ours/keyed",
+            )
             runs[f"ours/keyed {args.partitions}"].append(keyed_run)
     raw = median(runs["raw"])
-    print(f"\n   {'contestant':<15} {'jobs/s':>9} {'MB/s':>6} {'CPU-us/job':>11} "
-          f"{'of raw':>7}   runs (jobs/s)")  # fmt: skip
+    print(
+        f"\n   {'contestant':<15} {'jobs/s':>9} {'MB/s':>6} {'CPU-us/job':>11} "
+        f"{'of raw':>7}   runs (jobs/s)"
+    )
     for name, measured in runs.items():
         mid = median(measured)
         each = ", ".join(f"{m.rate:,.0f}" for m in measured)
-        print(f"   {name:<15} {mid.rate:>9,.0f} {mid.rate * size / 1e6:>6.1f} "
-              f"{mid.cpu_us:>11.1f} {mid.rate / raw.rate:>7.0%}   {each}")  # fmt: skip
+        print(
+            f"   {name:<15} {mid.rate:>9,.0f} {mid.rate * size / 1e6:>6.1f} "
+            f"{mid.cpu_us:>11.1f} {mid.rate / raw.rate:>7.0%}   {each}"
+        )
     ours = median(runs["ours"])
-    print(f"\n   ratio ours/raw = {ours.rate / raw.rate:.2f}; "
-          f"CPU per job ours/raw = {ours.cpu_us / raw.cpu_us:.1f}x")  # fmt: skip
+    print(
+        f"\n   ratio ours/raw = {ours.rate / raw.rate:.2f}; "
+        f"CPU per job ours/raw = {ours.cpu_us / raw.cpu_us:.1f}x"
+    )
 
 
 async def main(args: argparse.Namespace) -> int:
@@ -284,8 +306,10 @@ async def main(args: argparse.Namespace) -> int:
         return 2
     bench = Bench(args.url, client.jetstream())
     started = time.perf_counter()
-    print(f"bench_nats_worker: Python {sys.version.split()[0]}, {os.cpu_count()} CPUs, "
-          f"load average {os.getloadavg()[0]:.2f}, NATS at {args.url}")  # fmt: skip
+    print(
+        f"bench_nats_worker: Python {sys.version.split()[0]}, {os.cpu_count()} CPUs, "
+        f"load average {os.getloadavg()[0]:.2f}, NATS at {args.url}"
+    )
     try:
         await run(bench, args)
     finally:
@@ -307,8 +331,12 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--n", type=int, default=20_000, help="jobs (default 20,000)")
     parser.add_argument("--repeats", type=int, default=3, help="repeats (median reported)")
     parser.add_argument("--max-in-flight", type=int, default=256, help="limit for ours")
-    parser.add_argument("--partitions", type=int, default=16,
-                        help="key partitions of the ours/keyed run (0: skip it)")  # fmt: skip
+    parser.add_argument(
+        "--partitions",
+        type=int,
+        default=16,
+        help="key partitions of the ours/keyed run (0: skip it)",
+    )
     return parser.parse_args()
 
 

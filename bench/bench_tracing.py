@@ -113,8 +113,9 @@ def deliveries(n: int) -> list[Delivery]:
         trace_id, span_id = uuid.uuid4().hex, uuid.uuid4().hex[:16]
         parent = f"00-{trace_id}-{span_id}-01"
         origin = f"00-{trace_id}-{uuid.uuid4().hex[:16]}-01"
-        message = encode(BenchTraced(seq=seq), source="/bench", traceparent=parent,
-                         origin_traceparent=origin)  # fmt: skip
+        message = encode(
+            BenchTraced(seq=seq), source="/bench", traceparent=parent, origin_traceparent=origin
+        )
         out.append(Delivery(partition, seq, TOPIC, message.attributes, message.body))
     return out
 
@@ -149,8 +150,9 @@ def telemetry_for(mode: str) -> tuple[Telemetry, Callable[[], object]]:
 async def run_once(mode: str, n: int) -> float:
     """CPU microseconds per job."""
     app = bench_app()
-    settings = Settings(worker={"ordering": "none", "max_in_flight": 256},
-                        logging={"level": "WARNING"})  # fmt: skip
+    settings = Settings(
+        worker={"ordering": "none", "max_in_flight": 256}, logging={"level": "WARNING"}
+    )
     done = asyncio.Event()
     source = MemorySource(deliveries(n), done)
     # The N prepared deliveries are a backlog a real worker never holds (it fetches at
@@ -188,8 +190,9 @@ async def step_alone(mode: str, runs: list[JobRun]) -> float:
     if telemetry.tracing:
         step = TracingStep(telemetry.tracer("bench"), system="kafka", group="bench")
     elif telemetry.metrics:
-        step = WorkerMetrics(telemetry.meter("bench"), system="kafka", group="bench",
-                             retry=Settings().retry)  # fmt: skip
+        step = WorkerMetrics(
+            telemetry.meter("bench"), system="kafka", group="bench", retry=Settings().retry
+        )
     started = time.process_time()
     for run in runs:
         await step(run, completed)

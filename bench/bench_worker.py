@@ -298,12 +298,18 @@ async def scenario_s1(bench: Bench, args: argparse.Namespace) -> None:
     started = time.perf_counter()
     size = await bench.fill(topic, n, lambda seq: f"k{seq % args.s1_keys}")
     fill_s = time.perf_counter() - started
-    print(f"\nS1 overhead floor: {n:,} jobs, 4 partitions, {args.s1_keys} keys, "
-          f"{size} B per record (value + key + headers)")  # fmt: skip
-    print(f"   filled in {fill_s:.1f}s ({n / fill_s:,.0f} jobs/s, plain aiokafka producer, "
-          "encode + to_kafka per job)")  # fmt: skip
-    print(f"   ours: ordering=key, max_in_flight={args.max_in_flight}, memory idempotency "
-          "store, other settings default (commit_every=500, commit_interval_s=1.0)")  # fmt: skip
+    print(
+        f"\nS1 overhead floor: {n:,} jobs, 4 partitions, {args.s1_keys} keys, "
+        f"{size} B per record (value + key + headers)"
+    )
+    print(
+        f"   filled in {fill_s:.1f}s ({n / fill_s:,.0f} jobs/s, plain aiokafka producer, "
+        "encode + to_kafka per job)"
+    )
+    print(
+        f"   ours: ordering=key, max_in_flight={args.max_in_flight}, memory idempotency "
+        "store, other settings default (commit_every=500, commit_interval_s=1.0)"
+    )
     runs: dict[str, list[Measurement]] = collections.defaultdict(list)
     for _ in range(args.repeats):
         runs["raw"].append(await drain_raw(bench, topic, n))
@@ -315,17 +321,23 @@ async def scenario_s1(bench: Bench, args: argparse.Namespace) -> None:
             )
         runs["ours+logs"].append(logged)
     raw = median(runs["raw"])
-    print(f"\n   {'contestant':<11} {'jobs/s':>9} {'MB/s':>6} {'CPU-us/job':>11} "
-          f"{'of raw':>7}   runs (jobs/s)")  # fmt: skip
+    print(
+        f"\n   {'contestant':<11} {'jobs/s':>9} {'MB/s':>6} {'CPU-us/job':>11} "
+        f"{'of raw':>7}   runs (jobs/s)"
+    )
     for name, measured in runs.items():
         mid = median(measured)
         each = ", ".join(f"{m.rate:,.0f}" for m in measured)
-        print(f"   {name:<11} {mid.rate:>9,.0f} {mid.rate * size / 1e6:>6.1f} "
-              f"{mid.cpu_us:>11.1f} {mid.rate / raw.rate:>7.0%}   {each}")  # fmt: skip
+        print(
+            f"   {name:<11} {mid.rate:>9,.0f} {mid.rate * size / 1e6:>6.1f} "
+            f"{mid.cpu_us:>11.1f} {mid.rate / raw.rate:>7.0%}   {each}"
+        )
     ours = median(runs["ours"])
     verdict = "meets" if ours.rate >= 0.5 * raw.rate else "misses"
-    print(f"\n   ratio ours/raw = {ours.rate / raw.rate:.2f} ({verdict} the >= 0.50 aim); "
-          f"CPU per job ours/raw = {ours.cpu_us / raw.cpu_us:.1f}x")  # fmt: skip
+    print(
+        f"\n   ratio ours/raw = {ours.rate / raw.rate:.2f} ({verdict} the >= 0.50 aim); "
+        f"CPU per job ours/raw = {ours.cpu_us / raw.cpu_us:.1f}x"
+    )
     if args.profile:
         profile = cProfile.Profile()
         profile.enable()
@@ -335,27 +347,38 @@ async def scenario_s1(bench: Bench, args: argparse.Namespace) -> None:
         stats = pstats.Stats(profile, stream=out)
         stats.sort_stats("tottime").print_stats(25)
         stats.sort_stats("cumulative").print_stats(r"consumer|schemas", 25)
-        print("\n   cProfile of one drain of ours, by own time, then by cumulative time "
-              "(jobstream functions only):\n" + out.getvalue())  # fmt: skip
+        print(
+            "\n   cProfile of one drain of ours, by own time, then by cumulative time "
+            "(jobstream functions only):\n" + out.getvalue()
+        )
 
 
 async def scenario_s4(bench: Bench, args: argparse.Namespace) -> None:
     m, keys = args.m, args.keys
     topic = await bench.new_topic(partitions=1)
     await bench.fill(topic, m, lambda seq: f"k{seq % keys}")
-    print(f"\nS4 key mode vs partition mode: {m:,} jobs, 1 partition, {keys} keys, "
-          f"handler sleeps {args.sleep_ms} ms")  # fmt: skip
-    print(f"\n   {'max_in_flight':>13} {'partition s':>12} {'key s':>8} {'key CPU s':>10} "
-          f"{'key ideal s':>12} {'key jobs/s':>11} {'speed-up':>9}   key runs (s)")  # fmt: skip
+    print(
+        f"\nS4 key mode vs partition mode: {m:,} jobs, 1 partition, {keys} keys, "
+        f"handler sleeps {args.sleep_ms} ms"
+    )
+    print(
+        f"\n   {'max_in_flight':>13} {'partition s':>12} {'key s':>8} {'key CPU s':>10} "
+        f"{'key ideal s':>12} {'key jobs/s':>11} {'speed-up':>9}   key runs (s)"
+    )
     for limit in args.in_flight:
         # Partition mode runs one job at a time whatever the limit: one run is enough. Key
         # mode is short, and a drain's end varies by up to the fetch wait: median of repeats.
         runs: dict[str, list[Measurement]] = collections.defaultdict(list)
         for ordering in ["partition"] + ["key"] * args.repeats:
             measured, _ = await drain_ours(
-                bench, topic, m, max_in_flight=limit, ordering=ordering,
-                sleep_s=args.sleep_ms / 1000, label=f"S4 {ordering} {limit}",
-            )  # fmt: skip
+                bench,
+                topic,
+                m,
+                max_in_flight=limit,
+                ordering=ordering,
+                sleep_s=args.sleep_ms / 1000,
+                label=f"S4 {ordering} {limit}",
+            )
             runs[ordering].append(measured)
         part, key = runs["partition"][0], median(runs["key"])
         # The handler's sleeps alone, with min(limit, keys) of them overlapping. Key mode
@@ -363,8 +386,10 @@ async def scenario_s4(bench: Bench, args: argparse.Namespace) -> None:
         ideal = m * args.sleep_ms / 1000 / min(limit, keys)
         each = ", ".join(f"{r.wall_s:.2f}" for r in runs["key"])
         speed_up = part.wall_s / key.wall_s
-        print(f"   {limit:>13} {part.wall_s:>12.2f} {key.wall_s:>8.2f} {key.cpu_s:>10.2f} "
-              f"{ideal:>12.2f} {key.rate:>11,.0f} {speed_up:>8.1f}x   {each}")  # fmt: skip
+        print(
+            f"   {limit:>13} {part.wall_s:>12.2f} {key.wall_s:>8.2f} {key.cpu_s:>10.2f} "
+            f"{ideal:>12.2f} {key.rate:>11,.0f} {speed_up:>8.1f}x   {each}"
+        )
 
 
 async def main(args: argparse.Namespace) -> int:
@@ -378,8 +403,10 @@ async def main(args: argparse.Namespace) -> int:
     bench = Bench(args.bootstrap, admin)
     started = time.perf_counter()
     # Another process busy on the same cores skews every number: show the load we start at.
-    print(f"bench_worker: Python {sys.version.split()[0]}, {os.cpu_count()} CPUs, "
-          f"load average {os.getloadavg()[0]:.2f}, Kafka at {args.bootstrap}")  # fmt: skip
+    print(
+        f"bench_worker: Python {sys.version.split()[0]}, {os.cpu_count()} CPUs, "
+        f"load average {os.getloadavg()[0]:.2f}, Kafka at {args.bootstrap}"
+    )
     try:
         if "s1" in args.scenarios:
             await scenario_s1(bench, args)

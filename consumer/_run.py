@@ -85,9 +85,11 @@ async def _run(worker: Worker) -> Worker:
     health = None
     if settings.health.port:
         health = HealthServer(
-            settings.health.host, settings.health.port,
-            live=lambda: not worker.stopped_by_fault, ready=lambda: worker.ready,
-        )  # fmt: skip
+            settings.health.host,
+            settings.health.port,
+            live=lambda: not worker.stopped_by_fault,
+            ready=lambda: worker.ready,
+        )
         if worker.telemetry.prometheus is not None:
             health.route("/metrics", lambda: (200, worker.telemetry.prometheus_text()))
         await health.start()

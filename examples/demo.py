@@ -146,8 +146,13 @@ def _environment(transport: str, port: int) -> dict[str, str]:
 
 def _start(args: list[str], env: dict[str, str], log: Path) -> subprocess.Popen[bytes]:
     with log.open("ab") as out:
-        return subprocess.Popen([sys.executable, "-m", "jobstream", *args], env=env, cwd=ROOT,
-                                stdout=out, stderr=subprocess.STDOUT)  # fmt: skip
+        return subprocess.Popen(
+            [sys.executable, "-m", "jobstream", *args],
+            env=env,
+            cwd=ROOT,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+        )
 
 
 def _table(jobs: list[Submitted], title: str) -> Table:
@@ -157,8 +162,14 @@ def _table(jobs: list[Submitted], title: str) -> Table:
     style = {"succeeded": "green", "dead_lettered": "red", "cancelled": "yellow"}
     for job in jobs:
         state = f"[{style.get(job.state, 'cyan')}]{job.state}[/]"
-        table.add_row(job.label, job.job_type, job.job_id[:8], state, str(job.attempts),
-                      (job.last_error or "")[:60])  # fmt: skip
+        table.add_row(
+            job.label,
+            job.job_type,
+            job.job_id[:8],
+            state,
+            str(job.attempts),
+            (job.last_error or "")[:60],
+        )
     return table
 
 
@@ -216,8 +227,14 @@ async def _dead_letter(job: Submitted) -> dict[str, object] | None:
 
 
 def provision(env: dict[str, str], console: Console) -> bool:
-    ensure = subprocess.run([sys.executable, "-m", "jobstream", "topics", "ensure"], env=env,
-                            cwd=ROOT, capture_output=True, text=True, check=False)  # fmt: skip
+    ensure = subprocess.run(
+        [sys.executable, "-m", "jobstream", "topics", "ensure"],
+        env=env,
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        check=False,
+    )
     if ensure.returncode != 0:
         console.print(f"[red]topics ensure failed:[/] {ensure.stderr.strip()}")
     return ensure.returncode == 0
@@ -258,8 +275,10 @@ async def main(env: dict[str, str], console: Console, transport: str, port: int)
             f"trace of a retried job: {traced.trace_id} (Jaeger: /trace/{traced.trace_id})"
         )
     wrong = [job for job in jobs if job.state != job.expected]
-    console.print(f"{len(jobs) - len(wrong)} of {len(jobs)} jobs ended as expected; "
-                  f"processes exited with {codes}")  # fmt: skip
+    console.print(
+        f"{len(jobs) - len(wrong)} of {len(jobs)} jobs ended as expected; "
+        f"processes exited with {codes}"
+    )
     return 0 if not wrong and letter is not None and codes == [0, 0, 0] else 1
 
 

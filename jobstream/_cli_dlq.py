@@ -66,10 +66,16 @@ def _topics(settings: Settings, topics: list[str] | None) -> list[str]:
     return backend_for(settings.transport).dead_letter_destinations(settings, types)
 
 
-def _filter(job_type: str | None, reason: str | None, since: str | None, until: str | None,
-            ids: list[str] | None = None) -> DeadLetterFilter:  # fmt: skip
-    return DeadLetterFilter(job_type, reason, _time(since, "--since"), _time(until, "--until"),
-                            frozenset(ids or ()))  # fmt: skip
+def _filter(
+    job_type: str | None,
+    reason: str | None,
+    since: str | None,
+    until: str | None,
+    ids: list[str] | None = None,
+) -> DeadLetterFilter:
+    return DeadLetterFilter(
+        job_type, reason, _time(since, "--since"), _time(until, "--until"), frozenset(ids or ())
+    )
 
 
 def _settings() -> Settings:
@@ -86,9 +92,13 @@ async def _list(
 
 
 async def _replay(
-    settings: Settings, records: list[DeadLetterRecord], *, force: bool, dry_run: bool,
+    settings: Settings,
+    records: list[DeadLetterRecord],
+    *,
+    force: bool,
+    dry_run: bool,
     rate: float,
-) -> list[ReplayResult]:  # fmt: skip
+) -> list[ReplayResult]:
     backend = backend_for(settings.transport)
     return await backend.replay(settings, records, force=force, dry_run=dry_run, rate_per_s=rate)
 
@@ -99,10 +109,13 @@ def register(app: typer.Typer) -> None:
 
     @dlq.command("list")
     def list_(
-        job_type: TypeOption = None, reason: ReasonOption = None, since: SinceOption = None,
-        until: UntilOption = None, topic: TopicOption = None,
+        job_type: TypeOption = None,
+        reason: ReasonOption = None,
+        since: SinceOption = None,
+        until: UntilOption = None,
+        topic: TopicOption = None,
         as_json: Annotated[bool, typer.Option("--json", help="One JSON object per line.")] = False,
-    ) -> None:  # fmt: skip
+    ) -> None:
         """List dead letters, oldest first, with the reason each job failed."""
         settings = _settings()
         topics = _topics(settings, topic)
@@ -116,9 +129,15 @@ def register(app: typer.Typer) -> None:
         for column in ("id", "job id", "type", "reason", "error", "attempts", "failed at"):
             table.add_column(column, overflow="fold")
         for r in records:
-            table.add_row(r.id, r.job_id or "-", r.job_type or "-", r.reason,
-                          (r.ext("joberror") or "")[:60], r.ext("jobattempt") or "-",
-                          r.failed_at.isoformat(timespec="seconds"))  # fmt: skip
+            table.add_row(
+                r.id,
+                r.job_id or "-",
+                r.job_type or "-",
+                r.reason,
+                (r.ext("joberror") or "")[:60],
+                r.ext("jobattempt") or "-",
+                r.failed_at.isoformat(timespec="seconds"),
+            )
         Console().print(table)
 
     @dlq.command("show")
@@ -143,11 +162,16 @@ def register(app: typer.Typer) -> None:
 
     @dlq.command("replay")
     def replay_(
-        dead_letters: IdsArgument = None, job_type: TypeOption = None,
-        reason: ReasonOption = None, since: SinceOption = None, until: UntilOption = None,
-        topic: TopicOption = None, dry_run: DryRunOption = False, force: ForceOption = False,
+        dead_letters: IdsArgument = None,
+        job_type: TypeOption = None,
+        reason: ReasonOption = None,
+        since: SinceOption = None,
+        until: UntilOption = None,
+        topic: TopicOption = None,
+        dry_run: DryRunOption = False,
+        force: ForceOption = False,
         rate: Annotated[float, typer.Option(min=0.1, help="Most replays per second.")] = 50.0,
-    ) -> None:  # fmt: skip
+    ) -> None:
         """Republish dead letters to their original topic, attempts reset. Each dead letter
         is replayed once: a second replay needs --force."""
         if not dead_letters and not (job_type or reason or since or until):

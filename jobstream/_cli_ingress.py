@@ -40,8 +40,13 @@ async def _serve(settings: Settings) -> None:
     status = await _with_status(settings)  # one event loop for the store and the server
     try:
         web = create_app(settings, status)
-        config = uvicorn.Config(web, host=settings.ingress.host, port=settings.ingress.port,
-                                log_level="warning", access_log=False)  # fmt: skip
+        config = uvicorn.Config(
+            web,
+            host=settings.ingress.host,
+            port=settings.ingress.port,
+            log_level="warning",
+            access_log=False,
+        )
         # uvicorn handles SIGTERM/SIGINT while it serves, restores the handlers it found,
         # then re-raises the signal; no-op handlers installed just before make that
         # re-raise harmless, so a graceful stop exits 0 (a signal before this still kills).

@@ -59,11 +59,13 @@ def register(cli: typer.Typer) -> None:
         settings = load_settings(
             Settings,
             **{
-                "worker.group": group, "transport": transport,
-                "worker.max_in_flight": max_in_flight, "worker.ordering": ordering,
+                "worker.group": group,
+                "transport": transport,
+                "worker.max_in_flight": max_in_flight,
+                "worker.ordering": ordering,
                 "health.port": health_port,
             },
-        )  # fmt: skip
+        )
         app = load_app(target)
         configure_logging(settings.logging)
         try:

@@ -121,8 +121,9 @@ class Ingress:
             return _error(503, "too many requests in flight; retry later", self._retry_after)
         async with self._slots:
             parent = propagate.extract(dict(request.headers))
-            with tracer.start_as_current_span(f"POST /v1/jobs/{job_type}", context=parent,
-                                              kind=trace.SpanKind.SERVER) as span:  # fmt: skip
+            with tracer.start_as_current_span(
+                f"POST /v1/jobs/{job_type}", context=parent, kind=trace.SpanKind.SERVER
+            ) as span:
                 span.set_attribute("http.request.method", "POST")
                 span.set_attribute("jobstream.job.type", job_type)
                 return await self._publish(
@@ -142,8 +143,10 @@ class Ingress:
         except (UnknownJobType, UnsupportedVersion) as error:
             return _error(404, str(error), known_types=self.registry.job_types())
         except InvalidPayload as error:
-            fields = [{"field": ".".join(map(str, e.get("loc", ()))), "message": e.get("msg")}
-                      for e in error.errors]  # fmt: skip
+            fields = [
+                {"field": ".".join(map(str, e.get("loc", ()))), "message": e.get("msg")}
+                for e in error.errors
+            ]
             return _error(400, "invalid payload", fields=fields)
         except JobDecodeError as error:
             return _error(400, str(error))
@@ -162,9 +165,12 @@ class Ingress:
             await self.publisher.reset()
             return _error(503, f"broker unavailable: {error}", self._retry_after)
         recorded = await self.status.record(
-            job_id, JobState.PENDING, job_type=job_type, created_at=datetime.now(UTC),
+            job_id,
+            JobState.PENDING,
+            job_type=job_type,
+            created_at=datetime.now(UTC),
             trace_id=trace_id_now(),
-        )  # fmt: skip
+        )
         return _accepted(job_id, recorded)
 
     async def job_status(self, job_id: str) -> Response:
@@ -197,8 +203,9 @@ class Ingress:
     def openapi(self, app: FastAPI) -> dict[str, Any]:
         """FastAPI's document, with each job type's model as its request body schema."""
         if app.openapi_schema is None:
-            document = get_openapi(title=app.title, version=app.version,
-                                   description=app.description, routes=app.routes)  # fmt: skip
+            document = get_openapi(
+                title=app.title, version=app.version, description=app.description, routes=app.routes
+            )
             components = document.setdefault("components", {}).setdefault("schemas", {})
             for model in self.registry:
                 schema = model.model_json_schema(ref_template="#/components/schemas/{model}")
@@ -221,25 +228,36 @@ def create_app(
         yield
         await ingress.publisher.reset()
 
-    app = FastAPI(title="jobstream ingress", version="1", lifespan=lifespan,
-                  description=(__doc__ or "").split("\n\n")[0])  # fmt: skip
+    app = FastAPI(
+        title="jobstream ingress",
+        version="1",
+        lifespan=lifespan,
+        description=(__doc__ or "").split("\n\n")[0],
+    )
     app.middleware("http")(ingress.guard)
     for job_type in registry.job_types():
         model = registry.latest(job_type)
         app.add_api_route(
-            f"/v1/jobs/{job_type}", _route(ingress.submit, job_type), methods=["POST"],
-            status_code=202, tags=["jobs"],
+            f"/v1/jobs/{job_type}",
+            _route(ingress.submit, job_type),
+            methods=["POST"],
+            status_code=202,
+            tags=["jobs"],
             summary=f"Submit a {job_type} job (v{model.job_version}; ?version=N for others)",
-            openapi_extra={"requestBody": {"required": True, "content": {"application/json": {
-                "schema": {"$ref": f"#/components/schemas/{_schema_name(model)}"}}}}},
-        )  # fmt: skip
+            openapi_extra=_request_body(model),
+        )
     # Any other type: answered by `submit` too, with 404 and the list of known types.
     app.add_api_route(
         "/v1/jobs/{job_type}", ingress.submit, methods=["POST"], include_in_schema=False
     )
     app.add_api_route("/v1/jobs/{job_id}", ingress.job_status, methods=["GET"], tags=["status"])
-    app.add_api_route("/v1/jobs/{job_id}/cancel", ingress.cancel, methods=["POST"],
-                      status_code=202, tags=["status"])  # fmt: skip
+    app.add_api_route(
+        "/v1/jobs/{job_id}/cancel",
+        ingress.cancel,
+        methods=["POST"],
+        status_code=202,
+        tags=["status"],
+    )
     app.add_api_route("/livez", ingress.livez, include_in_schema=False)
     app.add_api_route("/readyz", ingress.readyz, include_in_schema=False)
     app.openapi = lambda: ingress.openapi(app)  # type: ignore[method-assign]
@@ -259,10 +277,19 @@ def _schema_name(model: type[Any]) -> str:
     return f"{model.job_type.replace('.', '_')}_v{model.job_version}"
 
 
+def _request_body(model: type[Any]) -> dict[str, Any]:
+    """The OpenAPI request body of a job type: its model, from the document's components."""
+    schema = {"$ref": f"#/components/schemas/{_schema_name(model)}"}
+    return {"requestBody": {"required": True, "content": {"application/json": {"schema": schema}}}}
+
+
 def _accepted(job_id: str, recorded: Any) -> JSONResponse:
-    body = {"job_id": job_id, "status_url": f"/v1/jobs/{job_id}",
-            "state": recorded.state.value if recorded else JobState.PENDING.value,
-            "trace_id": recorded.trace_id if recorded else None}  # fmt: skip
+    body = {
+        "job_id": job_id,
+        "status_url": f"/v1/jobs/{job_id}",
+        "state": recorded.state.value if recorded else JobState.PENDING.value,
+        "trace_id": recorded.trace_id if recorded else None,
+    }
     return JSONResponse(body, 202, headers={"Location": f"/v1/jobs/{job_id}"})
 
 

@@ -144,9 +144,10 @@ class JobProducer:
             return await self._publisher.send(destination, message)
         destination = self.destination(str(job_type))
         with self._tracer.start_as_current_span(
-            f"send {destination}", kind=SpanKind.PRODUCER,
+            f"send {destination}",
+            kind=SpanKind.PRODUCER,
             attributes=self._span_attributes(destination, "send"),
-        ) as span:  # fmt: skip
+        ) as span:
             _, message = self._encode(request, current_trace_headers(), origin)
             _describe_job(span, message)
             await self._prepare([destination])
@@ -162,8 +163,10 @@ class JobProducer:
         batch: list[tuple[str, JobMessage]] = []
         for item in jobs:
             request = item if isinstance(item, PublishRequest) else PublishRequest(item)
-            batch.append(self._create(request, origin) if traced else
-                         self._encode(request, origin, origin))  # fmt: skip
+            if traced:
+                batch.append(self._create(request, origin))
+            else:
+                batch.append(self._encode(request, origin, origin))
             if len(batch) >= MAX_BATCH:
                 receipts += await self._send_batch(batch)
                 batch = []
@@ -210,9 +213,10 @@ class JobProducer:
             return self._encode(request, origin, origin)  # raises: not a concrete job type
         destination = self.destination(str(job_type))
         span = self._tracer.start_span(
-            f"create {destination}", kind=SpanKind.PRODUCER,
+            f"create {destination}",
+            kind=SpanKind.PRODUCER,
             attributes=self._span_attributes(destination, "create"),
-        )  # fmt: skip
+        )
         try:
             created = self._encode(request, traceparent_of(span.get_span_context()), origin)
             _describe_job(span, created[1])
@@ -284,11 +288,14 @@ class JobProducer:
 def _describe_job(span: Span, message: JobMessage) -> None:
     if span.is_recording():
         attributes = message.attributes
-        span.set_attributes({
-            otel.MESSAGE_ID: attributes.id, otel.JOB_ID: attributes.id,
-            otel.JOB_TYPE: attributes.type, otel.JOB_VERSION: attributes.version,
+        described: dict[str, str | int] = {
+            otel.MESSAGE_ID: attributes.id,
+            otel.JOB_ID: attributes.id,
+            otel.JOB_TYPE: attributes.type,
+            otel.JOB_VERSION: attributes.version,
             otel.JOB_ATTEMPT: attributes.attempt,
-        })  # fmt: skip
+        }
+        span.set_attributes(described)
         if attributes.key is not None:
             span.set_attribute(otel.KAFKA_KEY, attributes.key)
 

@@ -81,9 +81,12 @@ def span_context_of(traceparent: str | None, tracestate: str | None = None) -> S
         return None
     state = TraceState.from_header([tracestate]) if tracestate else TraceState()
     return SpanContext(
-        trace_id, span_id, is_remote=True,
-        trace_flags=TraceFlags(int(match.group(4), 16)), trace_state=state,
-    )  # fmt: skip
+        trace_id,
+        span_id,
+        is_remote=True,
+        trace_flags=TraceFlags(int(match.group(4), 16)),
+        trace_state=state,
+    )
 
 
 def recording_provider(provider: TracerProvider) -> bool:

@@ -133,10 +133,16 @@ def _kafka_jars() -> Path:
         flush=True,
     )
     cmd = [
-        mvn, "-q", "-B", "-f", str(ROOT / "services/kafka/pom.xml"),
+        mvn,
+        "-q",
+        "-B",
+        "-f",
+        str(ROOT / "services/kafka/pom.xml"),
         f"-Dmaven.repo.local={CACHE / 'm2'}",
-        "dependency:copy-dependencies", "-DincludeScope=runtime", f"-DoutputDirectory={lib}",
-    ]  # fmt: skip
+        "dependency:copy-dependencies",
+        "-DincludeScope=runtime",
+        f"-DoutputDirectory={lib}",
+    ]
     result = subprocess.run(cmd, capture_output=True, text=True, check=False)
     if result.returncode != 0:
         tail = (result.stdout + result.stderr).strip().splitlines()[-5:]
@@ -193,13 +199,34 @@ def _kafka_command() -> list[str]:
     log4j = f"-Dlog4j2.configurationFile={RUN / 'kafka' / 'log4j2.properties'}"
     if not (RUN / "kafka" / "data" / "meta.properties").exists():
         cluster_id = uuid.uuid4().hex[:22]
-        fmt = [java, "-cp", classpath, log4j, "kafka.tools.StorageTool", "format",
-               "--standalone", "-t", cluster_id, "-c", str(config)]  # fmt: skip
+        fmt = [
+            java,
+            "-cp",
+            classpath,
+            log4j,
+            "kafka.tools.StorageTool",
+            "format",
+            "--standalone",
+            "-t",
+            cluster_id,
+            "-c",
+            str(config),
+        ]
         result = subprocess.run(fmt, capture_output=True, text=True, check=False)
         if result.returncode != 0:
             _fail(f"kafka storage format failed: {(result.stdout + result.stderr).strip()[-400:]}")
-    return [java, "-Xms256m", "-Xmx1G", "-XX:+UseG1GC", "-Djava.awt.headless=true", log4j,
-            "-cp", classpath, "kafka.Kafka", str(config)]  # fmt: skip
+    return [
+        java,
+        "-Xms256m",
+        "-Xmx1G",
+        "-XX:+UseG1GC",
+        "-Djava.awt.headless=true",
+        log4j,
+        "-cp",
+        classpath,
+        "kafka.Kafka",
+        str(config),
+    ]
 
 
 def _kafka_ready() -> bool:
@@ -237,8 +264,20 @@ def _nats_command() -> list[str]:
         binary = Path(found)
     store = RUN / "nats" / "data"
     store.mkdir(parents=True, exist_ok=True)
-    return [str(binary), "-a", HOST, "-p", str(NATS_PORT), "-js", "-sd", str(store),
-            "-m", str(NATS_MONITOR_PORT), "--server_name", "jobstream-local"]  # fmt: skip
+    return [
+        str(binary),
+        "-a",
+        HOST,
+        "-p",
+        str(NATS_PORT),
+        "-js",
+        "-sd",
+        str(store),
+        "-m",
+        str(NATS_MONITOR_PORT),
+        "--server_name",
+        "jobstream-local",
+    ]
 
 
 def _nats_ready() -> bool:
@@ -278,8 +317,21 @@ def _redis_command() -> list[str]:
     binary = _debian_binary(["redis-server", "/usr/bin/redis-server"], "redis-server")
     home = RUN / "redis"
     home.mkdir(parents=True, exist_ok=True)
-    return [binary, "--bind", HOST, "--port", str(REDIS_PORT), "--save", "", "--appendonly",
-            "no", "--dir", str(home), "--protected-mode", "yes"]  # fmt: skip
+    return [
+        binary,
+        "--bind",
+        HOST,
+        "--port",
+        str(REDIS_PORT),
+        "--save",
+        "",
+        "--appendonly",
+        "no",
+        "--dir",
+        str(home),
+        "--protected-mode",
+        "yes",
+    ]
 
 
 def _redis_ready() -> bool:
@@ -312,22 +364,46 @@ def _postgres_command() -> list[str]:
         as_user = ["runuser", "-u", "postgres", "--"]
     if not (data / "PG_VERSION").exists():
         result = subprocess.run(
-            [*as_user, str(bindir / "initdb"), "-D", str(data), "-U", "jobstream",
-             "--auth=trust", "-E", "UTF8"],
-            capture_output=True, text=True, check=False,
-        )  # fmt: skip
+            [
+                *as_user,
+                str(bindir / "initdb"),
+                "-D",
+                str(data),
+                "-U",
+                "jobstream",
+                "--auth=trust",
+                "-E",
+                "UTF8",
+            ],
+            capture_output=True,
+            text=True,
+            check=False,
+        )
         if result.returncode != 0:
             _fail(f"initdb failed: {result.stderr.strip()[-300:]}")
-    return [*as_user, str(bindir / "postgres"), "-D", str(data), "-h", HOST, "-p",
-            str(POSTGRES_PORT), "-k", str(home), "-c", "fsync=off"]  # fmt: skip
+    return [
+        *as_user,
+        str(bindir / "postgres"),
+        "-D",
+        str(data),
+        "-h",
+        HOST,
+        "-p",
+        str(POSTGRES_PORT),
+        "-k",
+        str(home),
+        "-c",
+        "fsync=off",
+    ]
 
 
 def _postgres_ready() -> bool:
     bindir = _postgres_bin()
     result = subprocess.run(
         [str(bindir / "pg_isready"), "-h", HOST, "-p", str(POSTGRES_PORT), "-U", "jobstream"],
-        capture_output=True, check=False,
-    )  # fmt: skip
+        capture_output=True,
+        check=False,
+    )
     return result.returncode == 0
 
 
@@ -414,14 +490,20 @@ SERVICES = {
         "redis", f"redis://{HOST}:{REDIS_PORT}/0", _redis_command, _redis_ready, REDIS_PORT
     ),
     "postgres": Service(
-        "postgres", f"postgresql://jobstream@{HOST}:{POSTGRES_PORT}/postgres",
-        _postgres_command, _postgres_ready, POSTGRES_PORT,
+        "postgres",
+        f"postgresql://jobstream@{HOST}:{POSTGRES_PORT}/postgres",
+        _postgres_command,
+        _postgres_ready,
+        POSTGRES_PORT,
     ),
     "jaeger": Service(
-        "jaeger", f"http://{HOST}:{JAEGER_PORT} (OTLP http://{HOST}:{JAEGER_OTLP_PORT})",
-        _jaeger_command, _jaeger_ready, JAEGER_PORT,
+        "jaeger",
+        f"http://{HOST}:{JAEGER_PORT} (OTLP http://{HOST}:{JAEGER_OTLP_PORT})",
+        _jaeger_command,
+        _jaeger_ready,
+        JAEGER_PORT,
     ),
-}  # fmt: skip
+}
 
 
 def up(service: Service) -> None:
@@ -430,17 +512,23 @@ def up(service: Service) -> None:
         print(f"{service.name:<9} already running (pid {pid}) at {service.address}")
         return
     if pid is None and _port_open(service.port):
-        _fail(f"port {service.port} on {HOST} is taken by another process: stop it, or set "
-              f"JOBSTREAM_LOCAL_{service.name.upper()}_PORT to a free port")  # fmt: skip
+        _fail(
+            f"port {service.port} on {HOST} is taken by another process: stop it, or set "
+            f"JOBSTREAM_LOCAL_{service.name.upper()}_PORT to a free port"
+        )
     if pid is None:
         cmd = service.start()
         home = RUN / service.name
         home.mkdir(parents=True, exist_ok=True)
         with (home / "server.log").open("ab") as log:
             process = subprocess.Popen(
-                cmd, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                start_new_session=True, cwd=home,
-            )  # fmt: skip
+                cmd,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+                start_new_session=True,
+                cwd=home,
+            )
         _pid_file(service.name).write_text(str(process.pid))
         pid = process.pid
     deadline = time.monotonic() + READY_TIMEOUT_S
@@ -452,8 +540,10 @@ def up(service: Service) -> None:
             print(f"{service.name:<9} ready at {service.address} (pid {pid})")
             return
         time.sleep(0.5)
-    _fail(f"{service.name} did not become ready within {READY_TIMEOUT_S:.0f}s; "
-          f"see {RUN / service.name / 'server.log'}")  # fmt: skip
+    _fail(
+        f"{service.name} did not become ready within {READY_TIMEOUT_S:.0f}s; "
+        f"see {RUN / service.name / 'server.log'}"
+    )
 
 
 def down(service: Service) -> None:

@@ -183,8 +183,11 @@ def start_worker(
     with log.open("ab") as out:
         return subprocess.Popen(
             [sys.executable, "-m", "jobstream", "worker", app],
-            env=env, stdout=out, stderr=subprocess.STDOUT, cwd=ROOT,
-        )  # fmt: skip
+            env=env,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            cwd=ROOT,
+        )
 
 
 def stop_worker(
@@ -219,9 +222,13 @@ def nats_env(stream: str, prefix: str, **extra: str) -> dict[str, str]:
 
 
 async def publish_nats(
-    subject: str, jobs: Iterable[tuple[str | None, Job]], *, partitions: int = 0,
-    ids: Sequence[str] | None = None, url: str = NATS_URL,
-) -> list[str]:  # fmt: skip
+    subject: str,
+    jobs: Iterable[tuple[str | None, Job]],
+    *,
+    partitions: int = 0,
+    ids: Sequence[str] | None = None,
+    url: str = NATS_URL,
+) -> list[str]:
     """Publish with plain nats-py (the wire contract, nothing of ours); with `partitions`,
     to `<subject>.<fnv1a(key or id) % partitions>`."""
     client = await nats.connect(url)

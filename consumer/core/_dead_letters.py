@@ -100,14 +100,19 @@ class DeadLetterRecord:
 
     def summary(self) -> dict[str, object]:
         return {
-            "id": self.id, "job_id": self.job_id, "type": self.job_type,
-            "version": self.ext(JOBVERSION), "reason": self.reason,
-            "error_type": self.ext(ERROR_TYPE), "error": self.ext(ERROR),
+            "id": self.id,
+            "job_id": self.job_id,
+            "type": self.job_type,
+            "version": self.ext(JOBVERSION),
+            "reason": self.reason,
+            "error_type": self.ext(ERROR_TYPE),
+            "error": self.ext(ERROR),
             "attempts": self.ext(JOBATTEMPT),
             "source": self.source,
-            "group": self.ext(GROUP), "first_failure": self.ext(FIRST_FAILURE),
+            "group": self.ext(GROUP),
+            "first_failure": self.ext(FIRST_FAILURE),
             "last_failure": self.failed_at.isoformat(),
-        }  # fmt: skip
+        }
 
 
 @dataclass(frozen=True, slots=True)

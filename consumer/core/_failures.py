@@ -57,8 +57,14 @@ def qualified_name(error: BaseException) -> str:
     )
 
 
-def decide(run: JobRun, error: BaseException, settings: RetrySettings, *, now: datetime,
-           rng: random.Random | None = None) -> Decision:  # fmt: skip
+def decide(
+    run: JobRun,
+    error: BaseException,
+    settings: RetrySettings,
+    *,
+    now: datetime,
+    rng: random.Random | None = None,
+) -> Decision:
     """Retry or dead-letter `run` after `error`, by the policy of its job type."""
     attributes = run.attributes
     if isinstance(error, JobstreamError) and not error.retriable:
@@ -81,8 +87,9 @@ def decide(run: JobRun, error: BaseException, settings: RetrySettings, *, now: d
     return Decision(retry=True, delay_s=delay, reason=reason)
 
 
-def failure_details(run: JobRun, error: BaseException, decision: Decision, group: str,
-                    now: datetime) -> dict[str, str]:  # fmt: skip
+def failure_details(
+    run: JobRun, error: BaseException, decision: Decision, group: str, now: datetime
+) -> dict[str, str]:
     """The `job*` extension attributes describing this failure (replacing earlier ones)."""
     delivery = run.delivery
     previous = run.attributes.extensions if run.attributes is not None else {}

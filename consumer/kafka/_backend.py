@@ -79,8 +79,7 @@ class KafkaBackend:
         finally:
             await publisher.stop()
         await ReplayLedger(settings).ensure()
-        lines = [f"kafka topic {t}: {'created' if t in created else 'exists'}" for t in topics]
-        return [*lines, f"kafka topic {settings.retry.replay_ledger_topic}: ready"]
+        return [f"kafka topic {t}: {'created' if t in created else 'exists'}" for t in topics]
 
     def dead_letter_destinations(self, settings: Settings, job_types: Iterable[str]) -> list[str]:
         mains = {settings.routing.topic(job_type) for job_type in job_types}

@@ -29,8 +29,9 @@ _DRAIN_POLL_MS = 500
 
 async def read_topics(settings: Settings, topics: Sequence[str]) -> list[DeadLetterRecord]:
     """Every record of `topics` up to their current end (no consumer group, no commits)."""
-    consumer = AIOKafkaConsumer(**kafka_client_options(settings.kafka), group_id=None,
-                                enable_auto_commit=False)  # fmt: skip
+    consumer = AIOKafkaConsumer(
+        **kafka_client_options(settings.kafka), group_id=None, enable_auto_commit=False
+    )
     await consumer.start()
     records: list[DeadLetterRecord] = []
     try:
@@ -101,10 +102,14 @@ class ReplayLedger:
 
 
 async def replay(
-    settings: Settings, records: Iterable[DeadLetterRecord], *,
-    force: bool = False, dry_run: bool = False, rate_per_s: float = 50.0,
+    settings: Settings,
+    records: Iterable[DeadLetterRecord],
+    *,
+    force: bool = False,
+    dry_run: bool = False,
+    rate_per_s: float = 50.0,
     tracer_provider: TracerProvider | None = None,
-) -> list[ReplayResult]:  # fmt: skip
+) -> list[ReplayResult]:
     """Republish `records` to their main topics; see the module docstring. With tracing
     on (`tracer_provider`, default the global one), each replay is a PRODUCER span linked
     to the job's origin, its last failed attempt and its dead-lettering."""

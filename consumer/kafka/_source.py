@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import random
 import time
 from collections import Counter, deque
 from collections.abc import Sequence
@@ -30,9 +29,15 @@ from consumer.core import Delivery, Outcome, RevokeCallback, Settings, WorkerErr
 from consumer.runtime import OffsetTracker
 from consumer.telemetry import Backlog
 from producer.kafka import kafka_client_options
+from producer.retrying import Backoff, retry
 from schemas import JobDecodeError, from_kafka
 
 log = logging.getLogger("jobstream.kafka")
+_BROKER_BACKOFF = Backoff(initial_s=0.5, max_s=10.0, jitter=True)
+
+
+def _unreachable(error: Exception, wait_s: float) -> None:
+    log.warning("Kafka not reachable yet (%s); retrying in %.1fs", error, wait_s)
 
 
 class _Listener(ConsumerRebalanceListener):  # type: ignore[misc]
@@ -88,24 +93,22 @@ class KafkaSource:
     async def start(self, on_revoke: RevokeCallback) -> None:
         self._on_revoke = on_revoke
         budget = self._settings.worker.broker_wait_s
-        deadline = time.monotonic() + budget
-        delay = 0.5
-        while True:
-            try:
-                await self._consumer.start()
-                break
-            except KafkaError as error:
-                if time.monotonic() + delay > deadline:
-                    servers = self._settings.kafka.bootstrap_servers
-                    msg = (
-                        f"Kafka at {servers} did not answer within {budget:g}s ({error}): "
-                        "check JOBSTREAM_KAFKA__BOOTSTRAP_SERVERS and that the broker runs"
-                    )
-                    await self._consumer.stop()
-                    raise WorkerError(msg) from error
-                log.warning("Kafka not reachable yet (%s); retrying in %.1fs", error, delay)
-                await asyncio.sleep(delay * (0.5 + random.random()))
-                delay = min(delay * 2, 10.0)
+        try:
+            await retry(
+                self._consumer.start,
+                on=KafkaError,
+                backoff=_BROKER_BACKOFF,
+                deadline=time.monotonic() + budget,
+                on_retry=_unreachable,
+            )
+        except KafkaError as error:
+            servers = self._settings.kafka.bootstrap_servers
+            msg = (
+                f"Kafka at {servers} did not answer within {budget:g}s ({error}): "
+                "check JOBSTREAM_KAFKA__BOOTSTRAP_SERVERS and that the broker runs"
+            )
+            await self._consumer.stop()
+            raise WorkerError(msg) from error
         self._consumer.subscribe(self._topics, listener=_Listener(self))
 
     async def fetch(self, max_records: int, timeout_s: float) -> list[Delivery]:
@@ -242,6 +245,12 @@ def _delivery(tp: TopicPartition, record: ConsumerRecord[bytes, bytes]) -> Deliv
     except JobDecodeError as exc:
         attributes, error = None, exc
     return Delivery(
-        partition=tp, offset=record.offset, topic=tp.topic, attributes=attributes,
-        body=value, raw_key=record.key, raw_headers=headers, error=error,
-    )  # fmt: skip
+        partition=tp,
+        offset=record.offset,
+        topic=tp.topic,
+        attributes=attributes,
+        body=value,
+        raw_key=record.key,
+        raw_headers=headers,
+        error=error,
+    )

@@ -20,6 +20,7 @@ from consumer.core import (
     Source,
     main_destinations,
 )
+from consumer.nats._connect import until_reachable
 from consumer.nats._dead_letters import list_nats_dead_letters, replay_nats
 from consumer.nats._kv_store import NatsKvIdempotencyStore, bucket_config, provision_bucket
 from consumer.nats._provision import (
@@ -30,7 +31,7 @@ from consumer.nats._provision import (
     ensure_replay_ledger,
 )
 from consumer.nats._routing import NatsFailureRouter
-from consumer.nats._source import NatsSource, until_reachable
+from consumer.nats._source import NatsSource
 from consumer.stores import IdempotencyStore
 from producer import plan_destinations
 from producer.nats import NatsPublisher, connect_nats

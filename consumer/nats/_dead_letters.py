@@ -54,9 +54,12 @@ async def _read(
     stream = settings.jetstream.dead_letter_stream_for(settings.routing.stream)
     name = f"jobstream-dlq-reader-{uuid.uuid4().hex[:8]}"
     config = ConsumerConfig(
-        name=name, ack_policy=AckPolicy.NONE, filter_subjects=list(subjects) or None,
-        inactive_threshold=60.0, mem_storage=True,
-    )  # fmt: skip
+        name=name,
+        ack_policy=AckPolicy.NONE,
+        filter_subjects=list(subjects) or None,
+        inactive_threshold=60.0,
+        mem_storage=True,
+    )
     total = (await js.add_consumer(stream, config)).num_pending or 0
     records: list[DeadLetterRecord] = []
     try:
@@ -65,11 +68,17 @@ async def _read(
             wanted = min(total - len(records), _READ_BATCH)
             for msg in await subscription.fetch(wanted, timeout=5):
                 meta, headers = msg.metadata, msg.headers or {}
-                records.append(DeadLetterRecord(
-                    topic=msg.subject, partition=0, offset=meta.sequence.stream,
-                    timestamp=meta.timestamp, key=None, value=msg.data, stream=stream,
+                record = DeadLetterRecord(
+                    topic=msg.subject,
+                    partition=0,
+                    offset=meta.sequence.stream,
+                    timestamp=meta.timestamp,
+                    key=None,
+                    value=msg.data,
+                    stream=stream,
                     headers=tuple((k, v.encode()) for k, v in headers.items()),
-                ))  # fmt: skip
+                )
+                records.append(record)
         await subscription.unsubscribe()
     finally:
         await js.delete_consumer(stream, name)
@@ -77,9 +86,13 @@ async def _read(
 
 
 async def replay_nats(
-    settings: Settings, records: Iterable[DeadLetterRecord], *,
-    force: bool = False, dry_run: bool = False, rate_per_s: float = 50.0,
-) -> list[ReplayResult]:  # fmt: skip
+    settings: Settings,
+    records: Iterable[DeadLetterRecord],
+    *,
+    force: bool = False,
+    dry_run: bool = False,
+    rate_per_s: float = 50.0,
+) -> list[ReplayResult]:
     """Republish dead letters to the subject they were consumed from, attempt reset,
     failure details removed, marked as replays; once each unless `force`."""
     provider = trace.get_tracer_provider()
@@ -114,8 +127,11 @@ async def replay_nats(
                     pairs = retrace([(k, v.encode()) for k, v in headers.items()], hand_off, "ce-")
                     headers = {name: value.decode() for name, value in pairs}
                 await js.publish(destination, record.value, headers=headers)
-            entry = {"replayed_at": datetime.now(UTC).isoformat(),
-                     "job_id": record.job_id or "", "to": destination}  # fmt: skip
+            entry = {
+                "replayed_at": datetime.now(UTC).isoformat(),
+                "job_id": record.job_id or "",
+                "to": destination,
+            }
             await ledger.put(key, json.dumps(entry).encode())
             results.append(ReplayResult(record, "replayed", destination))
             await asyncio.sleep(1 / rate_per_s)

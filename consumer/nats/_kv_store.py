@@ -67,10 +67,14 @@ def bucket_config(
 ) -> KeyValueConfig:
     """The bucket's limits: one revision per key, nothing older than the retention."""
     return KeyValueConfig(
-        bucket=bucket_name(namespace), history=1, ttl=retention_s, replicas=replicas,
-        max_bytes=max_bytes, storage=StorageType.FILE,
+        bucket=bucket_name(namespace),
+        history=1,
+        ttl=retention_s,
+        replicas=replicas,
+        max_bytes=max_bytes,
+        storage=StorageType.FILE,
         description="jobstream idempotency: claims and completed jobs",
-    )  # fmt: skip
+    )
 
 
 async def ensure_bucket(js: JetStreamContext, config: KeyValueConfig) -> bool:

@@ -40,11 +40,16 @@ def consumer_plan(settings: Settings, subjects: Sequence[str]) -> list[ConsumerC
 
     def config(name: str, filters: list[str], pending: int) -> ConsumerConfig:
         return ConsumerConfig(
-            durable_name=name, name=name, ack_policy=AckPolicy.EXPLICIT,
-            deliver_policy=DeliverPolicy.ALL, ack_wait=jet.ack_wait_s,
-            max_ack_pending=pending, max_deliver=max_deliver(settings),
-            filter_subjects=filters, description=f"jobstream workers of group {group}",
-        )  # fmt: skip
+            durable_name=name,
+            name=name,
+            ack_policy=AckPolicy.EXPLICIT,
+            deliver_policy=DeliverPolicy.ALL,
+            ack_wait=jet.ack_wait_s,
+            max_ack_pending=pending,
+            max_deliver=max_deliver(settings),
+            filter_subjects=filters,
+            description=f"jobstream workers of group {group}",
+        )
 
     # Jobs published to a bare subject of a partitioned stream (a producer that does not
     # partition) are still processed, without an order promise.
@@ -117,8 +122,10 @@ async def ensure_replay_ledger(js: JetStreamContext, settings: Settings) -> None
     except BucketNotFoundError:
         await js.create_key_value(
             KeyValueConfig(
-                bucket=bucket, history=1, storage=StorageType.FILE,
+                bucket=bucket,
+                history=1,
+                storage=StorageType.FILE,
                 replicas=settings.routing.replication_factor,
                 description="jobstream: dead letters that were replayed",
             )
-        )  # fmt: skip
+        )

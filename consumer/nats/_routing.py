@@ -39,9 +39,12 @@ log = logging.getLogger("jobstream.routing")
 
 class NatsFailureRouter:
     def __init__(
-        self, settings: Settings, publisher: NatsPublisher, source: NatsSource,
+        self,
+        settings: Settings,
+        publisher: NatsPublisher,
+        source: NatsSource,
         tracer: Tracer | None = None,
-    ) -> None:  # fmt: skip
+    ) -> None:
         """`tracer`: record the dead-letter hand-off span (None when tracing is off)."""
         self._settings = settings
         self._publisher = publisher
@@ -53,17 +56,21 @@ class NatsFailureRouter:
         if decision.retry and attributes is not None:
             confirmed = await self._source.nak(delivery, decision.delay_s)
             log.info(
-                "retry %d of %s in %.1fs%s", attributes.attempt + 1, attributes.id,
-                decision.delay_s, "" if confirmed else " (nak unconfirmed: after the ack wait)",
-            )  # fmt: skip
+                "retry %d of %s in %.1fs%s",
+                attributes.attempt + 1,
+                attributes.id,
+                decision.delay_s,
+                "" if confirmed else " (nak unconfirmed: after the ack wait)",
+            )
             return Outcome.RETRYING
         details = failure_details(run, error, decision, self._settings.worker.group, utc_now())
         jet = self._settings.jetstream
         subject = jet.dead_letter_subject(self._source.main_subject(delivery))
         headers = {
-            name: value.decode() for name, value in delivery.raw_headers
+            name: value.decode()
+            for name, value in delivery.raw_headers
             if name.lower() not in _REPLACED
-        }  # fmt: skip
+        }
         attempt = attributes.attempt if attributes else delivery.delivery_count
         headers["ce-jobattempt"] = str(attempt)
         headers |= {f"ce-{name}": value for name, value in details.items()}

@@ -32,22 +32,19 @@ import contextlib
 import functools
 import json
 import logging
-import random
 import time
 from collections import deque
-from collections.abc import Awaitable, Callable, Sequence
-from dataclasses import dataclass, field
-from datetime import UTC, datetime
-from typing import TypeVar
+from collections.abc import Sequence
 
 import nats.errors
 from nats.aio.client import Client as NatsClient
 from nats.aio.msg import Msg
-from nats.aio.subscription import Subscription
 from nats.js import JetStreamContext
 from nats.js.errors import NotFoundError
 
-from consumer.core import FIRST_FAILURE, Delivery, Outcome, RevokeCallback, Settings, WorkerError
+from consumer.core import Delivery, Outcome, RevokeCallback, Settings, WorkerError
+from consumer.nats._connect import until_reachable
+from consumer.nats._held import Held, Puller, redelivered
 from consumer.nats._provision import (
     consumer_plan,
     ensure_consumers,
@@ -55,68 +52,18 @@ from consumer.nats._provision import (
     stream_destinations,
 )
 from consumer.telemetry import Backlog
-from producer import BrokerUnavailable
 from producer.nats import KEY_PARTITIONS_METADATA, connect_nats, ensure_nats_stream
+from producer.retrying import Backoff, retry
 from schemas import JobAttributes, JobDecodeError, from_nats
 
 log = logging.getLogger("jobstream.nats")
-T = TypeVar("T")
 
 _ACK, _TERM, _NAK = b"+ACK", b"+TERM", b"-NAK"
 _API = "$JS.API"
 _GRACE_S = 2.0  # a pull request unanswered this long past its expiry was lost (reconnect)
 _BACKOFF_S = 1.0  # after a pull request was refused (409), before asking that consumer again
 _CONFIRM_TIMEOUT_S = 2.0  # for one ack confirmation; acks are retried until the ack wait ends
-
-
-@dataclass(frozen=True, slots=True)
-class ConsumerPartition:
-    """`Delivery.partition` on NATS: the durable consumer a message came from (the unit of
-    ordering in `partition` mode). Its `partition` is what failure details record."""
-
-    partition: str
-
-    def __str__(self) -> str:
-        return self.partition
-
-
-@dataclass(eq=False, slots=True)
-class _Held:
-    """A message this worker fetched and has not settled yet."""
-
-    msg: Msg
-    puller: _Puller
-    seq: int
-    delivered: int
-    stored: datetime
-    deadline: float  # time.monotonic() when JetStream's ack wait runs out
-    settling: bool = False  # ack/term/nak under way: no more heartbeats
-    done: bool = False
-
-
-@dataclass(eq=False, slots=True)
-class _Puller:
-    """Pull requests to one durable consumer, never more messages asked for than `room`."""
-
-    consumer: str
-    partitioned: bool
-    name: ConsumerPartition = field(init=False)
-    inbox: str = ""
-    subscription: Subscription | None = None
-    requests: deque[list[float]] = field(default_factory=deque)  # [remaining, deadline]
-    unsettled: int = 0
-    not_before: float = 0.0
-
-    def __post_init__(self) -> None:
-        self.name = ConsumerPartition(self.consumer)
-
-    @property
-    def outstanding(self) -> int:
-        return int(sum(request[0] for request in self.requests))
-
-    def expire(self, now: float) -> None:
-        while self.requests and self.requests[0][1] < now:
-            self.requests.popleft()
+_CONFIRM_BACKOFF = Backoff(initial_s=0.1, max_s=2.0)
 
 
 class NatsSource:
@@ -128,14 +75,14 @@ class NatsSource:
         self._subjects = sorted(subjects)
         self._plan = consumer_plan(settings, self._subjects)
         self._pullers = [
-            _Puller(config.name or "", partitioned=index > 0)
+            Puller(config.name or "", partitioned=index > 0)
             for index, config in enumerate(self._plan)
         ]
         self._client: NatsClient | None = None
-        self._held: dict[int, _Held] = {}
-        self._arrived: deque[_Held] = deque()
+        self._held: dict[int, Held] = {}
+        self._arrived: deque[Held] = deque()
         self._wake = asyncio.Event()
-        self._acks: deque[tuple[_Held, bytes]] = deque()
+        self._acks: deque[tuple[Held, bytes]] = deque()
         self._ack_wake = asyncio.Event()
         self._acks_idle = asyncio.Event()
         self._acks_idle.set()
@@ -365,7 +312,7 @@ class NatsSource:
         if want > 0 and main.not_before <= now and (not main.requests or want >= 16):
             await self._pull(client, main, want)
 
-    async def _pull(self, client: NatsClient, puller: _Puller, batch: int) -> int:
+    async def _pull(self, client: NatsClient, puller: Puller, batch: int) -> int:
         request = {"batch": batch, "expires": int(self._jet.pull_expires_s * 1e9)}
         subject = f"{_API}.CONSUMER.MSG.NEXT.{self._settings.routing.stream}.{puller.consumer}"
         try:
@@ -377,7 +324,7 @@ class NatsSource:
         puller.requests.append([float(batch), deadline])
         return batch
 
-    async def _on_message(self, puller: _Puller, msg: Msg) -> None:
+    async def _on_message(self, puller: Puller, msg: Msg) -> None:
         status = msg.headers.get("Status") if msg.headers else None
         if status is not None:
             if status == "100":  # idle heartbeat
@@ -396,10 +343,14 @@ class NatsSource:
             if puller.requests[0][0] <= 0:
                 puller.requests.popleft()
         meta = msg.metadata
-        held = _Held(
-            msg, puller, meta.sequence.stream, meta.num_delivered, meta.timestamp,
-            time.monotonic() + self._jet.ack_wait_s,
-        )  # fmt: skip
+        held = Held(
+            msg=msg,
+            puller=puller,
+            seq=meta.sequence.stream,
+            delivered=meta.num_delivered,
+            stored=meta.timestamp,
+            deadline=time.monotonic() + self._jet.ack_wait_s,
+        )
         earlier = self._held.get(held.seq)
         if earlier is not None:  # its ack wait ran out while we held it; this is the redelivery
             self._forget(earlier)
@@ -408,7 +359,7 @@ class NatsSource:
         self._arrived.append(held)
         self._wake.set()
 
-    def _delivery(self, held: _Held) -> Delivery:
+    def _delivery(self, held: Held) -> Delivery:
         msg = held.msg
         headers = msg.headers or {}
         attributes: JobAttributes | None
@@ -418,19 +369,24 @@ class NatsSource:
         except JobDecodeError as exc:
             attributes, error = None, exc
         if attributes is not None and held.delivered > 1:
-            attributes = _redelivered(attributes, held)
+            attributes = redelivered(attributes, held)
         return Delivery(
-            partition=held.puller.name, offset=held.seq, topic=msg.subject,
-            attributes=attributes, body=msg.data,
+            partition=held.puller.name,
+            offset=held.seq,
+            topic=msg.subject,
+            attributes=attributes,
+            body=msg.data,
             raw_headers=[(name, value.encode()) for name, value in headers.items()],
-            error=error, handle=msg, delivery_count=held.delivered,
-        )  # fmt: skip
+            error=error,
+            handle=msg,
+            delivery_count=held.delivered,
+        )
 
-    def _ours(self, delivery: Delivery) -> _Held | None:
+    def _ours(self, delivery: Delivery) -> Held | None:
         held = self._held.get(delivery.offset)
         return held if held is not None and held.msg is delivery.handle else None
 
-    def _forget(self, held: _Held) -> None:
+    def _forget(self, held: Held) -> None:
         if held.done:
             return
         held.done = True
@@ -439,26 +395,30 @@ class NatsSource:
             del self._held[held.seq]
         self._wake.set()  # a partition consumer may be asked for its next message
 
-    async def _confirm(self, held: _Held, verb: bytes) -> bool:
+    async def _confirm(self, held: Held, verb: bytes) -> bool:
         """Send an ack verb and wait for the server's confirmation, retrying until the ack
         wait runs out (after that JetStream redelivers the message anyway)."""
-        assert self._client is not None
-        delay = 0.1
+        client = self._client
+        assert client is not None
         # Short: a reply lost with a dropped connection is retried, not waited out.
         timeout = min(self._settings.nats.publish_timeout_s, _CONFIRM_TIMEOUT_S)
-        while True:
-            try:
-                await self._client.request(held.msg.reply, verb, timeout=timeout)
-                return True
-            except nats.errors.Error as error:
-                if time.monotonic() + delay >= held.deadline or self._client.is_closed:
-                    log.warning(
-                        "no confirmation for %s of %s (%r): JetStream will redeliver it",
-                        verb.split()[0].decode(), held.msg.subject, error,
-                    )  # fmt: skip
-                    return False
-                await asyncio.sleep(delay)
-                delay = min(delay * 2, 2.0)
+        try:
+            await retry(
+                lambda: client.request(held.msg.reply, verb, timeout=timeout),
+                on=lambda error: isinstance(error, nats.errors.Error) and not client.is_closed,
+                backoff=_CONFIRM_BACKOFF,
+                deadline=held.deadline,  # no heartbeat moves it while the verb is under way
+            )
+        except nats.errors.Error as error:
+            verb_name = verb.split()[0].decode()
+            log.warning(
+                "no confirmation for %s of %s (%r): JetStream will redeliver it",
+                verb_name,
+                held.msg.subject,
+                error,
+            )
+            return False
+        return True
 
     async def _acknowledge(self) -> None:
         # Each batch is confirmed on its own, so one ack that waits for a lost reply (sent
@@ -473,7 +433,7 @@ class NatsSource:
                 self._ack_tasks.add(task)
                 task.add_done_callback(self._ack_batch_done)
 
-    async def _confirm_batch(self, batch: list[tuple[_Held, bytes]]) -> None:
+    async def _confirm_batch(self, batch: list[tuple[Held, bytes]]) -> None:
         await asyncio.gather(*(self._confirm(held, verb) for held, verb in batch))
         for held, _ in batch:
             self._forget(held)
@@ -493,9 +453,10 @@ class NatsSource:
                 if now >= held.deadline:
                     log.warning(
                         "ack wait of %s (seq %d) ran out while it was held: JetStream "
-                        "redelivers it, this worker will not settle it", held.msg.subject,
+                        "redelivers it, this worker will not settle it",
+                        held.msg.subject,
                         held.seq,
-                    )  # fmt: skip
+                    )
                     self._forget(held)
                     continue
                 try:
@@ -503,33 +464,3 @@ class NatsSource:
                 except nats.errors.Error:
                     continue  # disconnected: the deadline stays, the next beat tries again
                 held.deadline = now + self._jet.ack_wait_s
-
-
-async def until_reachable(settings: Settings, connect: Callable[[], Awaitable[T]]) -> T:
-    """`connect()`, retried with backoff while NATS is unreachable, for up to
-    `worker.broker_wait_s`; then `WorkerError` (the worker exits 1 with that one line)."""
-    budget = settings.worker.broker_wait_s
-    deadline = time.monotonic() + budget
-    delay = 0.5
-    while True:
-        try:
-            return await connect()
-        except BrokerUnavailable as error:
-            if time.monotonic() + delay > deadline:
-                msg = f"{error} (gave up after {budget:g}s: worker.broker_wait_s)"
-                raise WorkerError(msg) from error
-            log.warning("NATS not reachable yet (%s); retrying in %.1fs", error, delay)
-            await asyncio.sleep(delay * (0.5 + random.random()))
-            delay = min(delay * 2, 10.0)
-
-
-def _redelivered(attributes: JobAttributes, held: _Held) -> JobAttributes:
-    """Attempt from the delivery count; a redelivered message cannot carry new headers, so
-    its first failure is dated to when JetStream stored it (the retry budget runs from
-    there)."""
-    changes: dict[str, str] = {}
-    if FIRST_FAILURE not in attributes.extensions:
-        stamp = held.stored.astimezone(UTC) if held.stored.tzinfo else held.stored
-        changes[FIRST_FAILURE] = stamp.isoformat(timespec="microseconds").replace("+00:00", "Z")
-    attempt = attributes.attempt + held.delivered - 1
-    return attributes.replace(attempt=attempt).with_extensions(**changes)

@@ -22,10 +22,8 @@ whose producer set none).
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import logging
-import random
 from collections.abc import Awaitable, Callable, Iterator
 from datetime import timedelta
 from typing import Protocol, TypeVar
@@ -42,14 +40,16 @@ from consumer.core import (
     failure_details,
     utc_now,
 )
-from consumer.telemetry import PREVIOUS_ATTEMPT, HandOff, handing_off, retrace
+from consumer.telemetry import HandOff, handing_off, retrace
 from producer import PublishError, Receipt
+from producer.retrying import Backoff, retry
 from producer.tracecontext import traceparent_of
 from schemas import InvalidAttributes, JobAttributes, JobMessage
+from schemas.names import PREVIOUS_ATTEMPT
 
 log = logging.getLogger("jobstream.routing")
 T = TypeVar("T")
-_MAX_BACKOFF_S = 10.0
+_HAND_OFF_BACKOFF = Backoff(initial_s=0.2, max_s=10.0, jitter=True)
 
 
 class RecordPublisher(Protocol):
@@ -153,9 +153,11 @@ def _traced(retried: JobAttributes, hand_off: HandOff) -> JobAttributes:
         origin, origin_state = traceparent_of(hand_off.attempt)
     try:
         changed = retried.replace(
-            traceparent=trace["traceparent"], tracestate=trace["tracestate"],
-            origin_traceparent=origin, origin_tracestate=origin_state,
-        )  # fmt: skip
+            traceparent=trace["traceparent"],
+            tracestate=trace["tracestate"],
+            origin_traceparent=origin,
+            origin_tracestate=origin_state,
+        )
         previous = trace.get(PREVIOUS_ATTEMPT)
         return changed.with_extensions(jobprevattempt=previous) if previous else changed
     except InvalidAttributes:  # at the header size limit: travel without the new context
@@ -175,11 +177,8 @@ def dead_letter_headers(
 async def until_acknowledged(publish: Callable[[], Awaitable[Receipt]]) -> Receipt:
     """Publish until the broker acknowledges, with backoff (logged): a failed job's hand-off
     is never dropped; while it waits the job stays unsettled (G1, G2)."""
-    delay = 0.2
-    while True:
-        try:
-            return await publish()
-        except PublishError as error:
-            log.error("could not hand a failed job on (%s); retrying in %.1fs", error, delay)
-            await asyncio.sleep(delay * (0.5 + random.random()))
-            delay = min(delay * 2, _MAX_BACKOFF_S)
+    return await retry(publish, on=PublishError, backoff=_HAND_OFF_BACKOFF, on_retry=_not_handed_on)
+
+
+def _not_handed_on(error: Exception, wait_s: float) -> None:
+    log.error("could not hand a failed job on (%s); retrying in %.1fs", error, wait_s)

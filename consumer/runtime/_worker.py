@@ -12,6 +12,8 @@ Guarantees (SPEC G1-G4, G6, G8), and where each is kept:
   after that is dropped unsettled, so the new owner reads it again.
 - On stop, fetching stops, running jobs get `drain_timeout_s`, what is still running is
   cancelled (not settled: redelivered), the settled offsets are committed (G6).
+- `abandon()` (the memory backend's simulated crash) stops as a killed process would: no
+  drain and no commit, running jobs are cancelled unsettled.
 - A handler's exception never reaches this module (the failure step settles it); any
   other exception is a worker fault: `run()` raises `WorkerError` (G8).
 
@@ -93,6 +95,7 @@ class Worker:
         self._room = asyncio.Event()
         self._commit_due = asyncio.Event()
         self._stopping = asyncio.Event()
+        self._abandoned = False
         self._fault: BaseException | None = None
         self._threads: Executor | None = None
         self._processes: Executor | None = None
@@ -118,6 +121,15 @@ class Worker:
     def stop(self) -> None:
         """Ask the worker to drain and stop (what SIGTERM does)."""
         self._stopping.set()
+
+    def abandon(self) -> None:
+        """Stop at once, as a killed process would (the memory backend's simulated crash):
+        running jobs are cancelled unsettled, nothing more is committed, and the source is
+        left as it is (neither committed nor stopped). `run()` returns soon after."""
+        self._abandoned = True
+        self._stopping.set()
+        for _, task in list(self._tasks.values()):
+            task.cancel()
 
     async def run(self) -> None:
         worker = self.settings.worker
@@ -173,13 +185,20 @@ class Worker:
         telemetry, settings = self.telemetry, self.settings
         if telemetry.tracing:
             tracer = telemetry.tracer("jobstream.worker")
-            steps.append(TracingStep(tracer, system=settings.transport, group=settings.worker.group,
-                                     attempt_parent=settings.telemetry.attempt_parent))  # fmt: skip
+            tracing = TracingStep(
+                tracer,
+                system=settings.transport,
+                group=settings.worker.group,
+                attempt_parent=settings.telemetry.attempt_parent,
+            )
+            steps.append(tracing)
         if telemetry.metrics and self.metrics is None:
             self.metrics = WorkerMetrics(
-                telemetry.meter("jobstream.worker"), system=settings.transport,
-                group=settings.worker.group, retry=settings.retry,
-            )  # fmt: skip
+                telemetry.meter("jobstream.worker"),
+                system=settings.transport,
+                group=settings.worker.group,
+                retry=settings.retry,
+            )
             self.metrics.observe(lambda: self._admitted)
         if self.metrics is not None:
             steps.append(self.metrics)
@@ -189,6 +208,12 @@ class Worker:
         fetcher.cancel()
         with contextlib.suppress(asyncio.CancelledError, Exception):
             await fetcher
+        if self._abandoned:  # no drain, no commit: what was running is redelivered
+            tasks = [committer, *(task for _, task in self._tasks.values())]
+            for task in tasks:
+                task.cancel()
+            await asyncio.wait(tasks)
+            return
         self.source.pause()
         running = [task for _, task in self._tasks.values()]
         if running:

@@ -11,16 +11,17 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import random
 from collections.abc import Awaitable, Callable
 from typing import TypeVar
 
 from consumer.core import IdempotencySettings, JobRun, Next, Outcome
 from consumer.stores import ClaimState, IdempotencyStore
+from producer.retrying import Backoff, retry
 
 log = logging.getLogger("jobstream.idempotency")
 T = TypeVar("T")
 _MAX_BACKOFF_S = 5.0
+_OUTAGE_BACKOFF = Backoff(initial_s=0.1, max_s=_MAX_BACKOFF_S, jitter=True)
 
 
 class IdempotencyStep:
@@ -29,6 +30,7 @@ class IdempotencyStep:
         self._lease_s = settings.lease_s
         self._retention_s = settings.retention_s
         self._owner = owner
+        self._busy_backoff = Backoff(initial_s=0.05, max_s=min(self._lease_s / 4, _MAX_BACKOFF_S))
 
     async def __call__(self, run: JobRun, call_next: Next) -> Outcome:
         attributes = run.attributes
@@ -63,16 +65,13 @@ class IdempotencyStep:
         return outcome
 
     async def _claim(self, key: str) -> bool:
-        delay = 0.05
-        while True:
-            state = await _persist(lambda: self._store.claim(key, self._owner, self._lease_s))
-            if state is ClaimState.CLAIMED:
-                return True
-            if state is ClaimState.COMPLETED:
-                return False
-            # BUSY: another worker runs it right now; wait for its outcome.
-            await asyncio.sleep(delay)
-            delay = min(delay * 2, self._lease_s / 4, _MAX_BACKOFF_S)
+        # BUSY: another worker runs it right now; wait for its outcome (or its lease).
+        state = await retry(
+            lambda: _persist(lambda: self._store.claim(key, self._owner, self._lease_s)),
+            until=lambda claimed: claimed is not ClaimState.BUSY,
+            backoff=self._busy_backoff,
+        )
+        return state is ClaimState.CLAIMED
 
     async def renew_forever(self, key: str) -> None:
         while True:
@@ -101,12 +100,10 @@ class _Renewal:
 
 
 async def _persist(operation: Callable[[], Awaitable[T]]) -> T:
-    """Run a store operation until it succeeds (backoff with jitter), logging outages."""
-    delay = 0.1
-    while True:
-        try:
-            return await operation()
-        except Exception as error:  # noqa: BLE001 - any store error is an outage to wait out
-            log.warning("idempotency store unavailable (%s); retrying in %.1fs", error, delay)
-            await asyncio.sleep(delay * (0.5 + random.random()))
-            delay = min(delay * 2, _MAX_BACKOFF_S)
+    """Run a store operation until it succeeds (backoff with jitter), logging outages: any
+    store error is an outage to wait out."""
+    return await retry(operation, on=Exception, backoff=_OUTAGE_BACKOFF, on_retry=_unavailable)
+
+
+def _unavailable(error: Exception, wait_s: float) -> None:
+    log.warning("idempotency store unavailable (%s); retrying in %.1fs", error, wait_s)

@@ -31,8 +31,11 @@ def _emit(run: JobRun, outcome: str, level: int) -> None:
         "offset": run.delivery.offset,
     }
     if attributes is not None:
-        fields |= {"job_id": attributes.id, "job_type": attributes.type,
-                   "attempt": attributes.attempt}  # fmt: skip
+        fields |= {
+            "job_id": attributes.id,
+            "job_type": attributes.type,
+            "attempt": attributes.attempt,
+        }
     if run.error is not None:
         fields |= {"error_type": type(run.error).__name__, "error": str(run.error)[:500]}
     log.log(level, "job %s", outcome, extra={"job": fields})

@@ -30,18 +30,25 @@ class StatusStep:
         if attributes is None:
             return await call_next(run)
         job_id = attributes.id
-        await self._write(job_id, JobState.RUNNING, job_type=attributes.type,
-                          attempts=attributes.attempt, trace_id=trace_id_now())  # fmt: skip
+        await self._write(
+            job_id,
+            JobState.RUNNING,
+            job_type=attributes.type,
+            attempts=attributes.attempt,
+            trace_id=trace_id_now(),
+        )
         outcome = await call_next(run)
         state = _STATES.get(outcome)
         if state is not None:
             error = run.error
             attempts = run.context.attempt if run.context else attributes.attempt
             await self._write(
-                job_id, state, attempts=attempts,
+                job_id,
+                state,
+                attempts=attempts,
                 last_error=f"{type(error).__name__}: {error}"[:500] if error is not None else None,
                 reason=run.failure_reason if outcome is Outcome.DEAD_LETTERED else None,
-            )  # fmt: skip
+            )
         return outcome
 
     async def _write(self, job_id: str, state: JobState, **fields: Any) -> None:

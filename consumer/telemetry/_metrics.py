@@ -75,9 +75,11 @@ class WorkerMetrics:
         self._dead = self._counter(meter, "dead_lettered", "Jobs dead-lettered")
         self._skipped = self._counter(meter, "skipped", "Duplicates and cancelled jobs")
         self._duration = meter.create_histogram(
-            "messaging.process.duration", "s", "Duration of processing one job attempt",
+            "messaging.process.duration",
+            "s",
+            "Duration of processing one job attempt",
             explicit_bucket_boundaries_advisory=_DURATION_BUCKETS,
-        )  # fmt: skip
+        )
         self._meter = meter
         self.backlog: list[Backlog] = []
         self._durations: dict[tuple[str, str, str, str | None], dict[str, str]] = {}
@@ -93,17 +95,23 @@ class WorkerMetrics:
     def observe(self, in_flight: Callable[[], int]) -> None:
         """Register the gauges read at collection time."""
         self._meter.create_observable_gauge(
-            "jobstream.worker.in_flight", [lambda _: [Observation(in_flight())]], "{job}",
+            "jobstream.worker.in_flight",
+            [lambda _: [Observation(in_flight())]],
+            "{job}",
             "Jobs admitted: running or waiting behind their ordering key",
-        )  # fmt: skip
+        )
         self._meter.create_observable_gauge(
-            "jobstream.consumer.lag", [self._lag], "{message}",
+            "jobstream.consumer.lag",
+            [self._lag],
+            "{message}",
             "Messages per partition not yet settled by this worker",
-        )  # fmt: skip
+        )
         self._meter.create_observable_gauge(
-            "jobstream.retry.depth", [self._tier_depth], "{message}",
+            "jobstream.retry.depth",
+            [self._tier_depth],
+            "{message}",
             "Messages waiting in each retry tier (of the partitions this worker holds)",
-        )  # fmt: skip
+        )
 
     async def refresh(self, source: ReportsBacklog, stopping: asyncio.Event) -> None:
         """Read the source's backlog every `BACKLOG_REFRESH_S` until `stopping` is set."""
@@ -150,10 +158,13 @@ class WorkerMetrics:
         labels = self._durations.get(key)
         if labels is None:
             labels = {
-                otel.SYSTEM: self._system, otel.OPERATION_NAME: "process",
-                otel.DESTINATION: run.delivery.topic, otel.CONSUMER_GROUP: self._group,
-                _JOB_TYPE: job_type, "jobstream.job.outcome": outcome.value,
-            }  # fmt: skip
+                otel.SYSTEM: self._system,
+                otel.OPERATION_NAME: "process",
+                otel.DESTINATION: run.delivery.topic,
+                otel.CONSUMER_GROUP: self._group,
+                _JOB_TYPE: job_type,
+                "jobstream.job.outcome": outcome.value,
+            }
             if error_type is not None:
                 labels[_ERROR_TYPE] = error_type
             self._durations[key] = labels
@@ -161,10 +172,13 @@ class WorkerMetrics:
 
     def _lag(self, _: CallbackOptions) -> Iterable[Observation]:
         for entry in self.backlog:
-            yield Observation(entry.messages, {
-                otel.SYSTEM: self._system, otel.DESTINATION: entry.destination,
-                otel.PARTITION: entry.partition, otel.CONSUMER_GROUP: self._group,
-            })  # fmt: skip
+            labels = {
+                otel.SYSTEM: self._system,
+                otel.DESTINATION: entry.destination,
+                otel.PARTITION: entry.partition,
+                otel.CONSUMER_GROUP: self._group,
+            }
+            yield Observation(entry.messages, labels)
 
     def _tier_depth(self, _: CallbackOptions) -> Iterable[Observation]:
         depth: dict[str, int] = {}

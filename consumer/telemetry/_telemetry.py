@@ -65,8 +65,12 @@ class Telemetry:
         """Whatever the application configured globally (nothing: all off)."""
         tracer_provider = trace.get_tracer_provider()
         meter_provider = metrics.get_meter_provider()
-        return cls(tracer_provider, meter_provider, recording_provider(tracer_provider),
-                   _sdk_meter_provider(meter_provider))  # fmt: skip
+        return cls(
+            tracer_provider,
+            meter_provider,
+            recording_provider(tracer_provider),
+            _sdk_meter_provider(meter_provider),
+        )
 
     def tracer(self, name: str) -> Tracer:
         return self.tracer_provider.get_tracer(name)
@@ -106,8 +110,8 @@ def configure(service: str, *, install_global: bool = True) -> Telemetry:
         return resource
 
     endpoint = bool(env.get("OTEL_EXPORTER_OTLP_ENDPOINT"))
-    trace_exporters = _names(env, "OTEL_TRACES_EXPORTER", _TRACE_EXPORTERS, default=(
-        ["otlp"] if endpoint or env.get("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT") else []))  # fmt: skip
+    trace_default = ["otlp"] if endpoint or env.get("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT") else []
+    trace_exporters = _names(env, "OTEL_TRACES_EXPORTER", _TRACE_EXPORTERS, trace_default)
     if trace_exporters and not telemetry.tracing:
         tracer_provider = SdkTracerProvider(resource=the_resource())
         for name in trace_exporters:

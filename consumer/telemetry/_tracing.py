@@ -39,6 +39,8 @@ OUTCOME = "jobstream.job.outcome"
 REASON = "jobstream.failure.reason"
 REPLAY_OF = "jobstream.replay.of"
 _FAILED = (Outcome.FAILED, Outcome.RETRYING, Outcome.DEAD_LETTERED)
+# Span attributes of a replay, and the dead letter's header each one is read from.
+_REPLAYED_HEADERS = ((otel.MESSAGE_ID, "ce_id"), (otel.JOB_ID, "ce_id"), (otel.JOB_TYPE, "ce_type"))
 
 
 @dataclass(frozen=True, slots=True)
@@ -89,9 +91,13 @@ class TracingStep:
     """The outermost step: see the module docstring."""
 
     def __init__(
-        self, tracer: Tracer, *, system: str, group: str,
+        self,
+        tracer: Tracer,
+        *,
+        system: str,
+        group: str,
         attempt_parent: Literal["producer", "none"] = "producer",
-    ) -> None:  # fmt: skip
+    ) -> None:
         self._tracer = tracer
         self._system = system
         self._group = group
@@ -108,10 +114,13 @@ class TracingStep:
         if self._child_of_producer and producer is not None:
             parent = trace.set_span_in_context(trace.NonRecordingSpan(producer))
         with self._tracer.start_as_current_span(
-            f"process {delivery.topic}", context=parent, kind=SpanKind.CONSUMER,
+            f"process {delivery.topic}",
+            context=parent,
+            kind=SpanKind.CONSUMER,
             attributes=self._at_start(delivery.topic),
-            record_exception=False, set_status_on_exception=False,
-        ) as span:  # fmt: skip
+            record_exception=False,
+            set_status_on_exception=False,
+        ) as span:
             if span.is_recording():
                 # Only now: a span sampled out costs no parsing and no attribute cleaning.
                 self._describe(span, run, TraceLinks.of(attributes, producer))
@@ -135,10 +144,12 @@ class TracingStep:
         found = self._start_attributes.get(topic)
         if found is None:
             found = self._start_attributes[topic] = {
-                otel.SYSTEM: self._system, otel.OPERATION_NAME: "process",
-                otel.OPERATION_TYPE: "process", otel.DESTINATION: topic,
+                otel.SYSTEM: self._system,
+                otel.OPERATION_NAME: "process",
+                otel.OPERATION_TYPE: "process",
+                otel.DESTINATION: topic,
                 otel.CONSUMER_GROUP: self._group,
-            }  # fmt: skip
+            }
         return found
 
     def _describe(self, span: Span, run: JobRun, found: TraceLinks) -> None:
@@ -160,9 +171,12 @@ class TracingStep:
 
 @contextlib.contextmanager
 def handing_off(
-    tracer: Tracer, system: str, destination: str, attributes: JobAttributes | None,
+    tracer: Tracer,
+    system: str,
+    destination: str,
+    attributes: JobAttributes | None,
     reason: str,
-) -> Iterator[HandOff]:  # fmt: skip
+) -> Iterator[HandOff]:
     """A PRODUCER span around republishing a failed job to `destination` (see the module
     docstring); `HandOff.trace_headers()` is what the new record carries."""
     attempt = trace.get_current_span().get_span_context()
@@ -177,9 +191,11 @@ def handing_off(
     if attributes is not None:
         span_attributes |= job_attributes(attributes)
     with tracer.start_as_current_span(
-        f"send {destination}", kind=SpanKind.PRODUCER, attributes=span_attributes,
+        f"send {destination}",
+        kind=SpanKind.PRODUCER,
+        attributes=span_attributes,
         links=found.links(producer=False)[:1],
-    ) as span:  # fmt: skip
+    ) as span:
         yield HandOff(span, attempt, found)
 
 
@@ -206,25 +222,30 @@ class HandOff:
 
 @contextlib.contextmanager
 def replaying(
-    tracer: Tracer, system: str, destination: str, header: Callable[[str], str | None],
+    tracer: Tracer,
+    system: str,
+    destination: str,
+    header: Callable[[str], str | None],
     replay_of: str,
-) -> Iterator[HandOff]:  # fmt: skip
+) -> Iterator[HandOff]:
     """A PRODUCER span `send <destination>` around replaying a dead letter, a child of the
     caller's span (if any), linked to the job's origin, its last failed attempt and the
     dead-letter hand-off. `header(name)` reads the dead letter's headers (Kafka names)."""
     dead_letter = span_context_of(header("traceparent"), header("tracestate"))
     origin = span_context_of(header("ce_joborigin"), header("ce_joboriginstate"))
-    found = TraceLinks(origin or dead_letter, dead_letter,
-                       span_context_of(header(f"ce_{PREVIOUS_ATTEMPT}")))  # fmt: skip
+    previous = span_context_of(header(f"ce_{PREVIOUS_ATTEMPT}"))
+    found = TraceLinks(origin or dead_letter, dead_letter, previous)
     links = found.links(producer=False)
     if dead_letter is not None:
         links.append(Link(dead_letter, {otel.LINK_TYPE: "dead-letter"}))
     span_attributes: dict[str, str | int] = {
-        otel.SYSTEM: system, otel.OPERATION_NAME: "send", otel.OPERATION_TYPE: "send",
-        otel.DESTINATION: destination, REPLAY_OF: replay_of,
-    }  # fmt: skip
-    for name, key in ((otel.MESSAGE_ID, "ce_id"), (otel.JOB_ID, "ce_id"),
-                      (otel.JOB_TYPE, "ce_type")):  # fmt: skip
+        otel.SYSTEM: system,
+        otel.OPERATION_NAME: "send",
+        otel.OPERATION_TYPE: "send",
+        otel.DESTINATION: destination,
+        REPLAY_OF: replay_of,
+    }
+    for name, key in _REPLAYED_HEADERS:
         value = header(key)
         if value:
             span_attributes[name] = value

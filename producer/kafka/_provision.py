@@ -11,8 +11,10 @@ from aiokafka.errors import TopicAlreadyExistsError, for_code
 
 from producer._errors import PublishError
 from producer._settings import RoutingSettings
+from producer.retrying import Backoff, retry
 
 _LEADER_WAIT_S = 30.0
+_LEADER_BACKOFF = Backoff(initial_s=0.05, max_s=1.0)
 
 
 async def ensure_kafka_topics(
@@ -43,17 +45,19 @@ async def ensure_kafka_topics(
 async def _wait_for_leaders(admin: AIOKafkaAdminClient, topics: list[str]) -> None:
     """Return once every partition of `topics` has a leader (a new topic takes a moment),
     so the first publish does not bounce off NOT_LEADER_FOR_PARTITION."""
-    pause = 0.05
-    async with asyncio.timeout(_LEADER_WAIT_S):
-        while topics:
-            described = await admin.describe_topics(topics)
-            topics = [
-                t["topic"]
-                for t in described
-                if t["error_code"] != 0
-                or not t["partitions"]
-                or any(p["leader"] < 0 for p in t["partitions"])
-            ]
-            if topics:
-                await asyncio.sleep(pause)
-                pause = min(pause * 2, 1.0)
+    waiting = list(topics)
+
+    async def leaderless() -> list[str]:
+        described = await admin.describe_topics(waiting)
+        waiting[:] = [
+            t["topic"]
+            for t in described
+            if t["error_code"] != 0
+            or not t["partitions"]
+            or any(p["leader"] < 0 for p in t["partitions"])
+        ]
+        return waiting
+
+    if waiting:
+        async with asyncio.timeout(_LEADER_WAIT_S):
+            await retry(leaderless, until=lambda left: not left, backoff=_LEADER_BACKOFF)

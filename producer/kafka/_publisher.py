@@ -30,6 +30,7 @@ from producer._errors import BrokerUnavailable, DestinationMissing, PublishError
 from producer._publisher import Receipt
 from producer._settings import KafkaSettings, RoutingSettings, Transport
 from producer.kafka._provision import ensure_kafka_topics
+from producer.retrying import Backoff, retry
 from schemas import JobMessage, to_kafka
 
 __all__ = ["KafkaPublisher", "kafka_client_options"]
@@ -38,7 +39,8 @@ log = logging.getLogger("jobstream.producer")
 
 _ID_HEADER = "ce_id"
 _PARTITIONER = DefaultPartitioner()
-_MAX_BACKOFF_S = 2.0
+_CONNECT_ERRORS = (KafkaError, OSError, TimeoutError)
+_CONNECT_BACKOFF = Backoff(initial_s=0.1, max_s=2.0)
 
 
 def kafka_client_options(settings: KafkaSettings) -> dict[str, Any]:
@@ -66,6 +68,10 @@ def kafka_client_options(settings: KafkaSettings) -> dict[str, Any]:
     return options
 
 
+def _unreachable(error: Exception, wait_s: float) -> None:
+    log.debug("kafka not reachable yet (%r); retrying in %.1fs", error, wait_s)
+
+
 class KafkaPublisher:
     """Publishes jobs to Kafka topics. Use through `JobProducer`, or directly for raw
     records (`send_record`, the worker's retry and dead-letter path)."""
@@ -87,25 +93,29 @@ class KafkaPublisher:
         if self._producer is not None:
             return
         deadline = time.monotonic() + self._settings.connect_timeout_s
-        backoff = 0.1
-        while True:
+
+        async def connect() -> Any:
             producer = self._new_producer()
             try:
                 async with asyncio.timeout(max(deadline - time.monotonic(), 0.01)):
                     await producer.start()
-            except (KafkaError, OSError, TimeoutError) as error:
+            except _CONNECT_ERRORS:
                 await producer.stop()
-                left = deadline - time.monotonic()
-                if left <= 0:
-                    raise BrokerUnavailable(
-                        "kafka", self._settings.bootstrap_servers, _describe(error)
-                    ) from error
-                log.debug("kafka not reachable yet (%r); retrying in %.1fs", error, backoff)
-                await asyncio.sleep(min(backoff, left))  # the last attempt is at the deadline
-                backoff = min(backoff * 2, _MAX_BACKOFF_S)
-            else:
-                self._producer = producer
-                return
+                raise
+            return producer
+
+        try:
+            self._producer = await retry(
+                connect,
+                on=_CONNECT_ERRORS,
+                backoff=_CONNECT_BACKOFF,
+                deadline=deadline,
+                last_try_at_deadline=True,
+                on_retry=_unreachable,
+            )
+        except _CONNECT_ERRORS as error:
+            servers = self._settings.bootstrap_servers
+            raise BrokerUnavailable("kafka", servers, _describe(error)) from error
 
     async def stop(self) -> None:
         """Deliver what is queued (bounded by the request timeout), then disconnect."""

@@ -1,12 +1,25 @@
 """The in-memory backend of the producer: a `MemoryBroker` with Kafka's semantics (topics,
-partitions, offsets, committed positions per group) inside one process, and the
-`MemoryPublisher` that stores jobs in it. For tests, examples and the consumer's memory
-backend (`consumer.memory`); no broker client is imported."""
+partitions, offsets, consumer groups, committed positions) inside one process, its
+deterministic faults (`broker.faults`), and the `MemoryPublisher` that stores jobs in it.
+For tests, examples and the consumer's memory backend (`consumer.memory`); no broker
+client is imported."""
 
 from producer._settings import ProducerSettings
-from producer.memory._broker import MemoryBroker, MemoryPublisher, MemoryRecord
+from producer.memory._broker import MemoryBroker, MemoryRecord
+from producer.memory._faults import CommitFailed, MemoryFaults, RecordTooLarge
+from producer.memory._groups import TopicPartition
+from producer.memory._publisher import MemoryPublisher
 
-__all__ = ["MemoryBroker", "MemoryPublisher", "MemoryRecord", "make_publisher"]
+__all__ = [
+    "CommitFailed",
+    "MemoryBroker",
+    "MemoryFaults",
+    "MemoryPublisher",
+    "MemoryRecord",
+    "RecordTooLarge",
+    "TopicPartition",
+    "make_publisher",
+]
 
 
 def make_publisher(settings: ProducerSettings) -> MemoryPublisher:

@@ -410,8 +410,10 @@ def test_keda_kafka_credentials_come_from_the_worker(
         assert param["name"] in worker_env, f"{param['name']} is not in the worker's env"
     files = {ref["parameter"]: ref for ref in auth["spec"]["secretTargetRef"]}
     assert {p: r["key"] for p, r in files.items()} == {
-        "ca": "ca.crt", "cert": "client.crt", "key": "client.key"
-    }  # fmt: skip
+        "ca": "ca.crt",
+        "cert": "client.crt",
+        "key": "client.key",
+    }
     files_secret = only(docs, "Secret", f"{RELEASE}-jobstream-files")
     for ref in files.values():
         assert ref["name"] == files_secret["metadata"]["name"]

@@ -58,16 +58,18 @@ async def count(topic: str) -> int:
 
 async def test_publish_prints_one_json_receipt(new_topic) -> None:
     topic = await new_topic()
-    result = cli(
-        "publish", "email.welcome", "--version", "1", "--data", json.dumps(WELCOME),
-        "--key", "user-42", "--id", "job-1", **routed_to(topic),
-    )  # fmt: skip
+    args = ["publish", "email.welcome", "--version", "1", "--key", "user-42", "--id", "job-1"]
+    result = cli(*args, "--data", json.dumps(WELCOME), **routed_to(topic))
     assert result.returncode == 0, result.stderr
     [line] = result.stdout.splitlines()
     assert json.loads(line) == {
-        "job_id": "job-1", "transport": "kafka", "destination": topic,
-        "partition": 0, "offset": 0, "duplicate": False,
-    }  # fmt: skip
+        "job_id": "job-1",
+        "transport": "kafka",
+        "destination": topic,
+        "partition": 0,
+        "offset": 0,
+        "duplicate": False,
+    }
     assert await count(topic) == 1
 
 
@@ -95,10 +97,8 @@ async def test_invalid_payload_exits_2_with_one_line_and_sends_nothing(new_topic
 async def test_stdin_lines_are_published_in_bulk(new_topic) -> None:
     topic = await new_topic()
     lines = [json.dumps({**WELCOME, "user_id": str(i)}) for i in range(3)]
-    result = cli(
-        "publish", "email.welcome", "--version", "1",
-        stdin="\n".join([lines[0], "", *lines[1:]]) + "\n", **routed_to(topic),
-    )  # fmt: skip
+    stdin = "\n".join([lines[0], "", *lines[1:]]) + "\n"
+    result = cli("publish", "email.welcome", "--version", "1", stdin=stdin, **routed_to(topic))
     assert result.returncode == 0, result.stderr
     receipts = [json.loads(line) for line in result.stdout.splitlines()]
     assert [r["offset"] for r in receipts] == [0, 1, 2]
@@ -109,10 +109,8 @@ async def test_stdin_lines_are_published_in_bulk(new_topic) -> None:
 async def test_stdin_envelopes_carry_key_and_id(new_topic) -> None:
     topic = await new_topic()
     lines = [json.dumps({"data": WELCOME, "key": f"k{i}", "id": f"id-{i}"}) for i in range(2)]
-    result = cli(
-        "publish", "email.welcome", "--version", "1", "--envelope",
-        stdin="\n".join(lines), **routed_to(topic),
-    )  # fmt: skip
+    args = ["publish", "email.welcome", "--version", "1", "--envelope"]
+    result = cli(*args, stdin="\n".join(lines), **routed_to(topic))
     assert result.returncode == 0, result.stderr
     assert [json.loads(x)["job_id"] for x in result.stdout.splitlines()] == ["id-0", "id-1"]
 
@@ -142,11 +140,12 @@ def test_unreachable_broker_exits_1_with_one_line() -> None:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
+    args = ["publish", "email.welcome", "--version", "1", "--data", json.dumps(WELCOME)]
     result = cli(
-        "publish", "email.welcome", "--version", "1", "--data", json.dumps(WELCOME),
+        *args,
         JOBSTREAM_KAFKA__BOOTSTRAP_SERVERS=f"127.0.0.1:{port}",
         JOBSTREAM_KAFKA__CONNECT_TIMEOUT_S="1",
-    )  # fmt: skip
+    )
     assert result.returncode == 1
     line = one_error_line(result)
     assert f"127.0.0.1:{port}" in line
@@ -154,10 +153,8 @@ def test_unreachable_broker_exits_1_with_one_line() -> None:
 
 
 def test_missing_topic_says_to_run_topics_ensure() -> None:
-    result = cli(
-        "publish", "email.welcome", "--version", "1", "--data", json.dumps(WELCOME),
-        **routed_to("no-such-topic-for-cli-test"),
-    )  # fmt: skip
+    args = ["publish", "email.welcome", "--version", "1", "--data", json.dumps(WELCOME)]
+    result = cli(*args, **routed_to("no-such-topic-for-cli-test"))
     assert result.returncode == 1
     assert "jobstream topics ensure" in one_error_line(result)
 
@@ -170,12 +167,13 @@ def test_bad_setting_names_the_environment_variable() -> None:
 
 async def test_publish_to_nats(new_stream) -> None:
     stream, prefix = await new_stream()
+    data = json.dumps({"account_id": "a", "month": "2025-01"})
+    args = ["publish", "report.generate", "--transport", "nats", "--data", data, "--id", "r-1"]
     result = cli(
-        "publish", "report.generate", "--transport", "nats",
-        "--data", json.dumps({"account_id": "a", "month": "2025-01"}), "--id", "r-1",
+        *args,
         JOBSTREAM_NATS__SERVERS=json.dumps([NATS_URL]),
         JOBSTREAM_ROUTING__SUBJECT_PREFIX=f"{prefix}.",
-    )  # fmt: skip
+    )
     assert result.returncode == 0, result.stderr
     receipt = json.loads(result.stdout)
     assert (receipt["destination"], receipt["offset"], receipt["partition"]) == (stream, 1, None)

@@ -100,11 +100,15 @@ class Bus:
         """A store every worker of the group shares: Redis (Kafka), NATS KV (NATS)."""
         namespace = f"t{uuid.uuid4().hex[:8]}"
         self.store["namespace"] = namespace
-        env = {"JOBSTREAM_IDEMPOTENCY__NAMESPACE": namespace,
-               "JOBSTREAM_IDEMPOTENCY__LEASE_S": str(lease_s)}  # fmt: skip
+        env = {
+            "JOBSTREAM_IDEMPOTENCY__NAMESPACE": namespace,
+            "JOBSTREAM_IDEMPOTENCY__LEASE_S": str(lease_s),
+        }
         if self.transport == "kafka":
-            return env | {"JOBSTREAM_IDEMPOTENCY__BACKEND": "redis",
-                          "JOBSTREAM_IDEMPOTENCY__URL": REDIS_URL}  # fmt: skip
+            return env | {
+                "JOBSTREAM_IDEMPOTENCY__BACKEND": "redis",
+                "JOBSTREAM_IDEMPOTENCY__URL": REDIS_URL,
+            }
         return env | {"JOBSTREAM_IDEMPOTENCY__BACKEND": "nats-kv"}
 
     def settings(self, *, worker: dict[str, Any] | None = None, **sections: Any) -> Settings:
@@ -170,25 +174,37 @@ async def make_bus(
             return await caught_up(kafka_admin, group_id, tiers)
 
         return Bus(
-            "kafka", topic, group_id, 0, publish, publish_record, dead_letters, settled,
+            "kafka",
+            topic,
+            group_id,
+            0,
+            publish,
+            publish_record,
+            dead_letters,
+            settled,
             # A killed member is noticed after the session timeout (6 s: the broker's least).
-            env_extra={"JOBSTREAM_RETRY__TIERS_S": "[0.5, 2.0]",
-                       "JOBSTREAM_WORKER__SESSION_TIMEOUT_S": "6",
-                       "JOBSTREAM_WORKER__REVOKE_TIMEOUT_S": "4"},
-            settings_extra={"kafka": {"bootstrap_servers": KAFKA_BOOTSTRAP},
-                            "routing": {"routes": {"test.record": topic}}},
-        )  # fmt: skip
+            env_extra={
+                "JOBSTREAM_RETRY__TIERS_S": "[0.5, 2.0]",
+                "JOBSTREAM_WORKER__SESSION_TIMEOUT_S": "6",
+                "JOBSTREAM_WORKER__REVOKE_TIMEOUT_S": "4",
+            },
+            settings_extra={
+                "kafka": {"bootstrap_servers": KAFKA_BOOTSTRAP},
+                "routing": {"routes": {"test.record": topic}},
+            },
+        )
 
     async def jetstream(partitions: int = 3, key_partitions: int = 0) -> Bus:
         stream = unique_name(request, "S").replace("-", "_")[-40:].upper()
         prefix = stream.lower()
         subject = f"{prefix}.test.record"
         settings = Settings(
-            transport="nats", nats=NatsSettings(servers=[NATS_URL]),
+            transport="nats",
+            nats=NatsSettings(servers=[NATS_URL]),
             routing=RoutingSettings(stream=stream, subject_prefix=f"{prefix}."),
             jetstream={"key_partitions": key_partitions, "ack_wait_s": ACK_WAIT_S},
             worker={"group": group_id},
-        )  # fmt: skip
+        )
         client = await nats.connect(NATS_URL)
         js = client.jetstream()
         await ensure_nats_stream(js, stream_destinations(settings, [subject]), settings.routing)
@@ -225,15 +241,27 @@ async def make_bus(
             return True
 
         bus = Bus(
-            "nats", subject, group_id, 1, publish, publish_record, dead_letters, settled,
-            env_extra=nats_env(stream, prefix,
-                               JOBSTREAM_JETSTREAM__KEY_PARTITIONS=str(key_partitions),
-                               JOBSTREAM_JETSTREAM__ACK_WAIT_S=str(ACK_WAIT_S)),
-            settings_extra={"transport": "nats", "nats": {"servers": [NATS_URL]},
-                            "routing": {"stream": stream, "subject_prefix": f"{prefix}."},
-                            "jetstream": {"key_partitions": key_partitions,
-                                          "ack_wait_s": ACK_WAIT_S}},
-        )  # fmt: skip
+            "nats",
+            subject,
+            group_id,
+            1,
+            publish,
+            publish_record,
+            dead_letters,
+            settled,
+            env_extra=nats_env(
+                stream,
+                prefix,
+                JOBSTREAM_JETSTREAM__KEY_PARTITIONS=str(key_partitions),
+                JOBSTREAM_JETSTREAM__ACK_WAIT_S=str(ACK_WAIT_S),
+            ),
+            settings_extra={
+                "transport": "nats",
+                "nats": {"servers": [NATS_URL]},
+                "routing": {"stream": stream, "subject_prefix": f"{prefix}."},
+                "jetstream": {"key_partitions": key_partitions, "ack_wait_s": ACK_WAIT_S},
+            },
+        )
         return bus
 
     yield kafka if request.param == "kafka" else jetstream
@@ -329,15 +357,21 @@ async def test_failures_are_dead_lettered_with_their_reasons(
     monkeypatch.setenv("JOBSTREAM_TEST_SINK", str(sink))
     bus = await make_bus(partitions=1)
     settings = bus.settings()
-    ids = await bus.publish([
+    failing = [
         ("a", RecordJob(seq=0, key="a", behaviour="raise")),
         ("b", RecordJob(seq=1, key="b", behaviour="dead-letter")),
-    ])  # fmt: skip
+    ]
+    ids = await bus.publish(failing)
     [good_id] = await bus.publish([("c", RecordJob(seq=2, key="c"))])
 
     def h(job_id: str, job_type: str = "test.record") -> dict[str, str]:
-        return {"ce_specversion": "1.0", "ce_source": "/t", "ce_time": "2026-11-22T10:00:00Z",
-                "ce_id": job_id, "ce_type": job_type}  # fmt: skip
+        return {
+            "ce_specversion": "1.0",
+            "ce_source": "/t",
+            "ce_time": "2026-11-22T10:00:00Z",
+            "ce_id": job_id,
+            "ce_type": job_type,
+        }
 
     await bus.publish_record(h("bytes-1"), b"\xff\xfe not json")
     await bus.publish_record(h("unknown-1", "no.such.type"), b'{"seq": 1}')
@@ -348,10 +382,13 @@ async def test_failures_are_dead_lettered_with_their_reasons(
         await bus.wait_for_dead_letters(6)
     by_id = {r.job_id or "no-id": r for r in await bus.dead_letters()}
     assert {job_id: r.reason for job_id, r in by_id.items()} == {
-        ids[0]: "retries-exhausted", ids[1]: "dead-letter-requested",
-        "bytes-1": "undecodable-body", "unknown-1": "unknown-type", "invalid-1": "invalid-payload",
+        ids[0]: "retries-exhausted",
+        ids[1]: "dead-letter-requested",
+        "bytes-1": "undecodable-body",
+        "unknown-1": "unknown-type",
+        "invalid-1": "invalid-payload",
         "no-id": "invalid-attributes",
-    }  # fmt: skip
+    }
     exhausted = by_id[ids[0]]
     assert exhausted.ext("jobattempt") == "3"
     assert exhausted.ext("joberrortype") == "RuntimeError"
@@ -376,8 +413,15 @@ async def test_failures_are_dead_lettered_with_their_reasons(
 
 
 def _cli_output(*args: str, env: dict[str, str]) -> str:
-    result = subprocess.run([sys.executable, "-m", "jobstream", *args], env=env, cwd=ROOT,
-                            capture_output=True, text=True, timeout=60, check=False)  # fmt: skip
+    result = subprocess.run(
+        [sys.executable, "-m", "jobstream", *args],
+        env=env,
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
     assert result.returncode == 0, result.stderr
     return result.stdout
 

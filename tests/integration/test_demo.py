@@ -20,9 +20,13 @@ pytestmark = [pytest.mark.integration, pytest.mark.slow]
 @pytest.mark.parametrize("transport", ["kafka", "nats"])
 def test_demo_runs_every_job_to_its_expected_end(transport: str) -> None:
     result = subprocess.run(
-        [sys.executable, "-m", "examples.demo", "--transport", transport], cwd=ROOT,
-        capture_output=True, text=True, timeout=200, check=False,
-    )  # fmt: skip
+        [sys.executable, "-m", "examples.demo", "--transport", transport],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=200,
+        check=False,
+    )
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     out = result.stdout
     assert "9 of 9 jobs ended as expected; processes exited with [0, 0, 0]" in out

@@ -89,10 +89,11 @@ async def test_every_kind_of_failure_lands_in_the_dead_letter_topic(
     monkeypatch.setenv("JOBSTREAM_TEST_SINK", str(sink))
     topic = await routed_topic(new_topic, partitions=1)
     settings = settings_for(topic, group_id, monkeypatch)
-    ids = await publish_raw(topic, [
+    failing = [
         ("a", RecordJob(seq=0, key="a", behaviour="raise")),
         ("b", RecordJob(seq=1, key="b", behaviour="dead-letter")),
-    ])  # fmt: skip
+    ]
+    ids = await publish_raw(topic, failing)
     [good_id] = await publish_raw(topic, [("c", RecordJob(seq=2, key="c"))])
     headers = [
         (b"ce_specversion", b"1.0"),
@@ -123,10 +124,13 @@ async def test_every_kind_of_failure_lands_in_the_dead_letter_topic(
     records = await dead_letters(settings, topic)
     by_id = {r.job_id or "no-id": r for r in records}
     assert {job_id: r.reason for job_id, r in by_id.items()} == {
-        ids[0]: "retries-exhausted", ids[1]: "dead-letter-requested",
-        "bytes-1": "undecodable-body", "unknown-1": "unknown-type", "invalid-1": "invalid-payload",
+        ids[0]: "retries-exhausted",
+        ids[1]: "dead-letter-requested",
+        "bytes-1": "undecodable-body",
+        "unknown-1": "unknown-type",
+        "invalid-1": "invalid-payload",
         "no-id": "invalid-attributes",
-    }  # fmt: skip
+    }
     exhausted = by_id[ids[0]]
     assert exhausted.ext("jobattempt") == "3"
     assert exhausted.ext("joberrortype") == "RuntimeError"
@@ -167,8 +171,11 @@ async def test_thousand_jobs_each_completed_or_dead_lettered_never_both(
     behaviours = [
         "raise" if i % 10 == 0 else "fail-once" if i % 10 == 1 else "ok" for i in range(1000)
     ]
-    ids = await publish_raw(topic, [(f"k{i % 37}", RecordJob(seq=i, key=f"k{i % 37}", behaviour=b))  # type: ignore[arg-type]
-                                    for i, b in enumerate(behaviours)])  # fmt: skip
+    jobs = [
+        (f"k{i % 37}", RecordJob(seq=i, key=f"k{i % 37}", behaviour=b))  # type: ignore[arg-type]
+        for i, b in enumerate(behaviours)
+    ]
+    ids = await publish_raw(topic, jobs)
     async with running_worker(app, settings):
         await wait_until(lambda: len(read_sink(sink)) >= 900, 60, "900 completions")
         await wait_until_dead_letters(settings, topic, 100)
@@ -204,8 +211,15 @@ async def test_strict_key_order_retries_in_place(
 
 
 def _cli(*args: str, env: dict[str, str]) -> list[dict[str, str]]:
-    result = subprocess.run([sys.executable, "-m", "jobstream", *args], env=env, cwd=ROOT,
-                            capture_output=True, text=True, timeout=60, check=False)  # fmt: skip
+    result = subprocess.run(
+        [sys.executable, "-m", "jobstream", *args],
+        env=env,
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
     assert result.returncode == 0, result.stderr
     return [json.loads(line) for line in result.stdout.splitlines()]
 
@@ -223,8 +237,12 @@ async def test_replay_brings_fixed_jobs_back_once(
     async with running_worker(app, settings):
         await wait_until_dead_letters(settings, topic, 5)
     monkeypatch.delenv("JOBSTREAM_TEST_BROKEN")  # the fix is deployed
-    env = {**os.environ, "JOBSTREAM_KAFKA__BOOTSTRAP_SERVERS": KAFKA_BOOTSTRAP,
-           "JOBSTREAM_RETRY__REPLAY_LEDGER_TOPIC": ledger, "PYTHONPATH": str(ROOT)}  # fmt: skip
+    env = {
+        **os.environ,
+        "JOBSTREAM_KAFKA__BOOTSTRAP_SERVERS": KAFKA_BOOTSTRAP,
+        "JOBSTREAM_RETRY__REPLAY_LEDGER_TOPIC": ledger,
+        "PYTHONPATH": str(ROOT),
+    }
     listed = _cli("dlq", "list", "--json", "--topic", topic + ".dlq", env=env)
     assert sorted(entry["job_id"] for entry in listed) == sorted(ids)
     dry = _cli(
@@ -256,13 +274,19 @@ async def test_sigkill_between_hand_off_and_commit_accounts_for_every_job_once(
         (f"k{i}", RecordJob(seq=i, key=f"k{i}", behaviour=behaviours[i % 3])) for i in range(300)
     ]  # type: ignore[arg-type]
     env = worker_env(
-        topic, group_id, sink,
-        JOBSTREAM_RETRY__TIERS_S="[0.5, 2.0]", JOBSTREAM_RETRY__POLICY__INITIAL_DELAY_S="0.5",
-        JOBSTREAM_IDEMPOTENCY__BACKEND="redis", JOBSTREAM_IDEMPOTENCY__URL=REDIS_URL,
-        JOBSTREAM_IDEMPOTENCY__NAMESPACE=group_id.replace("-", "_"), JOBSTREAM_IDEMPOTENCY__LEASE_S="2",
+        topic,
+        group_id,
+        sink,
+        JOBSTREAM_RETRY__TIERS_S="[0.5, 2.0]",
+        JOBSTREAM_RETRY__POLICY__INITIAL_DELAY_S="0.5",
+        JOBSTREAM_IDEMPOTENCY__BACKEND="redis",
+        JOBSTREAM_IDEMPOTENCY__URL=REDIS_URL,
+        JOBSTREAM_IDEMPOTENCY__NAMESPACE=group_id.replace("-", "_"),
+        JOBSTREAM_IDEMPOTENCY__LEASE_S="2",
         # No commit until the kill: every hand-off so far is redelivered after the restart.
-        JOBSTREAM_WORKER__COMMIT_INTERVAL_S="600", JOBSTREAM_WORKER__COMMIT_EVERY="100000",
-    )  # fmt: skip
+        JOBSTREAM_WORKER__COMMIT_INTERVAL_S="600",
+        JOBSTREAM_WORKER__COMMIT_EVERY="100000",
+    )
     ids = await publish_raw(topic, jobs)
     first = start_worker(env, tmp_path / "first.log")
     try:

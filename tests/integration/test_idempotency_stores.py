@@ -9,9 +9,8 @@ from collections.abc import AsyncIterator
 import nats
 import pytest
 
-from consumer import ClaimState, IdempotencyStore, MemoryIdempotencyStore
-from consumer.core import IdempotencySettings
-from consumer.stores import open_store
+from consumer import ClaimState, IdempotencyStore, MemoryIdempotencyStore, Settings
+from consumer._backends import open_idempotency_store
 from tests.conftest import NATS_URL, POSTGRES_DSN, REDIS_URL
 
 pytestmark = pytest.mark.integration
@@ -24,9 +23,8 @@ async def store(request: pytest.FixtureRequest) -> AsyncIterator[IdempotencyStor
     else:
         url = {"redis": REDIS_URL, "postgres": POSTGRES_DSN, "nats-kv": NATS_URL}[request.param]
         namespace = f"t{uuid.uuid4().hex[:8]}"
-        opened = await open_store(
-            IdempotencySettings(backend=request.param, url=url, namespace=namespace)
-        )
+        idempotency = {"backend": request.param, "url": url, "namespace": namespace}
+        opened = await open_idempotency_store(Settings.model_validate({"idempotency": idempotency}))
     yield opened
     await opened.close()
     if request.param == "nats-kv":

@@ -27,11 +27,18 @@ def make_settings(topic: str, group: str, monkeypatch, **ingress: object) -> Set
     monkeypatch.setenv("JOBSTREAM_ROUTING__ROUTES", json.dumps({"test.record": topic}))
     return Settings(
         worker={"group": group, "commit_interval_s": 0.2},
-        retry={"tiers_s": [0.3], "policy": {"max_attempts": 2, "initial_delay_s": 0.3, "jitter": 0}},
-        status={"backend": "redis", "url": REDIS_URL, "namespace": f"t{uuid.uuid4().hex[:8]}",
-                "cancel_poll_s": 0.1},
+        retry={
+            "tiers_s": [0.3],
+            "policy": {"max_attempts": 2, "initial_delay_s": 0.3, "jitter": 0},
+        },
+        status={
+            "backend": "redis",
+            "url": REDIS_URL,
+            "namespace": f"t{uuid.uuid4().hex[:8]}",
+            "cancel_poll_s": 0.1,
+        },
         ingress=ingress,
-    )  # fmt: skip
+    )
 
 
 @contextlib.asynccontextmanager
@@ -113,8 +120,8 @@ async def test_broker_down_is_503_with_retry_after(group_id, monkeypatch) -> Non
         sock.bind(("127.0.0.1", 0))
         closed = sock.getsockname()[1]
     settings = make_settings("t-unused", group_id, monkeypatch, retry_after_s=7)
-    settings = settings.model_copy(update={"kafka": settings.kafka.model_copy(
-        update={"bootstrap_servers": f"127.0.0.1:{closed}", "connect_timeout_s": 1.0})})  # fmt: skip
+    unreachable = {"bootstrap_servers": f"127.0.0.1:{closed}", "connect_timeout_s": 1.0}
+    settings = settings.model_copy(update={"kafka": settings.kafka.model_copy(update=unreachable)})
     async with client(settings) as http:
         response = await http.post("/v1/jobs/test.record", json={"seq": 1, "key": "k"})
         ready = await http.get("/readyz")
@@ -130,8 +137,11 @@ async def test_bearer_token_is_required_when_configured(new_topic, group_id, mon
     async with client(settings) as http:
         missing = await http.post("/v1/jobs/test.record", json={"seq": 1, "key": "k"})
         wrong = await http.get("/v1/jobs/x", headers={"Authorization": "Bearer nope"})
-        right = await http.post("/v1/jobs/test.record", json={"seq": 1, "key": "k"},
-                                headers={"Authorization": "Bearer s3cret"})  # fmt: skip
+        right = await http.post(
+            "/v1/jobs/test.record",
+            json={"seq": 1, "key": "k"},
+            headers={"Authorization": "Bearer s3cret"},
+        )
         probe = await http.get("/livez")
     assert (missing.status_code, wrong.status_code, right.status_code) == (401, 401, 202)
     assert probe.status_code == 200, "probes need no token"
@@ -151,8 +161,11 @@ async def test_idempotency_key_returns_the_same_job_and_publishes_once(
         again = await http.post(
             "/v1/jobs/test.record", json={"seq": 1, "key": "k"}, headers=headers
         )
-        other = await http.post("/v1/jobs/test.record", json={"seq": 2, "key": "k"},
-                                headers={"Idempotency-Key": "order-43"})  # fmt: skip
+        other = await http.post(
+            "/v1/jobs/test.record",
+            json={"seq": 2, "key": "k"},
+            headers={"Idempotency-Key": "order-43"},
+        )
     assert first.status_code == again.status_code == other.status_code == 202
     assert first.json()["job_id"] == again.json()["job_id"] != other.json()["job_id"]
     records = await read_topics(settings, [topic])

@@ -92,12 +92,17 @@ async def test_retried_job_is_one_trace_in_jaeger_linked_to_its_origin(
     worker_service, request_service = f"jobstream-worker-{run}", f"signup-{run}"
     sink = tmp_path / "sink"
     env = worker_env(
-        topic, group_id, sink,
-        OTEL_SERVICE_NAME=worker_service, OTEL_EXPORTER_OTLP_ENDPOINT=OTLP,
-        OTEL_BSP_SCHEDULE_DELAY="100", OTEL_METRICS_EXPORTER="prometheus",
+        topic,
+        group_id,
+        sink,
+        OTEL_SERVICE_NAME=worker_service,
+        OTEL_EXPORTER_OTLP_ENDPOINT=OTLP,
+        OTEL_BSP_SCHEDULE_DELAY="100",
+        OTEL_METRICS_EXPORTER="prometheus",
         JOBSTREAM_RETRY__TIERS_S="[0.5, 2.0]",
-        JOBSTREAM_RETRY__POLICY__INITIAL_DELAY_S="0.5", JOBSTREAM_RETRY__POLICY__JITTER="0",
-    )  # fmt: skip
+        JOBSTREAM_RETRY__POLICY__INITIAL_DELAY_S="0.5",
+        JOBSTREAM_RETRY__POLICY__JITTER="0",
+    )
     [worker] = await start_ready_workers(env, tmp_path, 1)
 
     provider = TracerProvider(resource=Resource.create({"service.name": request_service}))
@@ -121,9 +126,12 @@ async def test_retried_job_is_one_trace_in_jaeger_linked_to_its_origin(
     trace_id = f"{request.get_span_context().trace_id:032x}"
     request_id = f"{request.get_span_context().span_id:016x}"
     wanted = {
-        "POST /signup", f"send {topic}", f"process {topic}", f"send {topic}.retry.1",
+        "POST /signup",
+        f"send {topic}",
+        f"process {topic}",
+        f"send {topic}.retry.1",
         f"process {topic}.retry.1",
-    }  # fmt: skip
+    }
 
     def complete(found: dict[str, Any]) -> bool:
         return wanted <= {span["operationName"] for span in found["spans"]}
@@ -153,10 +161,17 @@ async def test_retried_job_is_one_trace_in_jaeger_linked_to_its_origin(
     assert tags(retry) | {"jobstream.job.attempt": 2} == tags(retry)
     assert {
         key: tags(retry)[key]
-        for key in ("messaging.system", "messaging.destination.name", "jobstream.job.id",
-                    "jobstream.job.outcome", "messaging.consumer.group.name")
+        for key in (
+            "messaging.system",
+            "messaging.destination.name",
+            "jobstream.job.id",
+            "jobstream.job.outcome",
+            "messaging.consumer.group.name",
+        )
     } == {
-        "messaging.system": "kafka", "messaging.destination.name": f"{topic}.retry.1",
-        "jobstream.job.id": receipt.job_id, "jobstream.job.outcome": "completed",
+        "messaging.system": "kafka",
+        "messaging.destination.name": f"{topic}.retry.1",
+        "jobstream.job.id": receipt.job_id,
+        "jobstream.job.outcome": "completed",
         "messaging.consumer.group.name": group_id,
-    }  # fmt: skip
+    }

@@ -60,19 +60,25 @@ async def test_metrics_endpoint_counts_a_known_run_exactly(
     port = free_port()
     sink = tmp_path / "sink"
     env = worker_env(
-        topic, group_id, sink,
-        JOBSTREAM_HEALTH__PORT=str(port), JOBSTREAM_WORKER__COMMIT_INTERVAL_S="0.2",
-        JOBSTREAM_RETRY__TIERS_S="[0.5, 2.0]", JOBSTREAM_RETRY__POLICY__INITIAL_DELAY_S="0.5",
+        topic,
+        group_id,
+        sink,
+        JOBSTREAM_HEALTH__PORT=str(port),
+        JOBSTREAM_WORKER__COMMIT_INTERVAL_S="0.2",
+        JOBSTREAM_RETRY__TIERS_S="[0.5, 2.0]",
+        JOBSTREAM_RETRY__POLICY__INITIAL_DELAY_S="0.5",
         JOBSTREAM_RETRY__POLICY__JITTER="0",
-    )  # fmt: skip
+    )
     for name in list(env):
         if name.startswith("OTEL_"):
             del env[name]  # the defaults: `/metrics` only, no OTLP export
     worker = start_worker(env, tmp_path / "worker.log")
     try:
         behaviours = ["ok"] * 7 + ["fail-once"] * 2 + ["dead-letter"]
-        jobs = [(f"k{i}", RecordJob(seq=i, key=f"k{i}", behaviour=b))  # type: ignore[arg-type]
-                for i, b in enumerate(behaviours)]  # fmt: skip
+        jobs = [
+            (f"k{i}", RecordJob(seq=i, key=f"k{i}", behaviour=b))  # type: ignore[arg-type]
+            for i, b in enumerate(behaviours)
+        ]
         await publish_raw(topic, jobs)
         await wait_until(lambda: len(read_sink(sink)) == 9, 60, "9 completed jobs")
         for _ in range(300):
@@ -109,15 +115,20 @@ async def test_metrics_endpoint_counts_a_known_run_exactly(
         found = dict(labels)
         durations[found["jobstream_job_outcome"], found["messaging_destination_name"]] += value
     assert durations == {
-        ("completed", topic): 7, ("completed", f"{topic}.retry.1"): 2,
-        ("retrying", topic): 2, ("dead_lettered", topic): 1,
-    }  # fmt: skip
+        ("completed", topic): 7,
+        ("completed", f"{topic}.retry.1"): 2,
+        ("retrying", topic): 2,
+        ("dead_lettered", topic): 1,
+    }
     assert samples["jobstream_worker_in_flight"] == {(): 0}
     lag = samples["jobstream_consumer_lag"]
-    partitions = {(dict(k)["messaging_destination_name"], dict(k)["messaging_destination_partition_id"])
-                  for k in lag}  # fmt: skip
-    assert partitions == {(t, p) for t in (topic, f"{topic}.retry.1", f"{topic}.retry.2")
-                          for p in ("0", "1")}  # fmt: skip
+    partitions = {
+        (dict(k)["messaging_destination_name"], dict(k)["messaging_destination_partition_id"])
+        for k in lag
+    }
+    assert partitions == {
+        (t, p) for t in (topic, f"{topic}.retry.1", f"{topic}.retry.2") for p in ("0", "1")
+    }
     assert set(lag.values()) == {0}
     depth = samples["jobstream_retry_depth"]
     assert {dict(k)["messaging_destination_name"]: v for k, v in depth.items()} == {

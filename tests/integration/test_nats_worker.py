@@ -90,10 +90,12 @@ async def test_a_job_longer_than_the_ack_wait_is_not_redelivered(
     monkeypatch.setenv("JOBSTREAM_TEST_SINK", str(sink))
     stream, prefix, subject = names("long")
     settings = Settings(
-        transport="nats", nats={"servers": [NATS_URL]},
+        transport="nats",
+        nats={"servers": [NATS_URL]},
         routing={"stream": stream, "subject_prefix": f"{prefix}."},
-        worker={"group": "long"}, jetstream={"ack_wait_s": 1},  # heartbeats every 1/3 s
-    )  # fmt: skip
+        worker={"group": "long"},
+        jetstream={"ack_wait_s": 1},  # heartbeats every 1/3 s
+    )
     await provision(NATS_URL, settings, subject)
     try:
         [job_id] = await publish_nats(subject, [("k", RecordJob(seq=0, key="k", sleep_ms=3500))])
@@ -124,8 +126,8 @@ class OwnServer:
 
     def launch(self) -> None:
         binary = Path(sys.executable).parent / "nats-server"
-        command = [str(binary), "-a", "127.0.0.1", "-p", str(self.port), "-js",
-                   "-sd", str(self.store)]  # fmt: skip
+        address = ["-a", "127.0.0.1", "-p", str(self.port)]
+        command = [str(binary), *address, "-js", "-sd", str(self.store)]
         with (self.store.parent / "nats-server.log").open("ab") as log:
             self.process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT)
 
@@ -173,18 +175,23 @@ async def test_workers_reconnect_after_a_server_restart_and_every_job_completes(
     )
     await provision(own_server.url, settings, subject)
     ids = await publish_nats(
-        subject, [(f"k{i % 40}", RecordJob(seq=i, key=f"k{i % 40}", sleep_ms=10)) for i in range(1500)],
+        subject,
+        [(f"k{i % 40}", RecordJob(seq=i, key=f"k{i % 40}", sleep_ms=10)) for i in range(1500)],
         url=own_server.url,
-    )  # fmt: skip
+    )
     sink = tmp_path / "sink"
     env = worker_env(
-        subject, "restart", sink,
+        subject,
+        "restart",
+        sink,
         **nats_env(stream, prefix, JOBSTREAM_NATS__SERVERS=f'["{own_server.url}"]'),
         JOBSTREAM_NATS__RECONNECT_WAIT_S="0.5",
-        JOBSTREAM_JETSTREAM__ACK_WAIT_S="5", JOBSTREAM_WORKER__MAX_IN_FLIGHT="16",
+        JOBSTREAM_JETSTREAM__ACK_WAIT_S="5",
+        JOBSTREAM_WORKER__MAX_IN_FLIGHT="16",
         # The idempotency store lives on the restarted server too: it is waited out.
-        JOBSTREAM_IDEMPOTENCY__BACKEND="nats-kv", JOBSTREAM_IDEMPOTENCY__LEASE_S="5",
-    )  # fmt: skip
+        JOBSTREAM_IDEMPOTENCY__BACKEND="nats-kv",
+        JOBSTREAM_IDEMPOTENCY__LEASE_S="5",
+    )
     workers = await start_ready_workers(env, tmp_path, 2)
     try:
         await wait_until(lambda: len(read_sink(sink)) >= 300, 60, "300 jobs done")
@@ -233,11 +240,13 @@ async def test_a_server_gone_past_the_reconnect_budget_stops_the_worker_with_exi
     )
     await provision(own_server.url, settings, subject)
     env = worker_env(
-        subject, "gone", tmp_path / "sink",
+        subject,
+        "gone",
+        tmp_path / "sink",
         **nats_env(stream, prefix, JOBSTREAM_NATS__SERVERS=f'["{own_server.url}"]'),
         JOBSTREAM_NATS__RECONNECT_WAIT_S="0.2",
         JOBSTREAM_NATS__MAX_RECONNECT_ATTEMPTS="3",
-    )  # fmt: skip
+    )
     [worker] = await start_ready_workers(env, tmp_path, 1)
     own_server.stop()
     assert worker.wait(30) == 1
@@ -252,17 +261,27 @@ async def test_a_server_gone_past_the_reconnect_budget_stops_the_worker_with_exi
 
 
 def run_cli(*args: str, env: dict[str, str]) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "jobstream", *args], env=env, cwd=ROOT,
-                          capture_output=True, text=True, timeout=60, check=False)  # fmt: skip
+    return subprocess.run(
+        [sys.executable, "-m", "jobstream", *args],
+        env=env,
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
 
 
 def test_an_unreachable_server_at_start_is_one_clear_error(tmp_path: Path) -> None:
     port = free_port()
     env = worker_env(
-        "jobs.test.record", "nobody", tmp_path / "sink",
+        "jobs.test.record",
+        "nobody",
+        tmp_path / "sink",
         **nats_env("JOBS", "jobs", JOBSTREAM_NATS__SERVERS=f'["nats://127.0.0.1:{port}"]'),
-        JOBSTREAM_NATS__CONNECT_TIMEOUT_S="1", JOBSTREAM_WORKER__BROKER_WAIT_S="1",
-    )  # fmt: skip
+        JOBSTREAM_NATS__CONNECT_TIMEOUT_S="1",
+        JOBSTREAM_WORKER__BROKER_WAIT_S="1",
+    )
     result = run_cli("worker", "tests.apps.recorder:app", env=env)
     assert result.returncode == 1
     lines = [line for line in result.stderr.splitlines() if line.startswith("error:")]
@@ -280,14 +299,20 @@ async def test_topics_ensure_provisions_streams_consumers_and_buckets(
     namespace = f"t{uuid.uuid4().hex[:8]}"
     ledger = f"{namespace}_replays"
     env = {
-        **os.environ, "PYTHONPATH": str(ROOT), **nats_env(stream, prefix),
-        "JOBSTREAM_JOB_MODULES": '["tests.apps.recorder"]', "JOBSTREAM_WORKER__GROUP": "ens",
-        "JOBSTREAM_JETSTREAM__KEY_PARTITIONS": "4", "JOBSTREAM_JETSTREAM__ACK_WAIT_S": "20",
+        **os.environ,
+        "PYTHONPATH": str(ROOT),
+        **nats_env(stream, prefix),
+        "JOBSTREAM_JOB_MODULES": '["tests.apps.recorder"]',
+        "JOBSTREAM_WORKER__GROUP": "ens",
+        "JOBSTREAM_JETSTREAM__KEY_PARTITIONS": "4",
+        "JOBSTREAM_JETSTREAM__ACK_WAIT_S": "20",
         "JOBSTREAM_JETSTREAM__MAX_ACK_PENDING": "300",
         "JOBSTREAM_JETSTREAM__REPLAY_LEDGER_BUCKET": ledger,
-        "JOBSTREAM_IDEMPOTENCY__BACKEND": "nats-kv", "JOBSTREAM_IDEMPOTENCY__NAMESPACE": namespace,
-        "JOBSTREAM_IDEMPOTENCY__RETENTION_S": "3600", "JOBSTREAM_ROUTING__STREAM_MAX_AGE_S": "7200",
-    }  # fmt: skip
+        "JOBSTREAM_IDEMPOTENCY__BACKEND": "nats-kv",
+        "JOBSTREAM_IDEMPOTENCY__NAMESPACE": namespace,
+        "JOBSTREAM_IDEMPOTENCY__RETENTION_S": "3600",
+        "JOBSTREAM_ROUTING__STREAM_MAX_AGE_S": "7200",
+    }
     try:
         for _ in range(2):  # idempotent
             result = run_cli("topics", "ensure", "--transport", "nats", env=env)
@@ -318,8 +343,11 @@ async def test_topics_ensure_provisions_streams_consumers_and_buckets(
 
         # Producers read the partition count from the stream: a keyed job goes to its
         # key's partition, a job without a key is spread by its id.
-        settings = Settings(transport="nats", nats={"servers": [NATS_URL]},
-                            routing={"stream": stream, "subject_prefix": f"{prefix}."})  # fmt: skip
+        settings = Settings(
+            transport="nats",
+            nats={"servers": [NATS_URL]},
+            routing={"stream": stream, "subject_prefix": f"{prefix}."},
+        )
         async with JobProducer(settings) as producer:
             keyed = await producer.publish(RecordJob(seq=1, key="user-42"), key="user-42")
             [loose] = await producer.publish_many([PublishRequest(RecordJob(seq=2, key="-"))])
@@ -340,8 +368,11 @@ async def test_a_worker_refuses_a_partition_count_that_differs_from_the_stream(
     js: JetStreamContext, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     stream, prefix, subject = names("mismatch")
-    partitioned = Settings(transport="nats", routing={"stream": stream, "subject_prefix": f"{prefix}."},
-                           jetstream={"key_partitions": 4})  # fmt: skip
+    partitioned = Settings(
+        transport="nats",
+        routing={"stream": stream, "subject_prefix": f"{prefix}."},
+        jetstream={"key_partitions": 4},
+    )
     await provision(NATS_URL, partitioned, subject)
     env = worker_env(subject, "mismatch", tmp_path / "sink", **nats_env(stream, prefix))
     try:

@@ -77,10 +77,19 @@ async def test_record_has_the_documented_headers_and_a_schema_valid_body(new_top
     assert record.key == b"user-42"
     headers = dict(record.headers)
     assert [name for name, _ in record.headers] == [
-        "ce_specversion", "ce_id", "ce_type", "ce_source", "ce_time", "ce_subject",
-        "ce_dataschema", "content-type", "traceparent", "ce_jobversion", "ce_jobattempt",
+        "ce_specversion",
+        "ce_id",
+        "ce_type",
+        "ce_source",
+        "ce_time",
+        "ce_subject",
+        "ce_dataschema",
+        "content-type",
+        "traceparent",
+        "ce_jobversion",
+        "ce_jobattempt",
         "ce_joborigin",
-    ]  # fmt: skip
+    ]
     assert headers["ce_specversion"] == b"1.0"
     assert headers["ce_id"].decode() == receipt.job_id
     assert headers["ce_type"] == b"email.welcome"
@@ -114,9 +123,11 @@ async def test_missing_topic_fails_fast_and_is_not_created(kafka_admin) -> None:
 async def test_create_missing_creates_the_topic_once(kafka_admin) -> None:
     topic = f"created-{time.time_ns()}"
     try:
-        settings = settings_for(topic, create_missing=True, routing=RoutingSettings(
-            routes={"email.welcome": topic}, partitions=2
-        ))  # fmt: skip
+        settings = settings_for(
+            topic,
+            create_missing=True,
+            routing=RoutingSettings(routes={"email.welcome": topic}, partitions=2),
+        )
         async with JobProducer(settings) as producer:
             bulk = await producer.publish_many([WELCOME, WELCOME])  # right after creating it
             first = await producer.publish(WELCOME)
@@ -168,9 +179,8 @@ async def test_send_record_publishes_raw_bytes(new_topic) -> None:
         await publisher.stop()
     [record] = await read_all(topic, 1, 1)
     assert (receipt.job_id, receipt.offset) == ("j-1", 0)
-    assert (record.key, record.value, record.headers) == (
-        None, b"?", (("ce_id", b"j-1"), ("x", b"\xff"))
-    )  # fmt: skip
+    expected = (None, b"?", (("ce_id", b"j-1"), ("x", b"\xff")))
+    assert (record.key, record.value, record.headers) == expected
 
 
 async def test_a_key_lands_in_one_partition_via_publish_and_publish_many(new_topic) -> None:

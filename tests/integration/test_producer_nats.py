@@ -87,10 +87,21 @@ async def test_message_has_the_documented_headers_and_a_schema_valid_body(
     assert message.subject == f"{prefix}.email.welcome"
     headers = message.headers or {}
     assert set(headers) == {
-        "ce-specversion", "ce-id", "ce-type", "ce-source", "ce-time", "ce-subject",
-        "ce-dataschema", "Content-Type", "traceparent", "ce-jobversion", "ce-jobattempt",
-        "ce-joborigin", "ce-partitionkey", "Nats-Msg-Id",
-    }  # fmt: skip
+        "ce-specversion",
+        "ce-id",
+        "ce-type",
+        "ce-source",
+        "ce-time",
+        "ce-subject",
+        "ce-dataschema",
+        "Content-Type",
+        "traceparent",
+        "ce-jobversion",
+        "ce-jobattempt",
+        "ce-joborigin",
+        "ce-partitionkey",
+        "Nats-Msg-Id",
+    }
     assert headers["Nats-Msg-Id"] == headers["ce-id"] == receipt.job_id
     assert headers["ce-partitionkey"] == "user-42"
     assert headers["ce-type"] == "email.welcome"

@@ -27,8 +27,12 @@ def _services(run_dir: Path, *args: str) -> subprocess.CompletedProcess[str]:
     }
     return subprocess.run(
         [sys.executable, str(ROOT / "scripts/services.py"), *args],
-        env=env, capture_output=True, text=True, timeout=180, check=False,
-    )  # fmt: skip
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=180,
+        check=False,
+    )
 
 
 def _processes_using(run_dir: Path) -> list[str]:

@@ -99,10 +99,12 @@ def settings_for(topic: str, group: str, **telemetry: str) -> Settings:
         kafka={"bootstrap_servers": KAFKA_BOOTSTRAP},
         routing={"routes": {"test.trace": topic}},
         worker={"group": group, "commit_interval_s": 0.2},
-        retry={"tiers_s": [0.2, 1.0],
-               "policy": {"max_attempts": 2, "initial_delay_s": 0.2, "jitter": 0.0}},
+        retry={
+            "tiers_s": [0.2, 1.0],
+            "policy": {"max_attempts": 2, "initial_delay_s": 0.2, "jitter": 0.0},
+        },
         telemetry=telemetry,
-    )  # fmt: skip
+    )
 
 
 @contextlib.asynccontextmanager
@@ -190,38 +192,63 @@ async def test_request_publish_retry_dead_letter_replay_spans_and_links(
     assert publish.kind is SpanKind.PRODUCER
     assert is_child(publish, request)
     assert publish.links == ()
-    assert_has(publish, {
-        "messaging.system": "kafka", "messaging.operation.type": "send",
-        "messaging.operation.name": "send", "messaging.destination.name": topic,
-        "messaging.destination.partition.id": "0", "messaging.kafka.offset": receipt.offset,
-        "messaging.message.id": job_id, "messaging.kafka.message.key": "user-1",
-        "jobstream.job.id": job_id, "jobstream.job.type": "test.trace",
-        "jobstream.job.version": 1, "jobstream.job.attempt": 1,
-    })  # fmt: skip
+    assert_has(
+        publish,
+        {
+            "messaging.system": "kafka",
+            "messaging.operation.type": "send",
+            "messaging.operation.name": "send",
+            "messaging.destination.name": topic,
+            "messaging.destination.partition.id": "0",
+            "messaging.kafka.offset": receipt.offset,
+            "messaging.message.id": job_id,
+            "messaging.kafka.message.key": "user-1",
+            "jobstream.job.id": job_id,
+            "jobstream.job.type": "test.trace",
+            "jobstream.job.version": 1,
+            "jobstream.job.attempt": 1,
+        },
+    )
 
     # Attempt 1 fails: a child of the publish, linked to the origin, handed to tier 1.
     assert first.name == f"process {topic}"
     assert is_child(first, publish)
     assert links_of(first) == [origin]
-    assert_has(first, {
-        "messaging.system": "kafka", "messaging.operation.type": "process",
-        "messaging.operation.name": "process", "messaging.destination.name": topic,
-        "messaging.destination.partition.id": "0", "messaging.kafka.offset": 0,
-        "messaging.consumer.group.name": group_id, "messaging.message.id": job_id,
-        "messaging.kafka.message.key": "user-1", "jobstream.job.id": job_id,
-        "jobstream.job.type": "test.trace", "jobstream.job.version": 1,
-        "jobstream.job.attempt": 1, "jobstream.job.outcome": "retrying",
-        "jobstream.failure.reason": "error",
-    })  # fmt: skip
+    assert_has(
+        first,
+        {
+            "messaging.system": "kafka",
+            "messaging.operation.type": "process",
+            "messaging.operation.name": "process",
+            "messaging.destination.name": topic,
+            "messaging.destination.partition.id": "0",
+            "messaging.kafka.offset": 0,
+            "messaging.consumer.group.name": group_id,
+            "messaging.message.id": job_id,
+            "messaging.kafka.message.key": "user-1",
+            "jobstream.job.id": job_id,
+            "jobstream.job.type": "test.trace",
+            "jobstream.job.version": 1,
+            "jobstream.job.attempt": 1,
+            "jobstream.job.outcome": "retrying",
+            "jobstream.failure.reason": "error",
+        },
+    )
     assert_failed(first, "attempt 1 of job 1 fails")
     assert to_retry.kind is SpanKind.PRODUCER
     assert is_child(to_retry, first)
     assert links_of(to_retry) == [origin]
-    assert_has(to_retry, {
-        "messaging.operation.type": "send", "messaging.destination.name": f"{topic}.retry.1",
-        "jobstream.job.id": job_id, "jobstream.job.attempt": 1,
-        "jobstream.failure.reason": "error", "jobstream.retry.delay_s": 0.2,
-    })  # fmt: skip
+    assert_has(
+        to_retry,
+        {
+            "messaging.operation.type": "send",
+            "messaging.destination.name": f"{topic}.retry.1",
+            "jobstream.job.id": job_id,
+            "jobstream.job.attempt": 1,
+            "jobstream.failure.reason": "error",
+            "jobstream.retry.delay_s": 0.2,
+        },
+    )
     assert to_retry.status.status_code is StatusCode.UNSET
 
     # Attempt 2 (from the tier) fails: a child of the hand-off, linked to the origin and
@@ -229,19 +256,29 @@ async def test_request_publish_retry_dead_letter_replay_spans_and_links(
     assert retry.name == f"process {topic}.retry.1"
     assert is_child(retry, to_retry)
     assert links_of(retry) == [origin, ids(first, "previous-attempt")]
-    assert_has(retry, {
-        "messaging.destination.name": f"{topic}.retry.1", "messaging.kafka.offset": 0,
-        "jobstream.job.id": job_id, "jobstream.job.attempt": 2,
-        "jobstream.job.outcome": "dead_lettered", "jobstream.failure.reason": "retries-exhausted",
-    })  # fmt: skip
+    assert_has(
+        retry,
+        {
+            "messaging.destination.name": f"{topic}.retry.1",
+            "messaging.kafka.offset": 0,
+            "jobstream.job.id": job_id,
+            "jobstream.job.attempt": 2,
+            "jobstream.job.outcome": "dead_lettered",
+            "jobstream.failure.reason": "retries-exhausted",
+        },
+    )
     assert_failed(retry, "attempt 2 of job 1 fails")
     assert to_dlq.kind is SpanKind.PRODUCER
     assert is_child(to_dlq, retry)
     assert links_of(to_dlq) == [origin]
-    assert_has(to_dlq, {
-        "messaging.destination.name": f"{topic}.dlq", "jobstream.job.attempt": 2,
-        "jobstream.failure.reason": "retries-exhausted",
-    })  # fmt: skip
+    assert_has(
+        to_dlq,
+        {
+            "messaging.destination.name": f"{topic}.dlq",
+            "jobstream.job.attempt": 2,
+            "jobstream.failure.reason": "retries-exhausted",
+        },
+    )
 
     # The replay: a new trace (no ambient span), linked to the origin, the last attempt and
     # the dead-lettering; the replayed attempt is its child and succeeds.
@@ -252,17 +289,26 @@ async def test_request_publish_retry_dead_letter_replay_spans_and_links(
         ids(retry, "previous-attempt"),
         ids(to_dlq, "dead-letter"),
     ]
-    assert_has(replayed, {
-        "messaging.destination.name": topic, "jobstream.replay.of": dead[0].id,
-        "jobstream.job.id": job_id, "jobstream.job.attempt": 1,
-    })  # fmt: skip
+    assert_has(
+        replayed,
+        {
+            "messaging.destination.name": topic,
+            "jobstream.replay.of": dead[0].id,
+            "jobstream.job.id": job_id,
+            "jobstream.job.attempt": 1,
+        },
+    )
     assert again.name == f"process {topic}"
     assert is_child(again, replayed)
     assert links_of(again) == [origin, ids(retry, "previous-attempt")]
-    assert_has(again, {
-        "messaging.kafka.offset": 1, "jobstream.job.attempt": 1,
-        "jobstream.job.outcome": "completed",
-    })  # fmt: skip
+    assert_has(
+        again,
+        {
+            "messaging.kafka.offset": 1,
+            "jobstream.job.attempt": 1,
+            "jobstream.job.outcome": "completed",
+        },
+    )
     assert again.status.status_code is StatusCode.UNSET
     assert not [event for event in again.events if event.name == "exception"]
 

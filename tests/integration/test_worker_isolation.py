@@ -39,8 +39,11 @@ async def test_failing_jobs_do_not_stop_the_worker_or_other_jobs(
     )
     worker = Worker(app, settings, KafkaSource(settings, [topic]))
     runner = asyncio.create_task(worker.run())
-    await wait_until(lambda: worker.counts.get("failed", 0) == 3 and len(read_sink(sink)) == 4, 30,
-                     "4 completions and 3 failures")  # fmt: skip
+    await wait_until(
+        lambda: worker.counts.get("failed", 0) == 3 and len(read_sink(sink)) == 4,
+        30,
+        "4 completions and 3 failures",
+    )
     committed = 0
     while committed != 7:
         offsets = await kafka_admin.list_consumer_group_offsets(group_id)

@@ -28,7 +28,7 @@ from tests.support import (
     stop_worker,
     wait_until,
     worker_env,
-)  # fmt: skip
+)
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
@@ -50,8 +50,13 @@ async def test_three_workers_run_each_job_once_in_key_order(
     keys = [f"key-{k}" for k in range(200)]
     jobs = [(keys[i % 200], RecordJob(seq=i, key=keys[i % 200], sleep_ms=5)) for i in range(10_000)]
     sink = tmp_path / "sink"
-    env = worker_env(topic, group_id, sink, JOBSTREAM_WORKER__ORDERING="key",
-                     JOBSTREAM_WORKER__MAX_IN_FLIGHT="64")  # fmt: skip
+    env = worker_env(
+        topic,
+        group_id,
+        sink,
+        JOBSTREAM_WORKER__ORDERING="key",
+        JOBSTREAM_WORKER__MAX_IN_FLIGHT="64",
+    )
     workers = await start_ready_workers(env, tmp_path, 3)
     ids = await publish_raw(topic, jobs)
     try:
@@ -79,13 +84,18 @@ async def test_sigkill_loses_nothing_and_redis_store_skips_completed_jobs(
     jobs = [(f"k{i % 50}", RecordJob(seq=i, key=f"k{i % 50}", sleep_ms=5)) for i in range(3000)]
     sink = tmp_path / "sink"
     env = worker_env(
-        topic, group_id, sink,
-        JOBSTREAM_IDEMPOTENCY__BACKEND="redis", JOBSTREAM_IDEMPOTENCY__URL=REDIS_URL,
+        topic,
+        group_id,
+        sink,
+        JOBSTREAM_IDEMPOTENCY__BACKEND="redis",
+        JOBSTREAM_IDEMPOTENCY__URL=REDIS_URL,
         JOBSTREAM_IDEMPOTENCY__NAMESPACE=f"t{uuid.uuid4().hex[:8]}",
-        JOBSTREAM_IDEMPOTENCY__LEASE_S="3", JOBSTREAM_WORKER__MAX_IN_FLIGHT="16",
+        JOBSTREAM_IDEMPOTENCY__LEASE_S="3",
+        JOBSTREAM_WORKER__MAX_IN_FLIGHT="16",
         # Commit rarely, so the killed worker leaves many completed-but-uncommitted jobs.
-        JOBSTREAM_WORKER__COMMIT_INTERVAL_S="30", JOBSTREAM_WORKER__COMMIT_EVERY="100000",
-    )  # fmt: skip
+        JOBSTREAM_WORKER__COMMIT_INTERVAL_S="30",
+        JOBSTREAM_WORKER__COMMIT_EVERY="100000",
+    )
     workers = await start_ready_workers(env, tmp_path, 3)
     ids = await publish_raw(topic, jobs)
     try:
@@ -127,8 +137,13 @@ async def test_sigterm_drains_commits_and_redelivers_the_cut_off_job(
     jobs.append(("k-hang", RecordJob(seq=3, key="k-hang", behaviour="hang-once")))
     ids = await publish_raw(topic, jobs)
     sink = tmp_path / "sink"
-    env = worker_env(topic, group_id, sink, JOBSTREAM_WORKER__DRAIN_TIMEOUT_S="4",
-                     JOBSTREAM_WORKER__ORDERING="none")  # fmt: skip
+    env = worker_env(
+        topic,
+        group_id,
+        sink,
+        JOBSTREAM_WORKER__DRAIN_TIMEOUT_S="4",
+        JOBSTREAM_WORKER__ORDERING="none",
+    )
     first = start_worker(env, tmp_path / "w1.log")
     await wait_until(lambda: len(read_sink(sink, "start")) == 4, 60, "4 jobs started")
     signalled = time.monotonic()

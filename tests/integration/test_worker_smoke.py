@@ -54,8 +54,12 @@ def test_worker_with_no_broker_exits_with_one_clear_line(tmp_path) -> None:
     }
     result = subprocess.run(
         [sys.executable, "-m", "jobstream", "worker", "tests.apps.recorder:app"],
-        env=env, capture_output=True, text=True, timeout=60, check=False,
-    )  # fmt: skip
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
     assert result.returncode == 1
     last = result.stderr.strip().splitlines()[-1]
     assert last.startswith("error: ") and f"127.0.0.1:{closed_port}" in last

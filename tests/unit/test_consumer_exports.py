@@ -38,6 +38,7 @@ EXPECTED = {
         "read_topics",
         "replay",
     },
+    "consumer.memory": {"BACKEND", "MemoryBackend", "MemorySource", "Settlement", "TestApp"},
 }
 SUBPACKAGES = [
     "consumer.core",

@@ -69,7 +69,16 @@ BACKENDS = {
         "make_publisher",
         "stream_subjects",
     },
-    "producer.memory": {"MemoryBroker", "MemoryPublisher", "MemoryRecord", "make_publisher"},
+    "producer.memory": {
+        "CommitFailed",
+        "MemoryBroker",
+        "MemoryFaults",
+        "MemoryPublisher",
+        "MemoryRecord",
+        "RecordTooLarge",
+        "TopicPartition",
+        "make_publisher",
+    },
 }
 
 

@@ -141,9 +141,9 @@ async def test_create_missing_ensures_each_destination_once() -> None:
     async with JobProducer(settings(create_missing=True), publisher=Counting()) as producer:
         await producer.publish(WELCOME)
         await producer.publish(WELCOME)
-        await producer.publish_many([WELCOME, REPORT, ResizeImage(
-            upload_id="u", source_url="https://example.com/a.png", width=10, height=10
-        )])  # fmt: skip
+        url = "https://example.com/a.png"
+        image = ResizeImage(upload_id="u", source_url=url, width=10, height=10)
+        await producer.publish_many([WELCOME, REPORT, image])
     assert calls == [["jobs.email.welcome"], ["jobs.report.generate", "jobs.image.resize"]]
 
 

@@ -61,13 +61,18 @@ async def test_publish_is_a_producer_span_and_the_caller_is_the_origin(recorded)
     assert publish.parent is not None
     assert publish.parent.span_id == request.get_span_context().span_id
     assert dict(publish.attributes or {}) == {
-        "messaging.system": "memory", "messaging.operation.name": "send",
-        "messaging.operation.type": "send", "messaging.destination.name": receipt.destination,
+        "messaging.system": "memory",
+        "messaging.operation.name": "send",
+        "messaging.operation.type": "send",
+        "messaging.destination.name": receipt.destination,
         "messaging.destination.partition.id": str(receipt.partition),
-        "messaging.message.id": receipt.job_id, "messaging.kafka.message.key": "acct-1",
-        "jobstream.job.id": receipt.job_id, "jobstream.job.type": "report.generate",
-        "jobstream.job.version": 1, "jobstream.job.attempt": 1,
-    }  # fmt: skip
+        "messaging.message.id": receipt.job_id,
+        "messaging.kafka.message.key": "acct-1",
+        "jobstream.job.id": receipt.job_id,
+        "jobstream.job.type": "report.generate",
+        "jobstream.job.version": 1,
+        "jobstream.job.attempt": 1,
+    }
     attributes = published(broker, receipt)
     assert attributes.traceparent == traceparent(publish.context)
     assert attributes.origin_traceparent == traceparent(request.get_span_context())
@@ -109,8 +114,9 @@ async def test_publish_many_gives_each_job_its_creation_span(recorded) -> None:
 async def test_a_failed_publish_is_an_error_span(recorded) -> None:
     provider, exporter = recorded
     settings = ProducerSettings(transport="memory", create_missing=False)
-    producer = JobProducer(settings, publisher=MemoryPublisher(MemoryBroker()),
-                           tracer_provider=provider)  # fmt: skip
+    producer = JobProducer(
+        settings, publisher=MemoryPublisher(MemoryBroker()), tracer_provider=provider
+    )
     await producer.start()
     with pytest.raises(DestinationMissing):
         await producer.publish(REPORT)
@@ -121,9 +127,12 @@ async def test_a_failed_publish_is_an_error_span(recorded) -> None:
 
 def test_traceparent_round_trip_keeps_flags_and_state() -> None:
     context = SpanContext(
-        0x4BF92F3577B34DA6A3CE929D0E0E4736, 0x00F067AA0BA902B7, is_remote=True,
-        trace_flags=TraceFlags(0x03), trace_state=TraceState([("congo", "t61rcWkgMzE")]),
-    )  # fmt: skip
+        0x4BF92F3577B34DA6A3CE929D0E0E4736,
+        0x00F067AA0BA902B7,
+        is_remote=True,
+        trace_flags=TraceFlags(0x03),
+        trace_state=TraceState([("congo", "t61rcWkgMzE")]),
+    )
     parent, state = traceparent_of(context)
     assert parent == "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-03"
     assert state == "congo=t61rcWkgMzE"

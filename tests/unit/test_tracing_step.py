@@ -43,9 +43,12 @@ def recorded() -> Iterator[tuple[TracerProvider, InMemorySpanExporter]]:
 
 
 def attributes_with(**trace: str | None) -> JobAttributes:
-    message = encode(GenerateReport(account_id="a", month="2025-01"), source="/t",
-                     traceparent=trace.get("traceparent"),
-                     origin_traceparent=trace.get("origin"))  # fmt: skip
+    message = encode(
+        GenerateReport(account_id="a", month="2025-01"),
+        source="/t",
+        traceparent=trace.get("traceparent"),
+        origin_traceparent=trace.get("origin"),
+    )
     if "origin" in trace and trace["origin"] is None:
         return message.attributes.replace(origin_traceparent=None)
     return message.attributes
@@ -155,8 +158,9 @@ async def test_handing_off_names_the_attempt_and_keeps_the_origin(recorded) -> N
 
 def test_log_lines_carry_the_ids_of_the_current_span(recorded) -> None:
     provider, _ = recorded
-    record = logging.LogRecord("jobstream.job", logging.INFO, __file__, 1, "job completed",
-                               None, None)  # fmt: skip
+    record = logging.LogRecord(
+        "jobstream.job", logging.INFO, __file__, 1, "job completed", None, None
+    )
     record.job = {"job_id": "j1"}
     assert "trace_id" not in json.loads(JsonFormatter().format(record))
     with provider.get_tracer("t").start_as_current_span("process jobs.t") as span:

@@ -94,12 +94,16 @@ def test_metrics_exporter_none_serves_no_metrics_text(configure) -> None:
     [
         ({"OTEL_TRACES_EXPORTER": "zipkin"}, "OTEL_TRACES_EXPORTER='zipkin': 'zipkin' is not"),
         ({"OTEL_METRICS_EXPORTER": "prometheus,statsd"}, "'statsd' is not supported"),
-        ({"OTEL_TRACES_EXPORTER": "otlp", "OTEL_EXPORTER_OTLP_PROTOCOL": "http/json"},
-         "OTLP protocol 'http/json' is not supported: use http/protobuf or grpc"),
-        ({"OTEL_TRACES_EXPORTER": "otlp", "OTEL_EXPORTER_OTLP_TRACES_PROTOCOL": "grpc"},
-         "needs opentelemetry-exporter-otlp-proto-grpc"),
+        (
+            {"OTEL_TRACES_EXPORTER": "otlp", "OTEL_EXPORTER_OTLP_PROTOCOL": "http/json"},
+            "OTLP protocol 'http/json' is not supported: use http/protobuf or grpc",
+        ),
+        (
+            {"OTEL_TRACES_EXPORTER": "otlp", "OTEL_EXPORTER_OTLP_TRACES_PROTOCOL": "grpc"},
+            "needs opentelemetry-exporter-otlp-proto-grpc",
+        ),
     ],
-)  # fmt: skip
+)
 def test_a_bad_value_is_one_clear_error(configure, env: dict[str, str], message: str) -> None:
     with pytest.raises(WorkerError, match=message.replace("(", r"\(")):
         configure("app", environ=env, install_global=False)
