@@ -100,7 +100,23 @@ async def retry(
     `last_try_at_deadline`: shorten the last wait to end at the deadline and try once more
     there (bound the operation by the time left), instead of giving up before it.
     `on_retry(error, wait_s)`: called before each wait that follows an error.
+
+    The first attempt is a plain call: when it succeeds (the common case, e.g. an
+    idempotency claim per job) nothing else runs, so `retry` costs no more than the
+    operation. Only a failure starts the retry machinery, which takes the first attempt's
+    outcome as its own first attempt (nothing is called twice).
     """
+    replay: list[T | Exception] = []
+    try:
+        result = await operation()
+    except Exception as error:
+        if not _matches(on, error):
+            raise
+        replay.append(error)
+    else:
+        if until is None or until(result):
+            return result
+        replay.append(result)
     skipped = 0.0  # the waits testing mode did not wait
 
     def now() -> float:
@@ -140,7 +156,13 @@ async def retry(
         await asyncio.sleep(seconds)
 
     async def attempt() -> T:
-        # tenacity awaits only coroutine functions: a lambda returning an awaitable is not one
+        # The first attempt already ran: its outcome is replayed, then the operation is
+        # called again. (tenacity awaits only coroutine functions, so this is one.)
+        if replay:
+            outcome = replay.pop()
+            if isinstance(outcome, Exception):
+                raise outcome
+            return outcome
         return await operation()
 
     retrying = tenacity.AsyncRetrying(

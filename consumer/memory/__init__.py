@@ -9,8 +9,10 @@ client; selected by `consumer/_backends.py` for `transport = "memory"`. See docs
 from consumer.memory._backend import MemoryBackend
 from consumer.memory._source import MemorySource
 from consumer.memory._testing import Settlement, TestApp
+from producer.memory import BROKER
 
 __all__ = ["BACKEND", "MemoryBackend", "MemorySource", "Settlement", "TestApp"]
 
-BACKEND = MemoryBackend()
-"""The backend `transport = "memory"` selects, on one broker per process (`BACKEND.broker`)."""
+BACKEND = MemoryBackend(BROKER)
+"""The backend `transport = "memory"` selects, on the process's broker
+(`producer.memory.BROKER`, which `JobProducer` with `transport = "memory"` uses too)."""

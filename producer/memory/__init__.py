@@ -11,6 +11,7 @@ from producer.memory._groups import TopicPartition
 from producer.memory._publisher import MemoryPublisher
 
 __all__ = [
+    "BROKER",
     "CommitFailed",
     "MemoryBroker",
     "MemoryFaults",
@@ -22,7 +23,13 @@ __all__ = [
 ]
 
 
+BROKER = MemoryBroker()
+"""The process's broker for `transport = "memory"`: the producer's publisher and the
+worker's backend (`consumer.memory.BACKEND`) share it, so a `JobProducer` and a worker in
+one process reach each other. Tests that want isolation make their own `MemoryBroker`."""
+
+
 def make_publisher(settings: ProducerSettings) -> MemoryPublisher:
-    """The publisher `producer._backends` selects for `transport = "memory"`: a broker of
-    its own (pass `JobProducer(publisher=MemoryPublisher(broker))` to share one)."""
-    return MemoryPublisher(MemoryBroker(), partitions=settings.routing.partitions)
+    """The publisher `producer._backends` selects for `transport = "memory"`, on `BROKER`
+    (pass `JobProducer(publisher=MemoryPublisher(broker))` for another broker)."""
+    return MemoryPublisher(BROKER, partitions=settings.routing.partitions)

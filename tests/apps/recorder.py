@@ -8,6 +8,7 @@ Line format: `job_id key seq pid attempt start end outcome` (times from time.tim
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import os
 import time
 from typing import Literal
@@ -34,6 +35,9 @@ class RecordJob(Job, type="test.record", version=1):
 
 
 app = App("recorder")
+WORKER_ID: contextvars.ContextVar[int | None] = contextvars.ContextVar("worker", default=None)
+"""Who ran a job, for in-process workers (the memory backend): the sink's `pid` field.
+A worker's tasks inherit it from the task that started the worker."""
 _sinks: dict[str, int] = {}
 
 
@@ -47,7 +51,7 @@ def _sink() -> int:
 
 def record(job: RecordJob, ctx: JobContext, start: float, outcome: str) -> None:
     line = (
-        f"{ctx.job_id} {job.key} {job.seq} {os.getpid()} {ctx.attempt} "
+        f"{ctx.job_id} {job.key} {job.seq} {WORKER_ID.get() or os.getpid()} {ctx.attempt} "
         f"{start:.6f} {time.time():.6f} {outcome}\n"
     )
     os.write(_sink(), line.encode())

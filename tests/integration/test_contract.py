@@ -1,10 +1,15 @@
-"""The contract suite: the same guarantees, proven by the same test bodies, on Kafka and NATS.
+"""The contract suite: the same guarantees, proven by the same test bodies, on Kafka, NATS
+and the in-memory backend.
 
-Every test runs once per transport (the `bus` fixture). A `Bus` hides only what differs
-between the brokers: how the job destination is provisioned, how a job is published (with
+Every test runs once per transport (the `make_bus` fixture). A `Bus` hides only what
+differs between the brokers: how workers start, are killed and stopped (processes and
+signals on Kafka and NATS; in-process workers that crash or drain on memory, whose broker
+lives in the test's process), how the job destination is provisioned, how a job is published (with
 the plain client, i.e. the wire contract), how dead letters are read, how "everything is
 settled" is observed (committed offsets on Kafka, an empty consumer on JetStream), and
-which shared idempotency store the group uses (Redis on Kafka, NATS KV on NATS).
+which shared idempotency store the group uses (Redis on Kafka, NATS KV on NATS, one
+shared memory store on memory). A test of what a backend cannot do is skipped by its
+`Features` (consumer/core/_features.py), with the reason.
 
 - G1: 3 workers and a SIGKILL: every job completes, only jobs the victim was running run
   twice.
@@ -24,13 +29,9 @@ import collections
 import contextlib
 import json
 import os
-import signal
-import subprocess
-import sys
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -40,7 +41,7 @@ from aiokafka import AIOKafkaProducer
 from aiokafka.admin import AIOKafkaAdminClient
 from nats.js.errors import NotFoundError
 
-from consumer import Settings
+from consumer import Settings, backend_for
 from consumer.core import DeadLetterFilter, DeadLetterRecord
 from consumer.kafka import list_dead_letters
 from consumer.nats import (
@@ -54,98 +55,32 @@ from producer import NatsSettings, RoutingSettings
 from producer.nats import ensure_nats_stream
 from schemas import Job
 from tests.apps.recorder import RecordJob, app
-from tests.conftest import KAFKA_BOOTSTRAP, NATS_URL, REDIS_URL, unique_name
+from tests.buses import Bus, cli_dlq, memory_bus, nats_name, process_workers
+from tests.conftest import KAFKA_BOOTSTRAP, NATS_URL, unique_name
 from tests.support import (
-    ROOT,
     caught_up,
     nats_env,
     publish_nats,
     publish_raw,
     read_sink,
     running_worker,
-    start_ready_workers,
-    start_worker,
-    stop_worker,
     wait_until,
-    worker_env,
 )
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
-FAST_RETRIES = {"max_attempts": 3, "initial_delay_s": 0.5, "multiplier": 2.0, "jitter": 0.0}
 ACK_WAIT_S = 3  # NATS: how soon a killed worker's messages come back
-
-
-@dataclass
-class Bus:
-    """One transport, one test: a fresh destination for `test.record` and a fresh group."""
-
-    transport: str
-    destination: str  # Kafka topic / NATS subject of test.record
-    group: str
-    first_offset: int  # of a fresh destination: Kafka 0, JetStream stream sequence 1
-    publish: Callable[..., Awaitable[list[str]]]
-    publish_record: Callable[[dict[str, str], bytes], Awaitable[None]]
-    dead_letters: Callable[[], Awaitable[list[DeadLetterRecord]]]
-    settled: Callable[[], Awaitable[bool]]
-    env_extra: dict[str, str]
-    settings_extra: dict[str, Any]
-    store: dict[str, str] = field(default_factory=dict)
-
-    def env(self, sink: Path, **extra: str) -> dict[str, str]:
-        """Environment of a `jobstream worker` process for this bus."""
-        return worker_env(self.destination, self.group, sink, **self.env_extra, **extra)
-
-    def shared_store(self, lease_s: float) -> dict[str, str]:
-        """A store every worker of the group shares: Redis (Kafka), NATS KV (NATS)."""
-        namespace = f"t{uuid.uuid4().hex[:8]}"
-        self.store["namespace"] = namespace
-        env = {
-            "JOBSTREAM_IDEMPOTENCY__NAMESPACE": namespace,
-            "JOBSTREAM_IDEMPOTENCY__LEASE_S": str(lease_s),
-        }
-        if self.transport == "kafka":
-            return env | {
-                "JOBSTREAM_IDEMPOTENCY__BACKEND": "redis",
-                "JOBSTREAM_IDEMPOTENCY__URL": REDIS_URL,
-            }
-        return env | {"JOBSTREAM_IDEMPOTENCY__BACKEND": "nats-kv"}
-
-    def settings(self, *, worker: dict[str, Any] | None = None, **sections: Any) -> Settings:
-        """In-process worker settings: fast retries, this bus's destination and group."""
-        return Settings.model_validate(
-            {
-                "retry": {"tiers_s": [0.5, 2.0], "policy": FAST_RETRIES},
-                **self.settings_extra,
-                "worker": {"group": self.group, "commit_interval_s": 0.2, **(worker or {})},
-                **sections,
-            }
-        )
-
-    async def wait_for_dead_letters(self, count: int, timeout_s: float = 30) -> None:
-        deadline = time.monotonic() + timeout_s
-        while len(await self.dead_letters()) < count:
-            if time.monotonic() > deadline:
-                raise AssertionError(f"timed out waiting for {count} dead letters")
-            await asyncio.sleep(0.2)
-
-    async def wait_settled(self, timeout_s: float = 60) -> None:
-        deadline = time.monotonic() + timeout_s
-        while not await self.settled():
-            if time.monotonic() > deadline:
-                raise AssertionError("the group did not settle every job")
-            await asyncio.sleep(0.2)
-
 
 MakeBus = Callable[..., Awaitable[Bus]]
 
 
-@pytest.fixture(params=["kafka", "nats"])
+@pytest.fixture(params=["kafka", "nats", "memory"])
 async def make_bus(
     request: pytest.FixtureRequest, kafka_admin: AIOKafkaAdminClient, new_topic, group_id: str
 ) -> AsyncIterator[MakeBus]:
     """`await make_bus(partitions=..., key_partitions=...)`: a `Bus` on the transport of this
-    test run. Kafka topics get `partitions`; a NATS stream gets `key_partitions`."""
+    test run. Kafka and memory topics get `partitions`; a NATS stream gets
+    `key_partitions`."""
     cleanups: list[Callable[[], Awaitable[None]]] = []
 
     async def kafka(partitions: int = 3, key_partitions: int = 0) -> Bus:
@@ -175,6 +110,7 @@ async def make_bus(
 
         return Bus(
             "kafka",
+            backend_for("kafka").features,
             topic,
             group_id,
             0,
@@ -182,6 +118,8 @@ async def make_bus(
             publish_record,
             dead_letters,
             settled,
+            process_workers,
+            cli_dlq,
             # A killed member is noticed after the session timeout (6 s: the broker's least).
             env_extra={
                 "JOBSTREAM_RETRY__TIERS_S": "[0.5, 2.0]",
@@ -224,7 +162,7 @@ async def make_bus(
             return await publish_nats(subject, jobs, partitions=key_partitions, **kw)
 
         async def publish_record(headers: dict[str, str], body: bytes) -> None:
-            nats_headers = {_nats_name(k): v for k, v in headers.items()}
+            nats_headers = {nats_name(k): v for k, v in headers.items()}
             await js.publish(subject, body, headers=nats_headers)
 
         async def dead_letters() -> list[DeadLetterRecord]:
@@ -240,8 +178,10 @@ async def make_bus(
                     return False
             return True
 
+        jet = {"key_partitions": key_partitions, "ack_wait_s": ACK_WAIT_S}
         bus = Bus(
             "nats",
+            backend_for("nats").features,
             subject,
             group_id,
             1,
@@ -249,6 +189,8 @@ async def make_bus(
             publish_record,
             dead_letters,
             settled,
+            process_workers,
+            cli_dlq,
             env_extra=nats_env(
                 stream,
                 prefix,
@@ -259,22 +201,23 @@ async def make_bus(
                 "transport": "nats",
                 "nats": {"servers": [NATS_URL]},
                 "routing": {"stream": stream, "subject_prefix": f"{prefix}."},
-                "jetstream": {"key_partitions": key_partitions, "ack_wait_s": ACK_WAIT_S},
+                "jetstream": jet,
             },
         )
         return bus
 
-    yield kafka if request.param == "kafka" else jetstream
+    async def memory(partitions: int = 3, key_partitions: int = 0) -> Bus:
+        bus, state = memory_bus(unique_name(request, "m"), group_id, partitions)
+        cleanups.append(state.close)
+        return bus
+
+    yield {"kafka": kafka, "nats": jetstream, "memory": memory}[request.param]
     for cleanup in cleanups:
         await cleanup()
 
 
 def _kafka_name(name: str) -> str:
     return "ce_" + name[3:] if name.startswith("ce-") else name
-
-
-def _nats_name(name: str) -> str:
-    return "ce-" + name[3:] if name.startswith("ce_") else name
 
 
 # -- G1: effectively once ------------------------------------------------------------------
@@ -288,7 +231,7 @@ async def test_three_workers_and_a_sigkill_complete_every_job_once(
     jobs = [(f"k{i % 50}", RecordJob(seq=i, key=f"k{i % 50}", sleep_ms=5)) for i in range(3000)]
     sink = tmp_path / "sink"
     env = bus.env(sink, **bus.shared_store(lease_s=3), JOBSTREAM_WORKER__MAX_IN_FLIGHT="16")
-    workers = await start_ready_workers(env, tmp_path, 3)
+    workers = await bus.start_workers(env, tmp_path, 3)
     ids = await bus.publish(jobs)
     try:
 
@@ -298,17 +241,16 @@ async def test_three_workers_and_a_sigkill_complete_every_job_once(
 
         await wait_until(all_busy, 120, "all workers busy")
         victim = workers[0]
-        victim.send_signal(signal.SIGKILL)
-        victim.wait(10)
+        await victim.kill()
         done_by_victim = {line.job_id for line in read_sink(sink) if line.pid == victim.pid}
         await wait_until(
             lambda: {line.job_id for line in read_sink(sink)} >= set(ids), 120, "every job done"
         )
-        # What the victim held unsettled comes back to the survivors (Kafka: its partitions
-        # are reassigned; NATS: the ack wait runs out), and is settled by them.
+        # What the victim held unsettled comes back to the survivors (Kafka and memory: its
+        # partitions are reassigned; NATS: the ack wait runs out), and is settled by them.
         await bus.wait_settled()
     finally:
-        codes = [stop_worker(w) for w in workers[1:]]
+        codes = [await w.stop() for w in workers[1:]]
     assert codes == [0, 0]
     counts = collections.Counter(line.job_id for line in read_sink(sink))
     assert set(counts) == set(ids)
@@ -412,25 +354,6 @@ async def test_failures_are_dead_lettered_with_their_reasons(
     await bus.wait_settled()
 
 
-def _cli_output(*args: str, env: dict[str, str]) -> str:
-    result = subprocess.run(
-        [sys.executable, "-m", "jobstream", *args],
-        env=env,
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
-    )
-    assert result.returncode == 0, result.stderr
-    return result.stdout
-
-
-def _cli(*args: str, env: dict[str, str]) -> list[dict[str, str]]:
-    """A command that prints one JSON object per line."""
-    return [json.loads(line) for line in _cli_output(*args, env=env).splitlines()]
-
-
 async def test_dead_letters_are_listed_shown_and_replayed_once(
     make_bus: MakeBus, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, new_topic
 ) -> None:
@@ -453,22 +376,22 @@ async def test_dead_letters_are_listed_shown_and_replayed_once(
     monkeypatch.delenv("JOBSTREAM_TEST_BROKEN")  # the fix is deployed
     env.pop("JOBSTREAM_TEST_BROKEN", None)
     try:
-        listed = _cli("dlq", "list", "--json", env=env)
+        listed = await bus.dlq_json(env, "list", "--json")
         assert sorted(entry["job_id"] for entry in listed) == sorted(ids)
         assert {entry["reason"] for entry in listed} == {"dead-letter-requested"}
-        shown = json.loads(_cli_output("dlq", "show", ids[0], env=env))
+        shown = json.loads(await bus.dlq(env, "show", ids[0]))
         assert shown["job_id"] == ids[0] and shown["group"] == bus.group
         assert "broken deployment" in shown["traceback"]
-        dry = _cli("dlq", "replay", "--type", "test.record", "--dry-run", env=env)
+        dry = await bus.dlq_json(env, "replay", "--type", "test.record", "--dry-run")
         assert {entry["status"] for entry in dry} == {"would-replay"}
-        first = _cli("dlq", "replay", "--type", "test.record", env=env)
+        first = await bus.dlq_json(env, "replay", "--type", "test.record")
         assert [entry["status"] for entry in first] == ["replayed"] * 5
         assert {entry["to"] for entry in first} == {bus.destination}
         async with running_worker(app, settings):
             await wait_until(lambda: len(read_sink(sink)) == 5, 30, "5 replayed jobs done")
         assert sorted(x.job_id for x in read_sink(sink)) == sorted(ids)
         assert {x.attempt for x in read_sink(sink)} == {1}, "a replay starts at attempt 1"
-        second = _cli("dlq", "replay", "--type", "test.record", env=env)
+        second = await bus.dlq_json(env, "replay", "--type", "test.record")
         assert [entry["status"] for entry in second] == ["already-replayed"] * 5
         await bus.wait_settled()
     finally:
@@ -492,20 +415,20 @@ async def test_sigterm_drains_and_the_cut_off_job_is_redelivered(
     ids = await bus.publish(jobs)
     sink = tmp_path / "sink"
     env = bus.env(sink, JOBSTREAM_WORKER__DRAIN_TIMEOUT_S="4", JOBSTREAM_WORKER__ORDERING="none")
-    first = start_worker(env, tmp_path / "w1.log")
+    [first] = await bus.start_workers(env, tmp_path, 1)
     await wait_until(lambda: len(read_sink(sink, "start")) == 4, 60, "4 jobs started")
     signalled = time.monotonic()
-    assert stop_worker(first) == 0
+    assert await first.stop() == 0
     assert time.monotonic() - signalled < 4 + 3, "exited within the drain timeout"
     assert sorted(line.seq for line in read_sink(sink)) == [0, 1, 2], "in-flight jobs finished"
     assert not await bus.settled(), "the cut-off job was not settled"
 
-    second = start_worker(env, tmp_path / "w2.log")
+    [second] = await bus.start_workers(env, tmp_path, 1)
     try:
         await wait_until(lambda: len(read_sink(sink)) == 4, 60, "the cut-off job completed")
         await bus.wait_settled()
     finally:
-        assert stop_worker(second) == 0
+        assert await second.stop() == 0
     last = read_sink(sink)[-1]
     assert (last.job_id, last.pid) == (ids[3], second.pid)
 
@@ -525,13 +448,19 @@ async def test_a_backlog_larger_than_memory_allows_keeps_the_worker_flat(
     make_bus: MakeBus, tmp_path: Path
 ) -> None:
     bus = await make_bus(partitions=4)
+    if not bus.features.separate_processes:
+        pytest.skip(
+            "memory: the broker holds the backlog in the test's own process, so RSS would "
+            "measure the broker; the in-flight bound is proven by the memory backend's tests"
+        )
     payload = "x" * 2000
     count = 40_000  # ~90 MB of records: buffering them would show at once
     await bus.publish(
         [(f"k{i % 1000}", RecordJob(seq=i, key=payload, sleep_ms=20)) for i in range(count)]
     )
     sink = tmp_path / "sink"
-    worker = start_worker(bus.env(sink, JOBSTREAM_WORKER__MAX_IN_FLIGHT="32"), tmp_path / "w.log")
+    env = bus.env(sink, JOBSTREAM_WORKER__MAX_IN_FLIGHT="32")
+    [worker] = await bus.start_workers(env, tmp_path, 1)
     try:
         await wait_until(lambda: len(read_sink(sink)) >= 500, 60, "the worker to get going")
         samples = []
@@ -540,7 +469,7 @@ async def test_a_backlog_larger_than_memory_allows_keeps_the_worker_flat(
             await asyncio.sleep(0.5)  # sampling period
         processed = len(read_sink(sink))
     finally:
-        assert stop_worker(worker) == 0
+        assert await worker.stop() == 0
     growth_mb = (max(samples) - samples[0]) / 1024
     assert growth_mb < 20, f"RSS grew {growth_mb:.1f} MB: {samples}"
     assert 500 <= processed < count
@@ -553,19 +482,19 @@ async def test_a_backlog_larger_than_memory_allows_keeps_the_worker_flat(
 async def test_three_workers_keep_each_keys_publish_order(
     make_bus: MakeBus, tmp_path: Path
 ) -> None:
-    # Kafka promises key order with key mode on any partition count; NATS with key
-    # partitions (docs/nats.md).
+    # Kafka and memory promise key order with key mode on any partition count; NATS with
+    # key partitions (docs/nats.md).
     bus = await make_bus(partitions=6, key_partitions=8)
     keys = [f"key-{k}" for k in range(100)]
     jobs = [(keys[i % 100], RecordJob(seq=i, key=keys[i % 100], sleep_ms=2)) for i in range(2000)]
     sink = tmp_path / "sink"
     env = bus.env(sink, JOBSTREAM_WORKER__ORDERING="key", JOBSTREAM_WORKER__MAX_IN_FLIGHT="64")
-    workers = await start_ready_workers(env, tmp_path, 3)
+    workers = await bus.start_workers(env, tmp_path, 3)
     ids = await bus.publish(jobs)
     try:
         await wait_until(lambda: len(read_sink(sink)) >= 2000, 120, "2,000 completed jobs")
     finally:
-        codes = [stop_worker(w) for w in workers]
+        codes = [await w.stop() for w in workers]
     assert codes == [0, 0, 0]
     done = read_sink(sink)
     assert collections.Counter(line.job_id for line in done) == collections.Counter(ids)

@@ -6,15 +6,16 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import uuid
 from typing import Any
 
 import pytest
 
-from consumer import App, DeadLetter, JobContext, Retry, WorkerError, backend_for
+from consumer import App, DeadLetter, JobContext, Retry, WorkerError, backend_for, open_worker
 from consumer.core import DeadLetterFilter, Outcome, Settings
 from consumer.memory import BACKEND, MemoryBackend, Settlement, TestApp
-from producer import PublishRequest
-from producer.memory import MemoryBroker
+from producer import JobProducer, ProducerSettings, PublishRequest
+from producer.memory import BROKER, MemoryBroker
 from schemas import Job
 
 TOPIC = "jobs.test.memory.step"
@@ -236,3 +237,44 @@ async def test_a_worker_that_cannot_start_fails_the_harness_with_its_error() -> 
 
 def test_pytest_does_not_collect_the_harness() -> None:
     assert TestApp.__test__ is False
+
+
+async def test_a_producer_and_a_worker_on_transport_memory_share_the_process_broker() -> None:
+    """`transport = "memory"` picks one broker for the producer and the worker backend,
+    so a job published with `JobProducer` is consumed by `open_worker` in the same process."""
+
+    class Ping(Job, type="test.memory.shared", version=1, register=False):
+        n: int
+
+    seen: list[int] = []
+    shared = App("shared")
+
+    @shared.handler(Ping)
+    async def handle(job: Ping, ctx: JobContext) -> None:
+        seen.append(job.n)
+
+    topic = f"shared-{uuid.uuid4().hex[:8]}"
+    routing = {"routes": {"test.memory.shared": topic}}
+    settings = Settings.model_validate(
+        {
+            "transport": "memory",
+            "create_missing": True,
+            "routing": routing,
+            "worker": {"group": topic, "commit_interval_s": 0.02},
+        }
+    )
+    assert BACKEND.broker is BROKER
+    async with JobProducer(
+        ProducerSettings.model_validate(
+            {"transport": "memory", "create_missing": True, "routing": routing}
+        ),
+        registry=shared.registry,
+    ) as producer:
+        receipts = [await producer.publish(Ping(n=n)) for n in range(5)]
+    assert {r.destination for r in receipts} == {topic}
+    async with open_worker(shared, settings) as worker:
+        task = asyncio.create_task(worker.run())
+        assert await BROKER.wait_until(lambda: len(seen) == 5, 10)
+        worker.stop()
+        await task
+    assert sorted(seen) == [0, 1, 2, 3, 4]

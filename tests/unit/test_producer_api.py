@@ -70,6 +70,7 @@ BACKENDS = {
         "stream_subjects",
     },
     "producer.memory": {
+        "BROKER",
         "CommitFailed",
         "MemoryBroker",
         "MemoryFaults",

@@ -128,6 +128,47 @@ async def test_an_operation_may_be_a_lambda_returning_an_awaitable(no_waits: Non
     assert len(operation.calls) == 3
 
 
+async def test_a_first_attempt_that_succeeds_is_a_plain_call(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The per-job path (an idempotency claim) pays nothing for `retry` when all is well:
+    one call, and no retry machinery is built."""
+    import tenacity
+
+    def no_machinery(*args: Any, **kwargs: Any) -> Any:
+        raise AssertionError("tenacity was used for an attempt that succeeded")
+
+    monkeypatch.setattr(tenacity, "AsyncRetrying", no_machinery)
+    calls = 0
+
+    async def claim() -> str:
+        nonlocal calls
+        calls += 1
+        return "claimed"
+
+    backoff = Backoff(initial_s=1.0, max_s=1.0)
+    assert await retry(claim, on=Exception, backoff=backoff) == "claimed"
+    assert await retry(claim, until=lambda r: r == "claimed", backoff=backoff) == "claimed"
+    assert calls == 2
+
+
+async def test_a_failed_first_attempt_is_not_called_twice(no_waits: None) -> None:
+    outcomes: list[Exception | str] = [OSError("down"), OSError("still down"), "up"]
+    calls: list[int] = []
+    waits: list[float] = []
+
+    async def connect() -> str:
+        calls.append(len(calls) + 1)
+        outcome = outcomes.pop(0)
+        if isinstance(outcome, Exception):
+            raise outcome
+        return outcome
+
+    backoff = Backoff(initial_s=0.5, max_s=4.0)
+    found = await retry(connect, on=OSError, backoff=backoff, on_retry=lambda e, w: waits.append(w))
+    assert (found, calls, waits) == ("up", [1, 2, 3], [0.5, 1.0])
+
+
 async def test_other_errors_propagate_at_once() -> None:
     operation = Flaky(5, ValueError("bad"))
     with pytest.raises(ValueError, match="bad"):
