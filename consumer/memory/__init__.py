@@ -9,10 +9,10 @@ client; selected by `consumer/_backends.py` for `transport = "memory"`. See docs
 from consumer.memory._backend import MemoryBackend
 from consumer.memory._source import MemorySource
 from consumer.memory._testing import Settlement, TestApp
-from producer.memory import BROKER
+from producer import memory as _memory
 
 __all__ = ["BACKEND", "MemoryBackend", "MemorySource", "Settlement", "TestApp"]
 
-BACKEND = MemoryBackend(BROKER)
+BACKEND = MemoryBackend(_memory.BROKER)
 """The backend `transport = "memory"` selects, on the process's broker
 (`producer.memory.BROKER`, which `JobProducer` with `transport = "memory"` uses too)."""

@@ -91,13 +91,15 @@ class TestApp:
         telemetry: Telemetry | None = None,
         start_timeout_s: float = 5.0,
     ) -> None:
-        """`settings` default to `Settings()`; worker timings they leave unset become a
+        """`settings` default to the documented defaults, without reading `JOBSTREAM_*`
+        variables or a config file, so a test does not depend on the environment it runs in
+        (pass `Settings()` to read them); worker timings they leave unset become a
         20 ms commit interval and 5 s drain, revoke and broker-wait timeouts, and the
         transport is always `memory`. `broker`: share one (default: a new one).
         `telemetry`: default what the application configured globally.
         `start_timeout_s`: how long entering (and `add_worker`) waits for the group to
         assign every partition."""
-        settings = _for_tests(settings if settings is not None else Settings())
+        settings = _for_tests(settings if settings is not None else Settings.model_construct())
         self.app = app
         self.settings = settings
         self.broker = broker if broker is not None else MemoryBroker()
@@ -240,11 +242,18 @@ class TestApp:
         `TimeoutError` naming the partitions (and jobs) still pending after `timeout_s`."""
 
         def done() -> bool:
-            return any(_failed(m.task) for m in self._members) or not self._behind()
+            stuck = not any(not m.task.done() for m in self._members)
+            return stuck or any(_failed(m.task) for m in self._members) or not self._behind()
 
         if not await self.broker.wait_until(done, timeout_s):
             raise TimeoutError(self._pending(timeout_s))
         self._raise_faults()
+        if self._behind():  # every worker stopped or crashed: nothing will settle the rest
+            msg = (
+                "drain: every worker has stopped or crashed, so nothing settles the rest; "
+                f"start one with add_worker(); pending: {self._pending_records()}"
+            )
+            raise RuntimeError(msg)
 
     def settlements(self, job_id: str | None = None) -> list[Settlement]:
         """What the workers settled, in order: of `job_id`, or of every job."""
@@ -292,7 +301,15 @@ class TestApp:
         return behind
 
     def _pending(self, timeout_s: float) -> str:
-        group, broker = self.settings.worker.group, self.broker
+        group = self.settings.worker.group
+        members = len(self.broker.groups.members(group))
+        return (
+            f"drain: not settled after {timeout_s:g}s ({members} live workers in group "
+            f"{group!r}); pending: {self._pending_records()}"
+        )
+
+    def _pending_records(self) -> str:
+        broker = self.broker
         lines = []
         for topic, partition, committed, end in self._behind()[:10]:
             headers = dict(broker.read(topic, partition, committed, 1)[0].headers)
@@ -300,11 +317,7 @@ class TestApp:
             due = headers.get("ce_jobnotbefore")
             when = f", not before {due.decode()}" if due else ""
             lines.append(f"{topic}[{partition}] committed {committed} of {end} (job {job}{when})")
-        members = len(broker.groups.members(group))
-        return (
-            f"drain: not settled after {timeout_s:g}s ({members} live workers in group "
-            f"{group!r}); pending: {'; '.join(lines)}"
-        )
+        return "; ".join(lines)
 
 
 def _failed(task: asyncio.Task[None]) -> bool:

@@ -23,6 +23,7 @@ they wake `broker.wait_until` callers, so a test can wait for them.
 from __future__ import annotations
 
 import asyncio
+import collections
 from collections.abc import Callable
 from typing import Any
 
@@ -81,7 +82,7 @@ class MemoryFaults:
     def __init__(self, groups: ConsumerGroups, notify: Callable[[], None]) -> None:
         self._groups = groups
         self._notify = notify
-        self._append_failures: list[PublishError] = []
+        self._append_failures: collections.deque[tuple[PublishError, int]] = collections.deque()
         self._record_limit: int | None = None
         self._connected = True
         self._ack_delay_s = 0.0
@@ -99,7 +100,8 @@ class MemoryFaults:
     def fail_appends(self, count: int = 1, error: PublishError | None = None) -> None:
         """Refuse the next `count` appends with `error` (default: `BrokerUnavailable`)."""
         failure = error or BrokerUnavailable("memory", _ADDRESS, "fault: fail_appends")
-        self._append_failures.extend([failure] * count)
+        if count > 0:
+            self._append_failures.append((failure, count))
 
     def limit_record_bytes(self, limit: int | None) -> None:
         """Refuse records over `limit` bytes with `RecordTooLarge` (None: no limit)."""
@@ -147,7 +149,11 @@ class MemoryFaults:
         if not self._connected:
             failure = BrokerUnavailable("memory", _ADDRESS, "fault: connection dropped")
         elif self._append_failures:
-            failure = self._append_failures.pop(0)
+            failure, left = self._append_failures[0]
+            if left > 1:
+                self._append_failures[0] = (failure, left - 1)
+            else:
+                self._append_failures.popleft()
         elif self._record_limit is not None and size > self._record_limit:
             failure = RecordTooLarge(topic, size, self._record_limit)
         if failure is not None:

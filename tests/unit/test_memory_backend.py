@@ -278,3 +278,29 @@ async def test_a_producer_and_a_worker_on_transport_memory_share_the_process_bro
         worker.stop()
         await task
     assert sorted(seen) == [0, 1, 2, 3, 4]
+
+
+async def test_the_default_settings_of_the_harness_ignore_the_environment(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A test's outcome must not depend on the shell it runs in: with no `settings`, the
+    harness reads no `JOBSTREAM_*` variable (a 30 s commit interval would stall drain)."""
+    monkeypatch.setenv("JOBSTREAM_WORKER__COMMIT_INTERVAL_S", "30")
+    monkeypatch.setenv("JOBSTREAM_WORKER__ORDERING", "none")
+    recorder = Recorder()
+    async with TestApp(recorder.app) as t:
+        assert (t.settings.worker.commit_interval_s, t.settings.worker.ordering) == (0.02, "key")
+        receipt = await t.publish(Step(key="k", seq=1), key="k")
+        await t.drain(timeout_s=2)
+    assert t.outcome(receipt.job_id) is Outcome.COMPLETED
+
+
+async def test_drain_with_every_worker_gone_fails_at_once_and_says_why() -> None:
+    recorder = Recorder()
+    async with TestApp(recorder.app, fast()) as t:
+        await t.stop_worker(0)
+        await t.publish(Step(key="k", seq=1), key="k")
+        started = asyncio.get_running_loop().time()
+        with pytest.raises(RuntimeError, match=r"every worker has stopped.*committed 0 of 1"):
+            await t.drain(timeout_s=30)
+        assert asyncio.get_running_loop().time() - started < 1

@@ -294,3 +294,17 @@ async def test_a_crashed_worker_loses_nothing_and_only_its_running_jobs_run_agai
     assert victim.job_id in ran_again, "cut off by the crash, run again by the new owner"
     assert ran_again <= running, "only jobs running at the crash run again"
     assert in_key_order(runs.order)
+
+
+async def test_fail_appends_of_a_huge_count_costs_nothing_up_front() -> None:
+    broker = MemoryBroker()
+    broker.create_topic("t")
+    started = time.perf_counter()
+    broker.faults.fail_appends(10**12)
+    assert time.perf_counter() - started < 0.01
+    for _ in range(3):
+        with pytest.raises(BrokerUnavailable):
+            await broker.append("t", None, [], b"x")
+    broker.faults.reset()
+    record = await broker.append("t", None, [], b"x")
+    assert (record.offset, broker.faults.failed_appends) == (0, 3)

@@ -16,7 +16,7 @@ from producer import (
     RoutingSettings,
 )
 from producer._settings import Transport
-from producer.memory import MemoryBroker, MemoryPublisher
+from producer.memory import BROKER, MemoryBroker, MemoryPublisher
 from schemas import InvalidPayload, JobMessage, UnknownJobType, from_kafka
 from schemas.examples import GenerateReport, ResizeImage, SendWelcomeEmail
 
@@ -157,12 +157,14 @@ async def test_publishing_before_start_says_how_to_start() -> None:
         await producer.publish_many([WELCOME])
 
 
-async def test_transport_memory_builds_a_private_broker() -> None:
+async def test_transport_memory_publishes_to_the_process_broker() -> None:
     async with JobProducer(settings(create_missing=True)) as producer:
         receipt = await producer.publish(REPORT)
     assert receipt.transport == "memory"
     assert isinstance(producer.publisher, MemoryPublisher)
-    assert producer.publisher.broker.topics() == ["jobs.report.generate"]
+    assert producer.publisher.broker is BROKER  # the one consumer.memory.BACKEND reads
+    record = BROKER.read("jobs.report.generate", receipt.partition or 0, receipt.offset, 1)[0]
+    assert dict(record.headers)["ce_id"].decode() == receipt.job_id
 
 
 async def test_a_custom_publisher_only_needs_the_protocol() -> None:
