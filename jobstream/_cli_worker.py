@@ -1,9 +1,18 @@
-"""`jobstream worker MODULE:APP`: run a worker for an app's handlers."""
+"""`jobstream worker MODULE:APP`: run a worker for an app's handlers.
+
+When the worker stopped with abandoned runs still going (a handler that ignored its
+cancellation, a thread blocked in a handler; see `Worker.abandoned`), the process exits 0
+with `os._exit` once the worker has committed, left its group and flushed its telemetry
+and logs: neither `asyncio.run`'s final cancellation of the remaining tasks nor the
+interpreter's join of the pool threads would ever return. See docs/worker.md#shutdown.
+"""
 
 from __future__ import annotations
 
 import asyncio
 import importlib
+import logging
+import os
 import sys
 from typing import Annotated
 
@@ -69,9 +78,19 @@ def register(cli: typer.Typer) -> None:
         app = load_app(target)
         configure_logging(settings.logging)
         try:
-            asyncio.run(run_worker(app, settings))
+            asyncio.run(_work(app, settings))
         except WorkerError as error:
             raise fail(str(error)) from None
         except (JobstreamError, NotImplementedError, OSError) as error:
             raise fail(f"{error}") from None
         sys.stdout.flush()
+
+
+async def _work(app: App, settings: Settings) -> None:
+    worker = await run_worker(app, settings)
+    if worker.abandoned:
+        # Everything settled is committed and the group left; what still runs is not ours.
+        logging.shutdown()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(0)

@@ -5,7 +5,14 @@ is a package of its own, imported only when `transport` names it (`producer._bac
 `producer.kafka`, `producer.nats`, `producer.memory`. See docs/producer.md.
 """
 
-from producer._errors import BrokerUnavailable, DestinationMissing, PublishError, PublishTimeout
+from producer._errors import (
+    BrokerBusy,
+    BrokerUnavailable,
+    DestinationMissing,
+    PublishError,
+    PublishTimeout,
+    RecordTooLarge,
+)
 from producer._producer import JobProducer, PublishRequest
 from producer._provision import DestinationHook, plan_destinations
 from producer._publisher import Publisher, Receipt
@@ -22,6 +29,7 @@ from producer._settings import (
 __all__ = [
     "CONFIG_FILE_ENV",
     "ENV_PREFIX",
+    "BrokerBusy",
     "BrokerUnavailable",
     "DestinationHook",
     "DestinationMissing",
@@ -34,6 +42,7 @@ __all__ = [
     "PublishTimeout",
     "Publisher",
     "Receipt",
+    "RecordTooLarge",
     "RoutingSettings",
     "Transport",
     "plan_destinations",

@@ -3,9 +3,17 @@
     JobstreamError (schemas)            root of every error jobstream raises
      └── PublishError                   publish-error: the broker refused or failed a publish
           ├── BrokerUnavailable         broker-unavailable (retriable): cannot reach the broker
+          ├── BrokerBusy                broker-busy (retriable): the broker cannot take the
+          │                              record right now (leader election, throttling)
           ├── PublishTimeout            publish-timeout (retriable): no acknowledgement in time
+          ├── RecordTooLarge            record-too-large: over the broker's size limit
           └── DestinationMissing        destination-missing: the topic or stream does not
                                          exist; run `jobstream topics ensure`
+
+`retriable` is the classification the worker acts on: a retriable (transient) error is
+retried with backoff, any other (permanent) error changes course (a retry record that is
+refused dead-letters the job; a dead letter that is too large is stored reduced; see
+docs/failure-handling.md). A plain `PublishError` is permanent.
 
 A payload that fails validation raises `schemas.InvalidPayload` before anything is sent.
 
@@ -21,7 +29,14 @@ from typing import Any
 
 from schemas import JobstreamError
 
-__all__ = ["BrokerUnavailable", "DestinationMissing", "PublishError", "PublishTimeout"]
+__all__ = [
+    "BrokerBusy",
+    "BrokerUnavailable",
+    "DestinationMissing",
+    "PublishError",
+    "PublishTimeout",
+    "RecordTooLarge",
+]
 
 
 class PublishError(JobstreamError):
@@ -55,6 +70,45 @@ class BrokerUnavailable(PublishError):
 
     def __reduce__(self) -> tuple[Any, ...]:
         return (type(self), (self.transport, self.address, self.detail))
+
+
+class BrokerBusy(PublishError):
+    """The broker is reachable but cannot take the record right now (a retriable broker
+    error: no leader for the partition, throttling, JetStream temporarily unavailable)."""
+
+    retriable = True
+    reason = "broker-busy"
+
+    def __init__(self, transport: str, destination: str, detail: str) -> None:
+        self.transport = transport
+        self.destination = destination
+        self.detail = detail
+        super().__init__(
+            f"{transport} could not take the publish to {destination!r} right now ({detail}); "
+            "it is retried with backoff; if it persists, check the broker's health"
+        )
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (type(self), (self.transport, self.destination, self.detail))
+
+
+class RecordTooLarge(PublishError):
+    """The broker refuses the record for its size (Kafka `MessageSizeTooLargeError`,
+    NATS max payload or a stream's max message size). Retrying cannot help."""
+
+    reason = "record-too-large"
+
+    def __init__(self, transport: str, destination: str, detail: str) -> None:
+        self.transport = transport
+        self.destination = destination
+        self.detail = detail
+        super().__init__(
+            f"{transport}: the record to {destination!r} is over the broker's size limit "
+            f"({detail}); keep jobs small (pass large data by reference) or raise the limit"
+        )
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (type(self), (self.transport, self.destination, self.detail))
 
 
 class PublishTimeout(PublishError):

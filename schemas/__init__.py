@@ -17,7 +17,7 @@ from schemas._errors import (
 )
 from schemas._export import export_json_schemas
 from schemas._job import Job
-from schemas._kafka import from_kafka, to_kafka
+from schemas._kafka import foreign_headers, from_kafka, to_kafka
 from schemas._nats import from_nats, to_nats
 from schemas._registry import JobRegistry, default_registry
 
@@ -39,6 +39,7 @@ __all__ = [
     "default_registry",
     "encode",
     "export_json_schemas",
+    "foreign_headers",
     "from_kafka",
     "from_nats",
     "header_bytes",

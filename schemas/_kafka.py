@@ -15,9 +15,11 @@ from schemas._attributes import (
     parse,
     text,
 )
-from schemas.names import KAFKA_CONTENT_TYPE, KAFKA_PREFIX
+from schemas.names import KAFKA_CONTENT_TYPE, KAFKA_PREFIX, TRACEPARENT, TRACESTATE
 
-__all__ = ["from_kafka", "kafka_size", "to_kafka", "to_kafka_unchecked"]
+__all__ = ["foreign_headers", "from_kafka", "kafka_size", "to_kafka", "to_kafka_unchecked"]
+
+_BINDING_HEADERS = frozenset({KAFKA_CONTENT_TYPE, TRACEPARENT, TRACESTATE})
 
 
 def to_kafka(attrs: JobAttributes) -> tuple[bytes | None, list[tuple[str, bytes]]]:
@@ -44,3 +46,15 @@ def to_kafka_unchecked(attrs: JobAttributes) -> tuple[bytes | None, list[tuple[s
 
 def kafka_size(key: bytes | None, headers: Iterable[tuple[str, bytes]]) -> int:
     return len(key or b"") + sum(len(n.encode()) + len(v) for n, v in headers)
+
+
+def foreign_headers(
+    headers: Iterable[tuple[str, bytes | None]],
+) -> list[tuple[str, bytes | None]]:
+    """The headers this binding does not own (neither `ce_*`, `content-type` nor the W3C
+    trace context), e.g. `x-tenant`, in order: what a re-encoded record carries over."""
+    return [
+        (name, value)
+        for name, value in headers
+        if not name.lower().startswith(KAFKA_PREFIX) and name.lower() not in _BINDING_HEADERS
+    ]

@@ -70,6 +70,21 @@ FAILURE_EXTENSIONS = (
     FIRST_FAILURE,
     LAST_FAILURE,
 )
+# A dead letter that could not be stored whole is stored reduced (docs/failure-handling.md):
+REDUCED = "jobreduced"  # what was replaced: `body`, or `body,headers`
+REDUCED_WHY = "jobreducedwhy"  # the broker's refusal of the whole record
+BODY_BYTES = "jobbodybytes"  # the size of the replaced body
+BODY_SHA256 = "jobbodysha256"  # its sha256, hex
+HEADERS_BYTES = "jobheadersbytes"  # the size of the replaced headers (names and values)
+HEADERS_SHA256 = "jobheaderssha256"  # sha256 of each `name NUL value NUL`, in order, hex
+REDUCTION_EXTENSIONS = (
+    REDUCED,
+    REDUCED_WHY,
+    BODY_BYTES,
+    BODY_SHA256,
+    HEADERS_BYTES,
+    HEADERS_SHA256,
+)
 REPLAY_OF = "jobreplayof"
 """On a replayed job: the id of the dead letter it was replayed from."""
 PREVIOUS_ATTEMPT = "jobprevattempt"

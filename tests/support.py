@@ -163,12 +163,13 @@ def http_status(port: int, path: str) -> int:
 
 
 async def start_ready_workers(
-    env: dict[str, str], logs: Path, count: int
+    env: dict[str, str], logs: Path, count: int, app: str = "tests.apps.recorder:app"
 ) -> list[subprocess.Popen[bytes]]:
-    """Start `count` workers and wait until every one has joined the group (/readyz)."""
+    """Start `count` workers of `app` and wait until every one has joined the group
+    (/readyz)."""
     ports = [free_port() for _ in range(count)]
     workers = [
-        start_worker({**env, "JOBSTREAM_HEALTH__PORT": str(port)}, logs / f"worker-{i}.log")
+        start_worker({**env, "JOBSTREAM_HEALTH__PORT": str(port)}, logs / f"worker-{i}.log", app)
         for i, port in enumerate(ports)
     ]
     await wait_until(

@@ -20,7 +20,9 @@ from consumer.core._failures import (
     REASON,
     REPLAY_OF,
     SOURCE_TOPIC,
+    cut_text,
     decide,
+    error_text,
     failure_details,
     unescape,
     utc_now,
@@ -28,6 +30,7 @@ from consumer.core._failures import (
 from consumer.core._features import Features
 from consumer.core._outcome import Outcome
 from consumer.core._pipeline import Decision, FailureRouter, JobRun, Next, Step, compose
+from consumer.core._reduction import DEAD_LETTER_FORMS, reduced_dead_letter
 from consumer.core._settings import (
     IdempotencySettings,
     LoggingSettings,
@@ -39,6 +42,7 @@ from consumer.core._settings import (
 from consumer.core._source import Delivery, RevokeCallback, Source
 
 __all__ = [
+    "DEAD_LETTER_FORMS",
     "ERROR",
     "FAILURE_EXTENSIONS",
     "FIRST_FAILURE",
@@ -73,9 +77,12 @@ __all__ = [
     "Step",
     "WorkerError",
     "compose",
+    "cut_text",
     "decide",
+    "error_text",
     "failure_details",
     "main_destinations",
+    "reduced_dead_letter",
     "replay_headers",
     "unescape",
     "utc_now",

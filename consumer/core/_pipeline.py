@@ -7,8 +7,10 @@ sits outside failure routing so it records `retrying` / `dead_lettered`; cancell
 inside it so a cancelled job that raises is not retried. The status and cancellation steps
 are present when a status store is configured. Each step is a module of its own and sees
 the `JobRun`; it calls the next step and may act on the outcome or on the exception.
-Handler exceptions end in the failure step; `asyncio.CancelledError` (shutdown cut-off)
-passes through every step untouched, so a cut-off job is never settled.
+Handler exceptions end in the failure step; `asyncio.CancelledError` (a shutdown or revoke
+cut-off) passes through every step untouched. A cut-off is recorded on the run
+(`JobRun.cut_off`) before the run is cancelled, and a cut-off run is never settled,
+whatever its handler returned (`steps/_handler.py`, `runtime/_worker.py`).
 """
 
 from __future__ import annotations
@@ -38,6 +40,10 @@ class JobRun:
     error: BaseException | None = None
     failure_reason: str | None = None
     """Set by the failure step: the reason code of the last routing decision."""
+    cut_off: str | None = None
+    """Set by the worker when it cancels the run (drain timeout, revoke): the runtime's own
+    record that the run did not finish. Such a run is never settled, whatever the handler
+    returned."""
 
     @property
     def attributes(self) -> JobAttributes | None:

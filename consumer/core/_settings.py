@@ -37,7 +37,11 @@ class WorkerSettings(_Frozen):
     """On SIGTERM: how long in-flight jobs may run before they are cancelled (and not
     committed, so they are redelivered)."""
     revoke_timeout_s: float = Field(default=20.0, gt=0)
-    """On a rebalance: how long to wait for in-flight jobs of revoked partitions."""
+    """On a rebalance: how long to wait for in-flight jobs of revoked partitions before
+    they are cancelled (and not committed)."""
+    cancel_grace_s: float = Field(default=2.0, gt=0)
+    """After the runtime cancels a job (drain or revoke timeout, job timeout): how long its
+    handler may take to stop before the worker abandons it (reported, never settled)."""
     commit_interval_s: float = Field(default=1.0, gt=0)
     """Commit settled offsets at least this often."""
     commit_every: int = Field(default=500, ge=1)
@@ -105,8 +109,11 @@ class RetryPolicy(_Frozen):
 
     def delay_s(self, failed_attempt: int, draw: float) -> float:
         """The delay after attempt `failed_attempt` failed; `draw` is uniform in [0, 1)."""
-        base = min(self.max_delay_s, self.initial_delay_s * self.multiplier ** (failed_attempt - 1))
-        return base * (1 - self.jitter * draw)
+        try:
+            grown = self.initial_delay_s * self.multiplier ** (failed_attempt - 1)
+        except OverflowError:  # a large multiplier to a large attempt: past every cap
+            grown = self.max_delay_s
+        return min(self.max_delay_s, grown) * (1 - self.jitter * draw)
 
 
 class RetrySettings(_Frozen):
@@ -130,6 +137,11 @@ class RetrySettings(_Frozen):
     in_place: bool = False
     """Strict order: retry a failed job in its lane (with the policy's backoff) instead of
     through a tier topic, so later jobs of the same key wait for it."""
+    hand_off_timeout_s: float = Field(default=300.0, gt=0)
+    """How long a failed job's hand-off (its retry record or dead letter) is retried while
+    the broker is unavailable (a transient publish error), with backoff, the job unsettled.
+    Past it the worker stops with `WorkerError` (exit 1) so the orchestrator restarts it;
+    the job's record is delivered again, nothing is lost."""
 
     @model_validator(mode="after")
     def _tiers_ascending(self) -> Self:

@@ -33,8 +33,9 @@ class Delivery:
     body: bytes
     """The record value, untouched."""
     raw_key: bytes | None = None
-    raw_headers: list[tuple[str, bytes]] = field(default_factory=list)
-    """The record's headers as received, for the dead-letter copy."""
+    raw_headers: list[tuple[str, bytes | None]] = field(default_factory=list)
+    """The record's headers as received, for the dead-letter copy (untrusted: Kafka allows
+    a null value and repeated names)."""
     error: JobDecodeError | None = None
     """Why the attributes could not be parsed (the record goes to the dead-letter topic)."""
     handle: Any = None

@@ -291,7 +291,7 @@ class MemorySource:
 
 
 def _delivery(tp: TopicPartition, record: MemoryRecord, epoch: int) -> Delivery:
-    headers = list(record.headers)
+    headers: list[tuple[str, bytes | None]] = list(record.headers)
     try:
         attributes = from_kafka(record.key, headers)
         error: JobDecodeError | None = None

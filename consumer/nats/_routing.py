@@ -3,26 +3,39 @@
 - A retriable failure is handed back to JetStream with `nak(delay)`, the delay computed by
   the retry policy (never a bare `nak`: it redelivers at once and burns `max_deliver`).
   The nak is confirmed by the server before the job counts as settled; the next attempt is
-  the next delivery (`attempt` = delivery count).
+  the next delivery (`attempt` = delivery count). The message is the same, so its headers
+  (`x-tenant`, ...) travel with every attempt.
 - A non-retriable failure, or the last attempt, is published to the dead-letter stream
   (`<routing.stream>_DLQ`, subject `<dead_letter_prefix><subject>`) with the original
   headers and body plus the failure details as `ce-job*` headers, the same names and
   values as the `ce_job*` headers on Kafka (`consumer.core._failures`). Only after JetStream
-  stored it (PubAck) does the source `term` the original. The copy's `Nats-Msg-Id` is the
-  original's stream position, so a crash between the two does not store it twice within
-  the dead-letter stream's duplicate window.
+  stored it (PubAck) does the source `term` the original. The hand-off is bounded and a
+  dead letter refused for good is stored reduced (`consumer.runtime._hand_off`).
+- The copy's `Nats-Msg-Id` is `dlq:<stream>:<sequence>:<stored time>`: the original's
+  stream position and the time JetStream stored it, so a crash between publish and `term`
+  does not store it twice within the dead-letter stream's duplicate window, while a new
+  message at the same sequence (the job stream re-created) gets a new id. A PubAck that
+  says `duplicate` is not taken on trust: the message it points at must be this dead
+  letter (same id, job id and body); otherwise nothing was stored and the dead letter is
+  published again under a fresh id (`<id>:<random>`).
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import uuid
+from collections.abc import Iterator
+from typing import Any
 
+import nats.errors
 from opentelemetry.trace import Tracer
 
 from consumer.core import (
     FAILURE_EXTENSIONS,
     REASON,
     Decision,
+    Delivery,
     JobRun,
     Outcome,
     Settings,
@@ -30,9 +43,11 @@ from consumer.core import (
     utc_now,
 )
 from consumer.nats._source import NatsSource
-from consumer.runtime import until_acknowledged
-from consumer.telemetry import handing_off, retrace
+from consumer.runtime import store_dead_letter
+from consumer.telemetry import HandOff, handing_off, retrace
+from producer import BrokerUnavailable, Receipt
 from producer.nats import NatsPublisher
+from schemas.names import NATS_MSG_ID, NATS_PREFIX, REDUCTION_EXTENSIONS
 
 log = logging.getLogger("jobstream.routing")
 
@@ -64,35 +79,91 @@ class NatsFailureRouter:
             )
             return Outcome.RETRYING
         details = failure_details(run, error, decision, self._settings.worker.group, utc_now())
-        jet = self._settings.jetstream
-        subject = jet.dead_letter_subject(self._source.main_subject(delivery))
-        headers = {
-            name: value.decode()
+        subject = self._settings.jetstream.dead_letter_subject(self._source.main_subject(delivery))
+        headers = [
+            (name, value or b"")
             for name, value in delivery.raw_headers
             if name.lower() not in _REPLACED
-        }
+        ]
         attempt = attributes.attempt if attributes else delivery.delivery_count
-        headers["ce-jobattempt"] = str(attempt)
-        headers |= {f"ce-{name}": value for name, value in details.items()}
-        headers["Nats-Msg-Id"] = f"dlq:{self._settings.routing.stream}:{delivery.offset}"
-        if self._tracer is None:
-            await until_acknowledged(
-                lambda: self._publisher.send_raw(subject, headers, delivery.body)
+        headers.append((f"{NATS_PREFIX}jobattempt", str(attempt).encode()))
+        headers += [(f"{NATS_PREFIX}{name}", value.encode()) for name, value in details.items()]
+        headers.append((NATS_MSG_ID, _message_id(self._settings.routing.stream, delivery).encode()))
+        with self._handing_off(subject, run, details[REASON]) as hand_off:
+            if hand_off is not None:
+                # A retry is a `nak` of the same message (no new record to trace); the dead
+                # letter is a new record: its own span, linked to the origin and the attempt.
+                headers = retrace(headers, hand_off, NATS_PREFIX)
+
+            async def publish(pairs: list[tuple[str, bytes]], body: bytes) -> Receipt:
+                return await self._publish(subject, pairs, body)
+
+            _, form = await store_dead_letter(
+                publish,
+                headers,
+                delivery.body,
+                delivery.raw_headers,
+                prefix=NATS_PREFIX,
+                timeout_s=self._settings.retry.hand_off_timeout_s,
+                what=delivery.describe,
             )
-        else:
-            # A retry is a `nak` of the same message (no new record to trace); the dead
-            # letter is a new record: its own span, linked to the origin and the attempt.
-            with handing_off(
-                self._tracer, "nats", subject, attributes, details[REASON]
-            ) as hand_off:
-                pairs = retrace([(k, v.encode()) for k, v in headers.items()], hand_off, "ce-")
-                traced = {name: value.decode() for name, value in pairs}
-                await until_acknowledged(
-                    lambda: self._publisher.send_raw(subject, traced, delivery.body)
-                )
-        log.warning("dead-lettered %s to %s: %s", delivery.describe, subject, decision.reason)
+        log.warning(
+            "dead-lettered %s to %s: %s%s",
+            delivery.describe,
+            subject,
+            details[REASON],
+            "" if form == "whole" else f" (stored reduced: {form} replaced)",
+        )
         return Outcome.DEAD_LETTERED
+
+    async def _publish(self, subject: str, pairs: list[tuple[str, bytes]], body: bytes) -> Receipt:
+        headers = {name: value.decode("utf-8", "ignore") for name, value in pairs}
+        receipt = await self._publisher.send_raw(subject, headers, body)
+        if receipt.duplicate and not await self._stored(receipt, headers, body):
+            # JetStream dropped it as a repeat of another message: nothing was stored.
+            log.warning(
+                "the dead-letter stream took %s as a duplicate of another message; "
+                "publishing it again under a new id",
+                headers.get(NATS_MSG_ID),
+            )
+            headers[NATS_MSG_ID] = f"{headers.get(NATS_MSG_ID)}:{uuid.uuid4().hex}"
+            receipt = await self._publisher.send_raw(subject, headers, body)
+        return receipt
+
+    async def _stored(self, receipt: Receipt, headers: dict[str, str], body: bytes) -> bool:
+        """Whether the message a duplicate PubAck points at is this dead letter."""
+        js = self._publisher.client.jetstream()
+        try:
+            stored = await js.get_msg(receipt.destination, receipt.offset)
+        except nats.errors.Error as error:
+            if isinstance(error, nats.errors.TimeoutError | nats.errors.ConnectionClosedError):
+                servers = ", ".join(self._settings.nats.servers)
+                raise BrokerUnavailable("nats", servers, str(error)) from error
+            return False  # gone (deleted, purged): not stored
+        found: dict[str, Any] = stored.headers or {}
+        same = (NATS_MSG_ID, f"{NATS_PREFIX}id")
+        return stored.data == body and all(found.get(h) == headers.get(h) for h in same)
+
+    @contextlib.contextmanager
+    def _handing_off(self, subject: str, run: JobRun, reason: str) -> Iterator[HandOff | None]:
+        if self._tracer is None:
+            yield None
+            return
+        with handing_off(self._tracer, "nats", subject, run.attributes, reason) as hand_off:
+            yield hand_off
+
+
+def _message_id(stream: str, delivery: Delivery) -> str:
+    """`dlq:<stream>:<sequence>:<stored>`: unique per stored message, the same for each
+    delivery of it (see the module docstring)."""
+    try:
+        stored = delivery.handle.metadata.timestamp.strftime("%Y%m%dT%H%M%S.%f")
+    except (AttributeError, ValueError):  # not a JetStream message: unique per attempt
+        stored = uuid.uuid4().hex
+    return f"dlq:{stream}:{delivery.offset}:{stored}"
 
 
 # Headers of the original that a dead letter replaces: earlier details, the attempt, the id.
-_REPLACED = {f"ce-{name}" for name in (*FAILURE_EXTENSIONS, "jobattempt")} | {"nats-msg-id"}
+_REPLACED = {
+    f"{NATS_PREFIX}{name}" for name in (*FAILURE_EXTENSIONS, *REDUCTION_EXTENSIONS, "jobattempt")
+} | {NATS_MSG_ID.lower()}

@@ -139,7 +139,8 @@ class NatsSource:
             if remaining <= 0:
                 break
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._wake.wait(), remaining)
+                async with asyncio.timeout(remaining):
+                    await self._wake.wait()
             self._raise_if_lost()
         deliveries: list[Delivery] = []
         while self._arrived and len(deliveries) < max_records:

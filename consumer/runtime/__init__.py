@@ -1,16 +1,14 @@
 """The worker runtime, written once for every backend: admission under the in-flight
 bound, lanes (ordering), offset tracking, the commit loop, revoke and shutdown drains, the
 health endpoint, and failure routing to retry and dead-letter records (used by the
-backends whose retries are records: Kafka and memory)."""
+backends whose retries are records: Kafka and memory), with the bounded hand-off and
+the reduced dead letters that every backend uses (`_hand_off`)."""
 
+from consumer.runtime._hand_off import store_dead_letter, until_acknowledged
 from consumer.runtime._health import HealthServer
 from consumer.runtime._lanes import LaneScheduler, lane_for
 from consumer.runtime._offsets import OffsetTracker
-from consumer.runtime._record_routing import (
-    RecordFailureRouter,
-    RecordPublisher,
-    until_acknowledged,
-)
+from consumer.runtime._record_routing import RecordFailureRouter, RecordPublisher
 from consumer.runtime._worker import Worker
 
 __all__ = [
@@ -21,5 +19,6 @@ __all__ = [
     "RecordPublisher",
     "Worker",
     "lane_for",
+    "store_dead_letter",
     "until_acknowledged",
 ]

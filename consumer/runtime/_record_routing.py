@@ -11,8 +11,18 @@ failure, or the last attempt, goes to the dead-letter topic of the job's main to
 the original key, body and headers plus the failure details.
 
 `route` returns only once the broker acknowledged the record, so the source offset is
-committed after the hand-off, never before (G2). A broker outage is retried with backoff
-until it ends or the worker stops (then the job is simply not settled: redelivered).
+committed after the hand-off, never before (G2). The hand-off is bounded
+(`consumer.runtime._hand_off`): a broker outage is retried with backoff for up to
+`retry.hand_off_timeout_s`, then the worker stops (the job unsettled: redelivered). A
+retry record that cannot be built (e.g. headers over `schemas.MAX_HEADER_BYTES`:
+`retry-record-invalid`) or that the broker refuses for good (`retry-record-refused`)
+dead-letters the job instead; a dead letter refused for good is stored reduced.
+
+A retry record is the job re-encoded (`to_kafka`) plus the original record's foreign
+headers (`x-tenant`, ...: everything that is not `ce_*`, `content-type` or trace
+context), so what a job carries survives its retries and its dead letter. A dead letter
+is the original record's headers as received (a null value stored as empty) plus the
+failure details.
 
 With tracing on, each hand-off is a PRODUCER span (`consumer/telemetry/_tracing.py`): the new
 record's `traceparent` is that span, `jobprevattempt` names the failed attempt, and the
@@ -24,32 +34,33 @@ from __future__ import annotations
 
 import contextlib
 import logging
-from collections.abc import Awaitable, Callable, Iterator
-from datetime import timedelta
-from typing import Protocol, TypeVar
+from collections.abc import Iterator, Sequence
+from datetime import datetime, timedelta
+from typing import Protocol
 
 from opentelemetry.trace import Tracer
 
 from consumer.core import (
     ERROR,
     REASON,
+    SOURCE_TOPIC,
     Decision,
     JobRun,
     Outcome,
     Settings,
+    cut_text,
+    error_text,
     failure_details,
     utc_now,
 )
+from consumer.runtime._hand_off import store_dead_letter, until_acknowledged
 from consumer.telemetry import HandOff, handing_off, retrace
 from producer import PublishError, Receipt
-from producer.retrying import Backoff, retry
 from producer.tracecontext import traceparent_of
-from schemas import InvalidAttributes, JobAttributes, JobMessage
-from schemas.names import PREVIOUS_ATTEMPT
+from schemas import InvalidAttributes, JobAttributes, JobMessage, foreign_headers, to_kafka
+from schemas.names import KAFKA_PREFIX, PREVIOUS_ATTEMPT, REDUCTION_EXTENSIONS
 
 log = logging.getLogger("jobstream.routing")
-T = TypeVar("T")
-_HAND_OFF_BACKOFF = Backoff(initial_s=0.2, max_s=10.0, jitter=True)
 
 
 class RecordPublisher(Protocol):
@@ -88,47 +99,74 @@ class RecordFailureRouter:
     async def route(self, run: JobRun, error: Exception, decision: Decision) -> Outcome:
         now = utc_now()
         details = failure_details(run, error, decision, self._settings.worker.group, now)
-        main_topic = self._retry.main_topic(details["jobsrctopic"])
-        attributes = run.attributes
-        retried = None
-        if decision.retry and attributes is not None:
+        main_topic = self._retry.main_topic(details[SOURCE_TOPIC])
+        if decision.retry and run.attributes is not None:
             try:
-                retried = attributes.replace(
-                    attempt=attributes.attempt + 1,
-                    not_before=now + timedelta(seconds=decision.delay_s),
-                ).with_extensions(**details)
-            except InvalidAttributes as invalid:
+                return await self._retry_record(run, decision, details, now, main_topic)
+            except (InvalidAttributes, ValueError, OverflowError) as invalid:
                 # E.g. headers over the size limit: the job cannot travel as a retry record.
-                details[REASON] = "retry-record-invalid"
-                details[ERROR] = f"{details[ERROR]} (and no retry record: {invalid})"
-        if retried is not None:
-            topic = self._retry.tier_for(main_topic, decision.delay_s)
-            with self._handing_off(topic, attributes, decision.reason) as hand_off:
-                if hand_off is not None:
-                    retried = _traced(retried, hand_off)
-                    hand_off.describe({"jobstream.retry.delay_s": round(decision.delay_s, 3)})
-                record = JobMessage(retried, run.delivery.body)
-                await until_acknowledged(lambda: self._publisher.send(topic, record))
-            log.info(
-                "retry %d of %s in %.1fs via %s",
-                retried.attempt,
-                retried.id,
-                decision.delay_s,
-                topic,
-            )
-            return Outcome.RETRYING
+                details = redirected(details, "retry-record-invalid", invalid)
+            except PublishError as refused:  # permanent (transient ones are retried)
+                details = redirected(details, "retry-record-refused", refused)
         topic = self._retry.dead_letter_topic(main_topic)
+        attributes = run.attributes
         with self._handing_off(topic, attributes, details[REASON]) as hand_off:
             headers = dead_letter_headers(run.delivery.raw_headers, details)
             if hand_off is not None and attributes is not None:
                 headers = retrace(headers, hand_off)
-            await until_acknowledged(
-                lambda: self._publisher.send_record(
-                    topic, run.delivery.raw_key, headers, run.delivery.body
-                )
+
+            async def publish(headers: list[tuple[str, bytes]], value: bytes) -> Receipt:
+                key = run.delivery.raw_key
+                return await self._publisher.send_record(topic, key, headers, value)
+
+            _, form = await store_dead_letter(
+                publish,
+                headers,
+                run.delivery.body,
+                run.delivery.raw_headers,
+                prefix=KAFKA_PREFIX,
+                timeout_s=self._retry.hand_off_timeout_s,
+                what=run.delivery.describe,
             )
-        log.warning("dead-lettered %s to %s: %s", run.delivery.describe, topic, decision.reason)
+        log.warning(
+            "dead-lettered %s to %s: %s%s",
+            run.delivery.describe,
+            topic,
+            details[REASON],
+            "" if form == "whole" else f" (stored reduced: {form} replaced)",
+        )
         return Outcome.DEAD_LETTERED
+
+    async def _retry_record(
+        self,
+        run: JobRun,
+        decision: Decision,
+        details: dict[str, str],
+        now: datetime,
+        main_topic: str,
+    ) -> Outcome:
+        attributes = run.attributes
+        assert attributes is not None
+        retried = attributes.replace(
+            attempt=attributes.attempt + 1,
+            not_before=now + timedelta(seconds=decision.delay_s),
+        ).with_extensions(**details)
+        topic = self._retry.tier_for(main_topic, decision.delay_s)
+        with self._handing_off(topic, attributes, decision.reason) as hand_off:
+            if hand_off is not None:
+                retried = _traced(retried, hand_off)
+                hand_off.describe({"jobstream.retry.delay_s": round(decision.delay_s, 3)})
+            key, headers = to_kafka(retried)
+            headers += _present(foreign_headers(run.delivery.raw_headers))
+            await until_acknowledged(
+                lambda: self._publisher.send_record(topic, key, headers, run.delivery.body),
+                self._retry.hand_off_timeout_s,
+                run.delivery.describe,
+            )
+        log.info(
+            "retry %d of %s in %.1fs via %s", retried.attempt, retried.id, decision.delay_s, topic
+        )
+        return Outcome.RETRYING
 
     @contextlib.contextmanager
     def _handing_off(
@@ -166,19 +204,21 @@ def _traced(retried: JobAttributes, hand_off: HandOff) -> JobAttributes:
 
 
 def dead_letter_headers(
-    original: list[tuple[str, bytes]], details: dict[str, str]
+    original: Sequence[tuple[str, bytes | None]], details: dict[str, str]
 ) -> list[tuple[str, bytes]]:
-    """The original headers, with earlier failure details replaced by `details`."""
-    replaced = {f"ce_{name}" for name in details}
-    kept = [(name, value) for name, value in original if name.lower() not in replaced]
-    return kept + [(f"ce_{name}", value.encode()) for name, value in details.items()]
+    """The original headers, with earlier failure details replaced by `details` (a null
+    header value, which Kafka allows, is stored as an empty one)."""
+    replaced = {f"{KAFKA_PREFIX}{name}" for name in (*details, *REDUCTION_EXTENSIONS)}
+    kept = [(name, value) for name, value in _present(original) if name.lower() not in replaced]
+    return kept + [(f"{KAFKA_PREFIX}{name}", value.encode()) for name, value in details.items()]
 
 
-async def until_acknowledged(publish: Callable[[], Awaitable[Receipt]]) -> Receipt:
-    """Publish until the broker acknowledges, with backoff (logged): a failed job's hand-off
-    is never dropped; while it waits the job stays unsettled (G1, G2)."""
-    return await retry(publish, on=PublishError, backoff=_HAND_OFF_BACKOFF, on_retry=_not_handed_on)
+def redirected(details: dict[str, str], reason: str, cause: Exception) -> dict[str, str]:
+    """`details` of a job that was to be retried but is dead-lettered (`reason`), the
+    cause appended to its error (cut by bytes, like the error itself)."""
+    error = f"{details[ERROR]} (and no retry record: {error_text(cause)})"
+    return details | {REASON: reason, ERROR: cut_text(error)}
 
 
-def _not_handed_on(error: Exception, wait_s: float) -> None:
-    log.error("could not hand a failed job on (%s); retrying in %.1fs", error, wait_s)
+def _present(headers: Sequence[tuple[str, bytes | None]]) -> list[tuple[str, bytes]]:
+    return [(name, b"" if value is None else value) for name, value in headers]

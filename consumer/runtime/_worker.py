@@ -8,12 +8,17 @@ Guarantees (SPEC G1-G4, G6, G8), and where each is kept:
 - A delivery is settled only when its run returned an outcome; the source's
   `OffsetTracker` commits nothing past an unsettled delivery (G2).
 - On revoke, the admitted deliveries of the revoked partitions (running and queued) get
-  `revoke_timeout_s` to finish; then the source commits and lets go. What is still queued
-  after that is dropped unsettled, so the new owner reads it again.
+  `revoke_timeout_s` to finish; then what is still queued is dropped and what still runs
+  is cut off, both unsettled, so the new owner reads them again; then the source commits
+  and lets go.
 - On stop, fetching stops, running jobs get `drain_timeout_s`, what is still running is
-  cancelled (not settled: redelivered), the settled offsets are committed (G6).
+  cut off (not settled: redelivered), the settled offsets are committed (G6).
+- A cut-off is the runtime's own record (`JobRun.cut_off`, set before the job's task is
+  cancelled): a cut-off run is never settled, whatever its handler returned. Every wait
+  after a cut-off is bounded (`cancel_grace_s`, plus a second for the outer steps);
+  what still runs then is abandoned, logged with its job, and listed in `abandoned`.
 - `abandon()` (the memory backend's simulated crash) stops as a killed process would: no
-  drain and no commit, running jobs are cancelled unsettled.
+  drain and no commit, running jobs are cut off unsettled.
 - A handler's exception never reaches this module (the failure step settles it); any
   other exception is a worker fault: `run()` raises `WorkerError` (G8).
 
@@ -32,7 +37,7 @@ import socket
 import time
 import uuid
 from collections.abc import Hashable, Sequence
-from concurrent.futures import Executor, ProcessPoolExecutor, ThreadPoolExecutor
+from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
 
 from consumer.core import (
     App,
@@ -47,8 +52,10 @@ from consumer.core import (
     WorkerError,
     compose,
 )
+from consumer.runtime._cut_offs import CutOffs, Running
 from consumer.runtime._lanes import LaneScheduler, lane_for
 from consumer.steps import (
+    AbandonedRun,
     CancellationStep,
     FailureStep,
     HandlerStep,
@@ -88,7 +95,7 @@ class Worker:
         self._store = store
         self._router = router or RecordFailures()
         self._lanes: LaneScheduler[Delivery] = LaneScheduler()
-        self._tasks: dict[int, tuple[Delivery, asyncio.Task[None]]] = {}
+        self._tasks: dict[int, Running] = {}
         self._admitted = 0
         self._per_partition: dict[Hashable, int] = {}
         self._partition_drained = asyncio.Event()
@@ -97,8 +104,11 @@ class Worker:
         self._stopping = asyncio.Event()
         self._abandoned = False
         self._fault: BaseException | None = None
-        self._threads: Executor | None = None
-        self._processes: Executor | None = None
+        self._threads: ThreadPoolExecutor | None = None
+        self._processes: ProcessPoolExecutor | None = None
+        self._handler: HandlerStep | None = None
+        self._cut_offs = CutOffs()
+        self._overrun: dict[int, Running] = {}
         self.started = False
         self.counts: dict[str, int] = {}
         self.telemetry = telemetry if telemetry is not None else Telemetry.from_global()
@@ -118,6 +128,23 @@ class Worker:
     def in_flight(self) -> int:
         return self._admitted
 
+    @property
+    def abandoned(self) -> list[AbandonedRun]:
+        """Runs the worker cut off and stopped waiting for that still run: handlers that
+        did not stop within `cancel_grace_s` (an async one that swallows cancellation, a
+        blocked thread, a pool process), and jobs stuck in a step after the cut-off. None
+        of them is settled; after `run()` a process should exit without waiting for them
+        (`jobstream worker` does)."""
+        found = list(self._handler.abandoned.values()) if self._handler is not None else []
+        return found + list(self._cut_offs.stuck.values())
+
+    @property
+    def overruns(self) -> list[str]:
+        """Jobs still running `cancel_grace_s` past their timeout (`topic[partition]@offset`):
+        an async handler that swallows its timeout's cancellation. Never settled, so their
+        offsets are not committed; reported once each in the log."""
+        return [entry.delivery.describe for entry in self._overrun.values()]
+
     def stop(self) -> None:
         """Ask the worker to drain and stop (what SIGTERM does)."""
         self._stopping.set()
@@ -128,14 +155,14 @@ class Worker:
         left as it is (neither committed nor stopped). `run()` returns soon after."""
         self._abandoned = True
         self._stopping.set()
-        for _, task in list(self._tasks.values()):
-            task.cancel()
+        self._cut_offs.cut_off(self._tasks.values(), "worker abandoned", self._handler)
 
     async def run(self) -> None:
         worker = self.settings.worker
         self._threads = ThreadPoolExecutor(worker.thread_pool_size, "jobstream-handler")
         if any(spec.cpu_bound for spec in self.app):
             self._processes = ProcessPoolExecutor(worker.process_pool_size or None)
+        self._handler = HandlerStep(self._threads, self._processes, worker.cancel_grace_s)
         own_store = self._store is None
         store = self._store or await open_store(self.settings.idempotency)
         cancellation = (
@@ -153,7 +180,7 @@ class Worker:
                 *([cancellation] if cancellation is not None else []),
                 TimeoutStep(worker.job_timeout_s),
             ],
-            HandlerStep(self._threads, self._processes),
+            self._handler,
         )
         await self.source.start(self._on_revoke)
         self.started = True
@@ -172,11 +199,29 @@ class Worker:
                 await cancellation.close()
             if own_store:
                 await store.close()
-            self._threads.shutdown(wait=False, cancel_futures=True)
-            if self._processes is not None:
-                self._processes.shutdown(wait=False, cancel_futures=True)
+            self._let_go_of_pools()
         if self._fault is not None:
             raise WorkerError(f"worker stopped by a fault: {self._fault!r}") from self._fault
+
+    def _let_go_of_pools(self) -> None:
+        """Shut the pools down without waiting. A pool process still running an abandoned
+        call is terminated (nothing of it is settled); a thread cannot be: it is reported,
+        and the process exits without it."""
+        abandoned = self.abandoned
+        if abandoned:
+            log.error(
+                "stopping with %d abandoned jobs still running (not settled, redelivered): %s",
+                len(abandoned),
+                ", ".join(f"{a.job_id} ({a.delivery}, {a.where})" for a in abandoned),
+            )
+        assert self._threads is not None
+        self._threads.shutdown(wait=False, cancel_futures=True)
+        if self._processes is not None:
+            self._processes.shutdown(wait=False, cancel_futures=True)
+            if any(a.where == "process" for a in abandoned):
+                # `_processes`: no public way to stop a busy pool before Python 3.14.
+                for process in list(self._processes._processes.values()):
+                    process.terminate()
 
     def _telemetry_steps(self) -> list[Step]:
         """Tracing outermost (every other step and the handler run inside the job's span),
@@ -205,36 +250,25 @@ class Worker:
         return steps
 
     async def _shutdown(self, fetcher: asyncio.Task[None], committer: asyncio.Task[None]) -> None:
-        fetcher.cancel()
-        with contextlib.suppress(asyncio.CancelledError, Exception):
-            await fetcher
+        grace = self.settings.worker.cancel_grace_s
+        await _stop_task(fetcher, grace)
         if self._abandoned:  # no drain, no commit: what was running is redelivered
-            tasks = [committer, *(task for _, task in self._tasks.values())]
-            for task in tasks:
-                task.cancel()
-            await asyncio.wait(tasks)
+            await _stop_task(committer, grace)
+            await self._cut_offs.ended(self._tasks.values(), self.settings.worker.cancel_grace_s)
             return
         self.source.pause()
-        running = [task for _, task in self._tasks.values()]
+        running = [entry.task for entry in self._tasks.values() if entry.task is not None]
         if running:
             log.info(
                 "draining %d running jobs (up to %.0fs)",
                 len(running),
                 self.settings.worker.drain_timeout_s,
             )
-            _, late = await asyncio.wait(running, timeout=self.settings.worker.drain_timeout_s)
-            for delivery, task in list(self._tasks.values()):
-                if task in late:
-                    log.warning(
-                        "job cut off by the drain timeout, it will be redelivered: %s",
-                        delivery.describe,
-                    )
-                    task.cancel()
-            if late:
-                await asyncio.wait(late)
-        committer.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await committer
+            await asyncio.wait(running, timeout=self.settings.worker.drain_timeout_s)
+            late = list(self._tasks.values())
+            self._cut_offs.cut_off(late, "drain timeout", self._handler)
+            await self._cut_offs.ended(late, self.settings.worker.cancel_grace_s)
+        await _stop_task(committer, grace)
         try:
             await self.source.commit()
         finally:
@@ -253,7 +287,8 @@ class Worker:
                     self._room.clear()
                     await self.source.fetch(0, 0)
                     with contextlib.suppress(TimeoutError):
-                        await asyncio.wait_for(self._room.wait(), _FETCH_WAIT_S)
+                        async with asyncio.timeout(_FETCH_WAIT_S):
+                            await self._room.wait()
                     continue
                 self.source.resume()
                 batch = await self.source.fetch(min(room, worker.fetch_max_records), _FETCH_WAIT_S)
@@ -274,14 +309,15 @@ class Worker:
             self._start(delivery, lane)
 
     def _start(self, delivery: Delivery, lane: Hashable | None) -> None:
-        task = asyncio.create_task(self._run_one(delivery, lane))
-        self._tasks[id(delivery)] = (delivery, task)
+        entry = Running(delivery, self._job_run(delivery))
+        self._tasks[id(delivery)] = entry
+        entry.task = asyncio.create_task(self._run_one(entry, lane))
 
-    async def _run_one(self, delivery: Delivery, lane: Hashable | None) -> None:
+    async def _run_one(self, entry: Running, lane: Hashable | None) -> None:
+        delivery, run = entry.delivery, entry.run
         outcome: Outcome | None = None
         try:
-            outcome = await self._pipeline(self._job_run(delivery))
-            self.counts[outcome.value] = self.counts.get(outcome.value, 0) + 1
+            outcome = await self._pipeline(run)
         except asyncio.CancelledError:
             pass  # cut off by shutdown or revoke: not settled, redelivered
         except Exception as error:
@@ -290,6 +326,10 @@ class Worker:
             self._stopping.set()
         finally:
             self._tasks.pop(id(delivery), None)
+            if run.cut_off is not None:
+                outcome = None  # the runtime's record, not the handler's return, decides
+            if outcome is not None:
+                self.counts[outcome.value] = self.counts.get(outcome.value, 0) + 1
             if outcome is not None and self.source.owns(delivery):
                 self.source.settle(delivery, outcome)
                 if self.source.pending_commits() >= self.settings.worker.commit_every:
@@ -349,12 +389,33 @@ class Worker:
         interval = self.settings.worker.commit_interval_s
         while True:
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._commit_due.wait(), interval)
+                async with asyncio.timeout(interval):
+                    await self._commit_due.wait()
             self._commit_due.clear()
+            self._find_overruns()
             try:
                 await self.source.commit()
             except Exception as error:  # noqa: BLE001 - retried next interval
                 log.warning("commit failed, will retry: %s", error)
+
+    def _find_overruns(self) -> None:
+        """Report, once each, runs still going `cancel_grace_s` past their job timeout."""
+        late = time.monotonic() - self.settings.worker.cancel_grace_s
+        for key in [
+            k for k, entry in self._overrun.items() if entry.task is None or entry.task.done()
+        ]:
+            del self._overrun[key]
+        for entry in self._tasks.values():
+            context = entry.run.context
+            if context is None or context.deadline > late or id(entry.run) in self._overrun:
+                continue
+            self._overrun[id(entry.run)] = entry
+            log.error(
+                "job %s (%s) runs on past its timeout: its handler ignores cancellation; "
+                "it holds its slot and its offset stays uncommitted until it ends",
+                context.job_id,
+                entry.delivery.describe,
+            )
 
     async def _on_revoke(self, partitions: Sequence[Hashable]) -> None:
         revoked = set(partitions)
@@ -365,9 +426,23 @@ class Worker:
             if remaining <= 0:
                 break
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._partition_drained.wait(), remaining)
+                async with asyncio.timeout(remaining):
+                    await self._partition_drained.wait()
+        # Queued ones first, so that a cut-off run that ends does not start the next.
         for delivery in self._lanes.drop(lambda d: d.partition in revoked):
             self._release(delivery)
-        late = sum(self._per_partition.get(p, 0) for p in revoked)
+        late = [entry for entry in self._tasks.values() if entry.delivery.partition in revoked]
         if late:
-            log.warning("%d jobs of revoked partitions still running: not committed", late)
+            self._cut_offs.cut_off(late, "revoke timeout", self._handler)
+            await self._cut_offs.ended(late, self.settings.worker.cancel_grace_s)
+
+
+async def _stop_task(task: asyncio.Task[None], grace_s: float) -> None:
+    """Cancel one of the worker's own loops and wait for it, `grace_s` at most: a wait
+    after a cancel is bounded (a loop that lost its cancellation is left behind, logged)."""
+    task.cancel()
+    await asyncio.wait([task], timeout=grace_s)
+    if not task.done():
+        log.error("%s did not stop within %.1fs of its cancellation", task.get_name(), grace_s)
+    elif not task.cancelled() and task.exception() is not None:
+        log.debug("%s ended with %r", task.get_name(), task.exception())

@@ -4,13 +4,14 @@ status -> failure routing -> cancellation -> timeout -> handler. See `core/_pipe
 
 from consumer.steps._cancel import CancellationStep
 from consumer.steps._failure import FailureStep, RecordFailures
-from consumer.steps._handler import HandlerStep
+from consumer.steps._handler import AbandonedRun, HandlerStep
 from consumer.steps._idempotency import IdempotencyStep
 from consumer.steps._logging import logging_step
 from consumer.steps._status import StatusStep
 from consumer.steps._timeout import TimeoutStep
 
 __all__ = [
+    "AbandonedRun",
     "CancellationStep",
     "FailureStep",
     "HandlerStep",

@@ -8,6 +8,10 @@ acknowledged it, so the offset is committed after the hand-off, never before.
 
 A job cut off by shutdown (its task was cancelled) is not settled and is redelivered; a
 `CancelledError` the handler raised by itself is an ordinary failure.
+
+The exception and the record are untrusted: `decide` does not raise on them, and should
+it still (a case nobody foresaw), the job is dead-lettered with reason
+`undecidable-failure` instead of stopping the worker: bad data is the job's failure.
 """
 
 from __future__ import annotations
@@ -23,6 +27,7 @@ from consumer.core import (
     Outcome,
     RetrySettings,
     decide,
+    error_text,
     utc_now,
 )
 
@@ -54,12 +59,22 @@ class FailureStep:
             except Exception as caught:  # noqa: BLE001 - every handler failure is routed
                 error = caught
             run.error = error
-            decision = decide(run, error, self._settings, now=utc_now())
+            decision = self._decide(run, error)
             run.failure_reason = decision.reason
             if not (decision.retry and self._settings.in_place):
                 return await self._router.route(run, error, decision)
             log.info(
-                "retrying %s in place in %.1fs: %s", run.delivery.describe, decision.delay_s, error
+                "retrying %s in place in %.1fs: %s",
+                run.delivery.describe,
+                decision.delay_s,
+                error_text(error),
             )
             await asyncio.sleep(decision.delay_s)
             run.next_attempt()
+
+    def _decide(self, run: JobRun, error: Exception) -> Decision:
+        try:
+            return decide(run, error, self._settings, now=utc_now())
+        except Exception:
+            log.exception("could not classify the failure of %s", run.delivery.describe)
+            return Decision(retry=False, delay_s=0.0, reason="undecidable-failure")

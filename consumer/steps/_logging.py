@@ -6,7 +6,7 @@ import asyncio
 import logging
 import time
 
-from consumer.core import JobRun, Next, Outcome
+from consumer.core import JobRun, Next, Outcome, error_text
 
 log = logging.getLogger("jobstream.job")
 
@@ -37,5 +37,5 @@ def _emit(run: JobRun, outcome: str, level: int) -> None:
             "attempt": attributes.attempt,
         }
     if run.error is not None:
-        fields |= {"error_type": type(run.error).__name__, "error": str(run.error)[:500]}
+        fields |= {"error_type": type(run.error).__name__, "error": error_text(run.error, 500)}
     log.log(level, "job %s", outcome, extra={"job": fields})

@@ -7,7 +7,7 @@ import asyncio
 import logging
 from typing import Any
 
-from consumer.core import JobRun, Next, Outcome
+from consumer.core import JobRun, Next, Outcome, error_text
 from consumer.stores import JobState, StatusStore, trace_id_now
 
 log = logging.getLogger("jobstream.status")
@@ -46,7 +46,11 @@ class StatusStep:
                 job_id,
                 state,
                 attempts=attempts,
-                last_error=f"{type(error).__name__}: {error}"[:500] if error is not None else None,
+                last_error=(
+                    f"{type(error).__name__}: {error_text(error, 480)}"
+                    if error is not None
+                    else None
+                ),
                 reason=run.failure_reason if outcome is Outcome.DEAD_LETTERED else None,
             )
         return outcome

@@ -1,4 +1,9 @@
-"""Step: the per-job timeout. A job that runs out of time is a retriable failure."""
+"""Step: the per-job timeout. A job that runs out of time is a retriable failure.
+
+The timeout's own record decides: once it expired the run is a `JobTimeout`, even if the
+handler swallowed the cancellation and returned (the handler step ends a cancelled run
+with `CancelledError` whatever the handler does, and waits for it `cancel_grace_s` at
+most)."""
 
 from __future__ import annotations
 
@@ -23,7 +28,10 @@ class TimeoutStep:
     async def __call__(self, run: JobRun, call_next: Next) -> Outcome:
         limit = self.limit_for(run)
         try:
-            async with asyncio.timeout(limit):
-                return await call_next(run)
+            async with asyncio.timeout(limit) as timer:
+                outcome = await call_next(run)
         except TimeoutError:
             raise JobTimeout(limit) from None
+        if timer.expired():
+            raise JobTimeout(limit)
+        return outcome

@@ -28,7 +28,7 @@ from opentelemetry import trace
 from opentelemetry.context import Context
 from opentelemetry.trace import Link, Span, SpanContext, SpanKind, Status, StatusCode, Tracer
 
-from consumer.core import JobRun, Next, Outcome
+from consumer.core import JobRun, Next, Outcome, error_text
 from producer import tracecontext as otel
 from producer.tracecontext import span_context_of, traceparent_of
 from schemas import JobAttributes
@@ -83,8 +83,17 @@ def job_attributes(attributes: JobAttributes) -> dict[str, str | int]:
 
 
 def record_failure(span: Span, error: BaseException) -> None:
-    span.record_exception(error)
-    span.set_status(Status(StatusCode.ERROR, f"{type(error).__name__}: {error}"[:200]))
+    """The exception as an event and the span's status; a handler's exception is untrusted
+    (its `__str__` may raise, its message be huge), so only its safe text is used."""
+    text = error_text(error, 200)
+    try:
+        span.record_exception(error)
+    except Exception:  # noqa: BLE001 - the SDK calls str(error), which may raise
+        span.add_event(
+            "exception",
+            {"exception.type": type(error).__name__, "exception.message": text},
+        )
+    span.set_status(Status(StatusCode.ERROR, f"{type(error).__name__}: {text}"[:200]))
 
 
 class TracingStep:

@@ -22,11 +22,26 @@ from typing import Any
 
 from aiokafka import AIOKafkaProducer
 from aiokafka.admin import AIOKafkaAdminClient
-from aiokafka.errors import KafkaError, KafkaTimeoutError, UnknownTopicOrPartitionError
+from aiokafka.errors import (
+    KafkaConnectionError,
+    KafkaError,
+    KafkaTimeoutError,
+    MessageSizeTooLargeError,
+    RecordListTooLargeError,
+    RecordTooLargeError,
+    UnknownTopicOrPartitionError,
+)
 from aiokafka.helpers import create_ssl_context
 from aiokafka.partitioner import DefaultPartitioner
 
-from producer._errors import BrokerUnavailable, DestinationMissing, PublishError, PublishTimeout
+from producer._errors import (
+    BrokerBusy,
+    BrokerUnavailable,
+    DestinationMissing,
+    PublishError,
+    PublishTimeout,
+    RecordTooLarge,
+)
 from producer._publisher import Receipt
 from producer._settings import KafkaSettings, RoutingSettings, Transport
 from producer.kafka._provision import ensure_kafka_topics
@@ -38,6 +53,7 @@ __all__ = ["KafkaPublisher", "kafka_client_options"]
 log = logging.getLogger("jobstream.producer")
 
 _ID_HEADER = "ce_id"
+_TOO_LARGE = (MessageSizeTooLargeError, RecordListTooLargeError, RecordTooLargeError)
 _PARTITIONER = DefaultPartitioner()
 _CONNECT_ERRORS = (KafkaError, OSError, TimeoutError)
 _CONNECT_BACKOFF = Backoff(initial_s=0.1, max_s=2.0)
@@ -175,7 +191,9 @@ class KafkaPublisher:
         self, topic: str, key: bytes | None, headers: list[tuple[str, bytes]], value: bytes
     ) -> Receipt:
         """Publish a raw record as-is: the worker's path to retry and dead-letter topics."""
-        job_id = next((v.decode(errors="replace") for n, v in headers if n == _ID_HEADER), "")
+        job_id = next(
+            ((v or b"").decode(errors="replace") for n, v in headers if n == _ID_HEADER), ""
+        )
         future = await self._enqueue(topic, key, headers, value)
         async with self._deadline(topic):
             return await self._receipt(job_id, topic, future)
@@ -303,11 +321,20 @@ class KafkaPublisher:
             raise self._translate(error, topic) from error
 
     def _translate(self, error: KafkaError, topic: str) -> PublishError:
+        """The publish error for `error`, classified by what it causes (`producer._errors`):
+        the broker's own `retriable` flag decides transient or permanent."""
         if isinstance(error, KafkaTimeoutError):
             return PublishTimeout("kafka", topic, self._timeout)
         if isinstance(error, UnknownTopicOrPartitionError):
             self._known_topics.discard(topic)
             return DestinationMissing("kafka", topic)
+        if isinstance(error, _TOO_LARGE):
+            return RecordTooLarge("kafka", topic, _describe(error))
+        if isinstance(error, KafkaConnectionError):
+            address = self._settings.bootstrap_servers
+            return BrokerUnavailable("kafka", address, _describe(error))
+        if error.retriable:
+            return BrokerBusy("kafka", topic, _describe(error))
         return PublishError(f"kafka refused the publish to {topic!r}: {_describe(error)}")
 
 

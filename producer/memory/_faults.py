@@ -28,6 +28,7 @@ from collections.abc import Callable
 from typing import Any
 
 from producer._errors import BrokerUnavailable, PublishError
+from producer._errors import RecordTooLarge as _RecordTooLarge
 from producer.memory._groups import ConsumerGroups
 from schemas import JobstreamError
 
@@ -36,22 +37,22 @@ __all__ = ["CommitFailed", "MemoryFaults", "RecordTooLarge"]
 _ADDRESS = "the in-memory broker"
 
 
-class RecordTooLarge(PublishError):
+class RecordTooLarge(_RecordTooLarge):
     """A record is larger than the broker accepts (`MemoryFaults.limit_record_bytes`).
 
     Kafka refuses such a record with `MessageSizeTooLargeError`, which the Kafka publisher
-    reports as a plain, non-retriable `PublishError`; this subclass names the case."""
-
-    reason = "record-too-large"
+    reports as `producer.RecordTooLarge` too: a permanent (non-retriable) `PublishError`."""
 
     def __init__(self, topic: str, size: int, limit: int) -> None:
-        self.topic = topic
         self.size = size
         self.limit = limit
-        super().__init__(
+        PublishError.__init__(
+            self,
             f"memory: a record of {size} bytes to {topic!r} is over the broker's limit of "
-            f"{limit} bytes; keep jobs small (pass large data by reference) or raise the limit"
+            f"{limit} bytes; keep jobs small (pass large data by reference) or raise the limit",
         )
+        self.transport, self.destination, self.detail = "memory", topic, f"{size} > {limit}"
+        self.topic = topic
 
     def __reduce__(self) -> tuple[Any, ...]:
         return (type(self), (self.topic, self.size, self.limit))

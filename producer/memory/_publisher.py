@@ -50,7 +50,7 @@ class MemoryPublisher:
     ) -> Receipt:
         """Store a raw record as-is (the worker's retry and dead-letter path)."""
         record = await self.broker.append(topic, key, headers, value)
-        job_id = next((v.decode() for n, v in headers if n == "ce_id"), "")
+        job_id = next(((v or b"").decode(errors="replace") for n, v in headers if n == "ce_id"), "")
         return Receipt(job_id, "memory", topic, record.partition, record.offset)
 
     async def check(self, destinations: Sequence[str]) -> None:

@@ -31,7 +31,14 @@ from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription
 from nats.js.errors import NotFoundError
 
-from producer._errors import BrokerUnavailable, DestinationMissing, PublishError, PublishTimeout
+from producer._errors import (
+    BrokerBusy,
+    BrokerUnavailable,
+    DestinationMissing,
+    PublishError,
+    PublishTimeout,
+    RecordTooLarge,
+)
 from producer._publisher import Receipt
 from producer._settings import NatsSettings, RoutingSettings, Transport
 from producer.nats._provision import ensure_nats_stream
@@ -42,6 +49,8 @@ __all__ = ["KEY_PARTITIONS_METADATA", "NatsPublisher", "connect_nats", "key_part
 log = logging.getLogger("jobstream.producer")
 
 _NO_RESPONDERS = "503"
+_MESSAGE_TOO_LARGE = 10054  # JSStreamMessageExceedsMaximumErr: over the stream's max_msg_size
+_TEMPORARY = {10008, 10023}  # JetStream temporarily unavailable; insufficient resources
 KEY_PARTITIONS_METADATA = "jobstream.key-partitions"
 """Stream metadata entry: into how many subjects per job type jobs are partitioned by key."""
 _FNV_OFFSET, _FNV_PRIME = 0x811C9DC5, 0x01000193
@@ -225,6 +234,9 @@ class NatsPublisher:
                     window.release()
                     servers = ", ".join(self._settings.servers)
                     raise BrokerUnavailable("nats", servers, _describe(error)) from error
+                except nats.errors.MaxPayloadError as error:
+                    window.release()
+                    raise RecordTooLarge("nats", subject, _describe(error)) from error
                 except nats.errors.Error as error:
                     window.release()
                     msg = f"nats refused the publish to {subject!r}: {_describe(error)}"
@@ -299,8 +311,12 @@ def _receipt(job_id: str, subject: str, reply: Msg) -> Receipt:
     if "error" in answer:
         error = answer["error"]
         code = error.get("err_code") or error.get("code")
-        msg = f"JetStream refused the publish to {subject!r}: {error.get('description')} ({code})"
-        raise PublishError(msg)
+        detail = f"{error.get('description')} ({code})"
+        if code == _MESSAGE_TOO_LARGE:
+            raise RecordTooLarge("nats", subject, detail)
+        if code in _TEMPORARY:
+            raise BrokerBusy("nats", subject, detail)
+        raise PublishError(f"JetStream refused the publish to {subject!r}: {detail}")
     return Receipt(
         job_id, "nats", answer["stream"], None, answer["seq"], bool(answer.get("duplicate"))
     )

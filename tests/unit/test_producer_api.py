@@ -16,6 +16,7 @@ from pydantic import BaseModel
 
 import producer
 from producer import (
+    BrokerBusy,
     BrokerUnavailable,
     DestinationMissing,
     JobProducer,
@@ -25,6 +26,7 @@ from producer import (
     PublishError,
     PublishTimeout,
     Receipt,
+    RecordTooLarge,
     RoutingSettings,
     plan_destinations,
 )
@@ -37,6 +39,7 @@ ROOT = Path(__file__).resolve().parents[2]
 EXPECTED = {
     "CONFIG_FILE_ENV",
     "ENV_PREFIX",
+    "BrokerBusy",
     "BrokerUnavailable",
     "DestinationHook",
     "DestinationMissing",
@@ -47,6 +50,7 @@ EXPECTED = {
     "PublishError",
     "PublishRequest",
     "PublishTimeout",
+    "RecordTooLarge",
     "Publisher",
     "Receipt",
     "RoutingSettings",
@@ -112,6 +116,8 @@ def test_public_signatures_are_typed() -> None:
         (BrokerUnavailable("kafka", "127.0.0.1:1", "refused"), True, "broker-unavailable"),
         (PublishTimeout("nats", "jobs.x", 2.5), True, "publish-timeout"),
         (DestinationMissing("kafka", "jobs.x"), False, "destination-missing"),
+        (BrokerBusy("kafka", "jobs.x", "NotLeaderForPartitionError"), True, "broker-busy"),
+        (RecordTooLarge("nats", "jobs.x", "maximum payload exceeded"), False, "record-too-large"),
     ],
 )
 def test_errors_carry_behaviour_and_pickle(

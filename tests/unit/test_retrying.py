@@ -328,11 +328,28 @@ class FakeProducer:
 
 async def test_a_hand_off_is_retried_until_acknowledged(no_waits: None, logged: Records) -> None:
     receipt = Receipt("job-1", "kafka", "jobs.a.retry-1", 0, 7, False)
-    publish = Flaky(3, PublishError("broker away"), result=receipt)
-    assert await until_acknowledged(publish) is receipt
+    away = BrokerUnavailable("kafka", "k:9092", "broker away")
+    publish = Flaky(3, away, result=receipt)
+    assert await until_acknowledged(publish, 60) is receipt
     messages = logged.messages("jobstream.routing")
     assert len(messages) == 3
-    assert messages[0].startswith("could not hand a failed job on (broker away); retrying in ")
+    assert messages[0].startswith("could not hand a failed job on (kafka is not reachable")
+
+
+async def test_a_hand_off_refused_for_good_is_not_retried(no_waits: None) -> None:
+    receipt = Receipt("job-1", "kafka", "jobs.a.retry-1", 0, 7, False)
+    publish = Flaky(3, PublishError("refused for good"), result=receipt)
+    with pytest.raises(PublishError, match="refused for good"):
+        await until_acknowledged(publish, 60)
+    assert len(publish.calls) == 1
+
+
+async def test_a_hand_off_waits_for_the_broker_only_so_long(no_waits: None) -> None:
+    receipt = Receipt("job-1", "kafka", "jobs.a.retry-1", 0, 7, False)
+    publish = Flaky(1000, BrokerUnavailable("kafka", "k:9092", "away"), result=receipt)
+    with pytest.raises(WorkerError, match="hand_off_timeout_s"):
+        await until_acknowledged(publish, 30)
+    assert 3 < len(publish.calls) < 20
 
 
 async def test_leaders_are_awaited_for_the_topics_still_without_one(no_waits: None) -> None:

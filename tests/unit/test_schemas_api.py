@@ -25,6 +25,7 @@ EXPECTED = {
     "default_registry",
     "encode",
     "export_json_schemas",
+    "foreign_headers",
     "from_kafka",
     "from_nats",
     "header_bytes",
