@@ -57,6 +57,12 @@ MAX_HEADER_BYTES = 16 * 1024
 _PLAIN_HEADERS = frozenset({KAFKA_CONTENT_TYPE, TRACEPARENT, TRACESTATE})
 _EXTENSION_NAME = re.compile(r"^[a-z0-9]+$")
 _CONTROL = re.compile(r"[\x00-\x1f\x7f\ud800-\udfff]")
+# Trace context is best-effort (W3C Trace Context: a traceparent that cannot be parsed is
+# ignored, and a tracestate goes with its traceparent): a repeated header keeps its first
+# value, an unreadable or malformed one is dropped; neither is a reason to refuse a job.
+_TRACE_FIELDS = frozenset({TRACEPARENT, TRACESTATE, JOBORIGIN, JOBORIGINSTATE})
+_TRACEPARENT = re.compile(r"^[0-9a-f]{2}-(?!0{32})[0-9a-f]{32}-(?!0{16})[0-9a-f]{16}-[0-9a-f]{2}")
+_TRACESTATE_MAX = 512
 _POSITIVE_INT = re.compile(r"^[0-9]{1,9}$")
 _RFC3339 = re.compile(
     r"^([0-9]{4})-([0-9]{2})-([0-9]{2})[Tt]([0-9]{2}):([0-9]{2}):([0-9]{2})(?:\.([0-9]+))?"
@@ -272,11 +278,34 @@ def collect(
             target, field = plain, lowered
         else:
             continue
+        if field in _TRACE_FIELDS:
+            if field not in target:  # the first one wins; an unreadable one is dropped
+                trace = raw if isinstance(raw, str) else _trace_text(raw)
+                if trace is not None:
+                    target[field] = trace
+            continue
         value = raw if isinstance(raw, str) else text("header", raw, name)
         # Kafka allows repeated header names; two different answers cannot both be trusted.
         if target.setdefault(field, value) != value:
             raise InvalidAttributes(f"header {name!r} appears twice with different values")
     return ce, plain
+
+
+def _trace_text(raw: bytes) -> str | None:
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError:
+        return None
+
+
+def _trace_context(parent: str | None, state: str | None) -> tuple[str | None, str | None]:
+    """(traceparent, tracestate) if `parent` is a W3C traceparent, else (None, None); a
+    tracestate that is too long or holds control characters is dropped alone."""
+    if parent is None or not _TRACEPARENT.match(parent) or _CONTROL.search(parent):
+        return None, None
+    if state is not None and (len(state) > _TRACESTATE_MAX or _CONTROL.search(state)):
+        state = None
+    return parent, state
 
 
 def parse(ce: dict[str, str], plain: dict[str, str], prefix: str, key: str | None) -> JobAttributes:
@@ -300,6 +329,11 @@ def parse(ce: dict[str, str], plain: dict[str, str], prefix: str, key: str | Non
     if (spec := required(SPECVERSION_ATTR)) != SPECVERSION:
         raise InvalidAttributes(f"{prefix}specversion is {spec!r}; jobstream reads 1.0 only")
     not_before = ce.get(JOBNOTBEFORE)
+    # The plain W3C header wins; ce_traceparent is what some CloudEvents SDKs send.
+    parent, state = _trace_context(
+        plain.get(TRACEPARENT, ce.get(TRACEPARENT)), plain.get(TRACESTATE, ce.get(TRACESTATE))
+    )
+    origin, origin_state = _trace_context(ce.get(JOBORIGIN), ce.get(JOBORIGINSTATE))
     return JobAttributes(
         id=required(ID),
         type=required(TYPE),
@@ -313,11 +347,10 @@ def parse(ce: dict[str, str], plain: dict[str, str], prefix: str, key: str | Non
         attempt=_int(prefix + JOBATTEMPT, ce.get(JOBATTEMPT, "1")),
         idempotency_key=ce.get(JOBIDEMKEY) or None,
         not_before=_time(prefix + JOBNOTBEFORE, not_before) if not_before is not None else None,
-        # The plain W3C header wins; ce_traceparent is what some CloudEvents SDKs send.
-        traceparent=plain.get(TRACEPARENT, ce.get(TRACEPARENT)),
-        tracestate=plain.get(TRACESTATE, ce.get(TRACESTATE)),
-        origin_traceparent=ce.get(JOBORIGIN),
-        origin_tracestate=ce.get(JOBORIGINSTATE),
+        traceparent=parent,
+        tracestate=state,
+        origin_traceparent=origin,
+        origin_tracestate=origin_state,
         extensions={name: value for name, value in ce.items() if name not in RESERVED},
     )
 

@@ -243,6 +243,7 @@ class Worker:
                 system=settings.transport,
                 group=settings.worker.group,
                 retry=settings.retry,
+                job_types=self.app.job_types(),
             )
             self.metrics.observe(lambda: self._admitted)
         if self.metrics is not None:

@@ -61,11 +61,47 @@ class ReportsBacklog(Protocol):
     async def backlog(self) -> list[Backlog]: ...
 
 
+MAX_ERROR_TYPES = 64
+"""Distinct `error.type` label values; later ones are counted as `other`."""
+MAX_REASONS = 64
+"""Distinct `jobstream.failure.reason` label values; later ones are counted as `other`."""
+
+
+class _BoundedLabels:
+    """Label values as they come, up to `limit` distinct ones, then `other`: every label
+    set of the worker's metrics stays bounded whatever the jobs raise (SPEC G4)."""
+
+    def __init__(self, limit: int) -> None:
+        self._limit = limit
+        self._seen: set[str] = set()
+
+    def label(self, value: str) -> str:
+        if value in self._seen:
+            return value
+        if len(self._seen) >= self._limit:
+            return "other"
+        self._seen.add(value)
+        return value
+
+
 class WorkerMetrics:
     """The instruments of one worker, and the pipeline step that feeds them."""
 
-    def __init__(self, meter: Meter, *, system: str, group: str, retry: RetrySettings) -> None:
+    def __init__(
+        self,
+        meter: Meter,
+        *,
+        system: str,
+        group: str,
+        retry: RetrySettings,
+        job_types: Iterable[str] = (),
+    ) -> None:
+        """`job_types`: the types the app handles, the only `jobstream.job.type` values
+        (any other, read from an untrusted `ce_type`, is counted as `unknown`)."""
         self._system = system
+        self._job_types = frozenset(job_types)
+        self._error_types = _BoundedLabels(MAX_ERROR_TYPES)
+        self._reasons = _BoundedLabels(MAX_REASONS)
         self._group = group
         self._retry = retry
         self._started = self._counter(meter, "started", "Job attempts started")
@@ -130,6 +166,8 @@ class WorkerMetrics:
     async def __call__(self, run: JobRun, call_next: Next) -> Outcome:
         attributes = run.attributes
         job_type = attributes.type if attributes is not None else "unknown"
+        if job_type not in self._job_types:
+            job_type = "unknown"  # label values come from a bounded set, never from a record
         self._started.add(((_JOB_TYPE, job_type),))
         started = time.perf_counter()
         outcome = await call_next(run)  # a cut-off run (CancelledError) is counted as started
@@ -137,7 +175,7 @@ class WorkerMetrics:
         error = run.error
         error_type = None
         if error is not None and outcome is not Outcome.COMPLETED:
-            error_type = type(error).__name__
+            error_type = self._error_types.label(type(error).__name__)
             self._failed.add(((_JOB_TYPE, job_type), (_ERROR_TYPE, error_type)))
         self._duration.record(elapsed, self._duration_labels(run, job_type, outcome, error_type))
         if outcome is Outcome.COMPLETED:
@@ -145,7 +183,7 @@ class WorkerMetrics:
         elif outcome is Outcome.RETRYING:
             self._retried.add(((_JOB_TYPE, job_type),))
         elif outcome is Outcome.DEAD_LETTERED:
-            reason = run.failure_reason or "unknown"
+            reason = self._reasons.label(run.failure_reason or "unknown")
             self._dead.add(((_JOB_TYPE, job_type), ("jobstream.failure.reason", reason)))
         elif outcome in (Outcome.DUPLICATE, Outcome.CANCELLED):
             self._skipped.add(((_JOB_TYPE, job_type), ("jobstream.job.outcome", outcome.value)))

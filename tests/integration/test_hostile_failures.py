@@ -22,7 +22,7 @@ from consumer import Settings, Worker
 from consumer.core import DeadLetterFilter, DeadLetterRecord
 from consumer.kafka import list_dead_letters, read_topics
 from schemas import MAX_HEADER_BYTES, encode, to_kafka
-from tests.apps.hostile import HostileJob, app
+from tests.apps.hostile import RUNS, HostileJob, app
 from tests.conftest import KAFKA_BOOTSTRAP
 from tests.support import caught_up, routed_topic, running_worker
 
@@ -240,3 +240,29 @@ async def test_a_foreign_header_survives_the_retry_record_and_the_dead_letter(
         names = [n.lower() for n, _ in record.headers]
         assert len(names) == len(set(names)), "no header twice"
     assert letter.ext("jobattempt") == "2"
+
+
+async def test_a_record_with_two_different_traceparents_is_processed_not_dead_lettered(
+    new_topic, group_id, kafka_admin, monkeypatch
+) -> None:
+    """K8: what OpenTelemetry's aiokafka instrumentation produces when a service also
+    publishes with jobstream. Trace context is best-effort: the first one wins."""
+    topic = await routed_topic(new_topic, partitions=1)
+    settings = settings_for(topic, group_id, monkeypatch)
+    first = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"
+    second = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"
+    job = HostileJob(behaviour="ok")
+    message = encode(job, source="/tests", traceparent=first)
+    key, headers = to_kafka(message.attributes)
+    await publish(topic, [(key, [*headers, ("traceparent", second.encode())], message.body)])
+    job_id = message.attributes.id
+    async with running_worker(app, settings) as worker:
+        for _ in range(100):
+            if RUNS[job_id] and await caught_up(kafka_admin, group_id, [topic]):
+                break
+            await asyncio.sleep(0.1)
+        assert not worker.stopped_by_fault
+        assert worker.counts.get("completed") == 1
+    assert RUNS[job_id] == 1
+    assert await dead_letters(settings, topic) == []
+    assert await caught_up(kafka_admin, group_id, [topic])
