@@ -31,6 +31,11 @@ class WorkerSettings(_Frozen):
     """Jobs running or waiting for their key at once; fetching pauses at this bound."""
     fetch_max_records: int = Field(default=500, ge=1)
     """Most records taken from the broker per fetch."""
+    max_held_offsets: int = Field(default=100_000, ge=1)
+    """Kafka: most records one partition may hold from its oldest unsettled
+    record on (the settled ones behind it included, which cannot be committed yet). Past
+    it the partition is paused until that record settles, so one long job does not make
+    the worker remember every later offset (G4)."""
     job_timeout_s: float = Field(default=300.0, gt=0)
     """Default per-job timeout; a handler can override it. A timeout is a retriable failure."""
     drain_timeout_s: float = Field(default=25.0, gt=0)

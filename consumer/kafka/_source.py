@@ -81,6 +81,8 @@ class KafkaSource:
         self._fetch_max = worker.fetch_max_records
         self._held: deque[tuple[TopicPartition, ConsumerRecord[bytes, bytes]]] = deque()
         self._waiting: dict[TopicPartition, asyncio.TimerHandle] = {}
+        self._full: set[TopicPartition] = set()  # paused: too many records held (K7)
+        self._max_held = worker.max_held_offsets
 
     @property
     def ready(self) -> bool:
@@ -120,33 +122,60 @@ class KafkaSource:
             batches = await self._consumer.getmany(timeout_ms=wait_ms, max_records=self._fetch_max)
             for tp, records in batches.items():
                 self._held.extend((tp, record) for record in records)
+        else:
+            await self._poll_only()
         deliveries: list[Delivery] = []
         while self._held and len(deliveries) < max_records:
             tp, record = self._held.popleft()
-            if tp not in self._assignment or tp in self._waiting:
+            if tp not in self._assignment or tp in self._waiting or tp in self._full:
                 continue  # revoked (the new owner reads it again) or rewound (read again)
             delivery = _delivery(tp, record)
             if tp.topic in self._tiers and self._hold_until_due(tp, delivery):
                 continue
+            if self._tracker.held(tp) >= self._max_held:
+                self._rewind(tp, record.offset)
+                self._full.add(tp)
+                log.warning(
+                    "%s[%d] holds %d records behind its oldest unsettled one "
+                    "(worker.max_held_offsets): paused until it settles",
+                    tp.topic,
+                    tp.partition,
+                    self._max_held,
+                )
+                continue
             self._tracker.track(tp, record.offset)
             deliveries.append(delivery)
         return deliveries
+
+    async def _poll_only(self) -> None:
+        """Poll although records fetched earlier still wait for a slot (K6): the group sees
+        this member alive (`max_poll_interval_s` counts from the last poll). At most one
+        record more is taken, so what waits here shrinks with every fetch that hands
+        records out; when the worker has no room it has paused every partition, and the
+        poll takes nothing."""
+        batches = await self._consumer.getmany(timeout_ms=0, max_records=1)
+        for tp, records in batches.items():
+            self._held.extend((tp, record) for record in records)
+
+    def _rewind(self, tp: TopicPartition, offset: int) -> None:
+        """Pause `tp` and read it again from `offset` once resumed; drop what is in hand."""
+        self._consumer.pause(tp)
+        self._consumer.seek(tp, offset)
+        self._held = deque(item for item in self._held if item[0] != tp)
 
     def _hold_until_due(self, tp: TopicPartition, delivery: Delivery) -> bool:
         due = delivery.attributes.not_before if delivery.attributes is not None else None
         wait = (due - datetime.now(UTC)).total_seconds() if due is not None else 0.0
         if wait <= 0:
             return False
-        self._consumer.pause(tp)
-        self._consumer.seek(tp, delivery.offset)
-        self._held = deque(item for item in self._held if item[0] != tp)
+        self._rewind(tp, delivery.offset)
         loop = asyncio.get_running_loop()
         self._waiting[tp] = loop.call_later(wait, self._due, tp)
         return True
 
     def _due(self, tp: TopicPartition) -> None:
         self._waiting.pop(tp, None)
-        if not self._paused and tp in self._assignment:
+        if not self._paused and tp in self._assignment and tp not in self._full:
             self._consumer.resume(tp)
 
     def pause(self) -> None:
@@ -156,7 +185,11 @@ class KafkaSource:
 
     def resume(self) -> None:
         if self._paused:
-            ready = [tp for tp in self._consumer.assignment() if tp not in self._waiting]
+            ready = [
+                tp
+                for tp in self._consumer.assignment()
+                if tp not in self._waiting and tp not in self._full
+            ]
             self._consumer.resume(*ready)
             self._paused = False
 
@@ -168,6 +201,10 @@ class KafkaSource:
             except ValueError:
                 # From an earlier assignment of this partition: already redelivered.
                 log.debug("stale settle ignored: %s", delivery.describe)
+            if tp in self._full and self._tracker.held(tp) <= self._max_held // 2:
+                self._full.discard(tp)
+                if not self._paused and tp not in self._waiting:
+                    self._consumer.resume(tp)
 
     def owns(self, delivery: Delivery) -> bool:
         return delivery.partition in self._assignment
@@ -227,6 +264,7 @@ class KafkaSource:
         self._held = deque(item for item in self._held if item[0] not in revoked_set)
         for tp in revoked_set & self._waiting.keys():
             self._waiting.pop(tp).cancel()
+        self._full -= revoked_set
         self._paused = False
 
     def _assigned(self, assigned: list[TopicPartition]) -> None:

@@ -191,6 +191,12 @@ class OffsetTracker(Generic[P]):
             return 0 if state is None else state.unsettled
         return sum(state.unsettled for state in self._partitions.values())
 
+    def held(self, partition: P) -> int:
+        """Records of ``partition`` remembered from its lowest unsettled one on: what its
+        memory costs. Bound it by pausing the partition (`worker.max_held_offsets`)."""
+        state = self._partitions.get(partition)
+        return 0 if state is None else len(state.offsets)
+
     def pending_commit(self, partition: P | None = None) -> int:
         """Settled records behind the commit position that no marked commit covers yet.
 

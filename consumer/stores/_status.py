@@ -80,6 +80,13 @@ def _merge(
     previous: JobStatus | None, job_id: str, state: JobState, fields: dict[str, Any]
 ) -> JobStatus:
     base = previous.model_dump() if previous is not None else {"job_id": job_id}
+    if previous is not None and state is JobState.PENDING:
+        # `pending` is written by the ingress after its publish returned; a fast worker may
+        # have started (or finished) the job by then: keep its state, add what it lacks.
+        known = {k: v for k, v in base.items() if v is not None}
+        return JobStatus.model_validate(
+            {**{k: v for k, v in fields.items() if v is not None}, **known}
+        )
     # A final state is not overwritten by a late, stale transition (e.g. `running` written
     # by a redelivery of a job that already succeeded): only another final state replaces it.
     if previous is not None and previous.state in FINAL_STATES and state not in FINAL_STATES:
