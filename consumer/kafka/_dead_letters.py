@@ -7,7 +7,6 @@ headers are the runtime's (`consumer.core`).
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import json
 from collections.abc import Iterable, Sequence
@@ -19,8 +18,8 @@ from aiokafka.errors import TopicAlreadyExistsError
 from opentelemetry import trace
 from opentelemetry.trace import TracerProvider
 
-from consumer.core import DeadLetterFilter, DeadLetterRecord, ReplayResult, Settings, replay_headers
-from consumer.telemetry import replaying, retrace
+from consumer.core import DeadLetterFilter, DeadLetterRecord, ReplayResult, Settings
+from consumer.runtime import replay_records
 from producer.kafka import kafka_client_options
 from producer.tracecontext import recording_provider
 
@@ -118,42 +117,27 @@ async def replay(
     ledger = ReplayLedger(settings)
     await ledger.ensure()
     done = await ledger.load()
-    results: list[ReplayResult] = []
     producer = AIOKafkaProducer(
         **kafka_client_options(settings.kafka), acks="all", enable_idempotence=True
     )
+
+    async def send(
+        topic: str, key: bytes | None, headers: list[tuple[str, bytes]], value: bytes
+    ) -> None:
+        await producer.send_and_wait(topic, value, key=key, headers=headers)
+
     await producer.start()
     try:
-        for record in records:
-            destination = settings.retry.main_topic(record.ext("jobsrctopic") or "")
-            if not destination:
-                destination = record.topic.removesuffix(settings.retry.dead_letter_suffix)
-            if record.id in done and not force:
-                results.append(ReplayResult(record, "already-replayed", destination))
-                continue
-            if dry_run:
-                results.append(ReplayResult(record, "would-replay", destination))
-                continue
-            with contextlib.ExitStack() as span:
-                headers = replay_headers(record)
-                if tracer is not None:
-                    hand_off = span.enter_context(
-                        replaying(tracer, "kafka", destination, record.header, record.id)
-                    )
-                    headers = retrace(headers, hand_off)
-                await producer.send_and_wait(
-                    destination, record.value, key=record.key, headers=headers
-                )
-            entry = {
-                "replayed_at": datetime.now(UTC).isoformat(),
-                "job_id": record.job_id or "",
-                "to": destination,
-            }
-            await producer.send_and_wait(
-                ledger.topic, json.dumps(entry).encode(), key=record.id.encode()
-            )
-            results.append(ReplayResult(record, "replayed", destination))
-            await asyncio.sleep(1 / rate_per_s)
+        return await replay_records(
+            settings,
+            records,
+            replayed=done.keys(),
+            send=send,
+            system="kafka",
+            tracer=tracer,
+            force=force,
+            dry_run=dry_run,
+            rate_per_s=rate_per_s,
+        )
     finally:
         await producer.stop()
-    return results

@@ -8,16 +8,12 @@ replay headers are the runtime's (`consumer.core`).
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
-import json
 from collections.abc import Iterable, Sequence
-from datetime import UTC, datetime
 
 from opentelemetry import trace
 
-from consumer.core import DeadLetterFilter, DeadLetterRecord, ReplayResult, Settings, replay_headers
-from consumer.telemetry import replaying, retrace
+from consumer.core import DeadLetterFilter, DeadLetterRecord, ReplayResult, Settings
+from consumer.runtime import replay_records
 from producer.memory import MemoryBroker, MemoryRecord
 from producer.tracecontext import recording_provider
 
@@ -60,32 +56,23 @@ async def replay(
     ledger = settings.retry.replay_ledger_topic
     broker.create_topic(ledger, 1)
     done = {r.key.decode() for r in read_topics(broker, [ledger]) if r.key is not None}
-    results: list[ReplayResult] = []
-    for record in records:
-        destination = settings.retry.main_topic(record.ext("jobsrctopic") or "")
-        if not destination:
-            destination = record.topic.removesuffix(settings.retry.dead_letter_suffix)
-        if record.id in done and not force:
-            results.append(ReplayResult(record, "already-replayed", destination))
-            continue
-        if dry_run:
-            results.append(ReplayResult(record, "would-replay", destination))
-            continue
-        with contextlib.ExitStack() as span:
-            headers = replay_headers(record)
-            if tracer is not None:
-                hand_off = span.enter_context(
-                    replaying(tracer, "memory", destination, record.header, record.id)
-                )
-                headers = retrace(headers, hand_off)
-            await broker.append(destination, record.key, headers, record.value)
-        replayed_at = datetime.now(UTC).isoformat()
-        entry = {"replayed_at": replayed_at, "job_id": record.job_id or "", "to": destination}
-        await broker.append(ledger, record.id.encode(), [], json.dumps(entry).encode())
-        done.add(record.id)
-        results.append(ReplayResult(record, "replayed", destination))
-        await asyncio.sleep(1 / rate_per_s)
-    return results
+
+    async def send(
+        topic: str, key: bytes | None, headers: list[tuple[str, bytes]], value: bytes
+    ) -> None:
+        await broker.append(topic, key, headers, value)
+
+    return await replay_records(
+        settings,
+        records,
+        replayed=done,
+        send=send,
+        system="memory",
+        tracer=tracer,
+        force=force,
+        dry_run=dry_run,
+        rate_per_s=rate_per_s,
+    )
 
 
 def _record(r: MemoryRecord) -> DeadLetterRecord:

@@ -9,6 +9,7 @@ from consumer.runtime._health import HealthServer
 from consumer.runtime._lanes import LaneScheduler, lane_for
 from consumer.runtime._offsets import OffsetTracker
 from consumer.runtime._record_routing import RecordFailureRouter, RecordPublisher
+from consumer.runtime._replay import replay_records
 from consumer.runtime._worker import Worker
 
 __all__ = [
@@ -19,6 +20,7 @@ __all__ = [
     "RecordPublisher",
     "Worker",
     "lane_for",
+    "replay_records",
     "store_dead_letter",
     "until_acknowledged",
 ]
