@@ -137,7 +137,10 @@ class DeadLetterFilter:
 @dataclass(frozen=True, slots=True)
 class ReplayResult:
     record: DeadLetterRecord
-    status: str  # "replayed", "would-replay" (dry run), "already-replayed"
+    status: str
+    """`replayed`, `would-replay` (dry run), `already-replayed`, or `reduced` (not
+    replayable: the broker refused the whole record, so its body or headers were replaced
+    by their sizes and digests; `jobreduced` says which)."""
     destination: str
 
 

@@ -32,6 +32,7 @@ from consumer.nats._provision import ensure_replay_ledger
 from consumer.telemetry import replaying, retrace
 from producer.nats import connect_nats
 from producer.tracecontext import recording_provider
+from schemas.names import REDUCED
 
 _READ_BATCH = 256
 
@@ -110,6 +111,9 @@ async def replay_nats(
             key = base64.urlsafe_b64encode(record.id.encode()).decode().rstrip("=")
             if not force and await _replayed(ledger, key):
                 results.append(ReplayResult(record, "already-replayed", destination))
+                continue
+            if record.ext(REDUCED):  # its original body or headers were never stored
+                results.append(ReplayResult(record, "reduced", destination))
                 continue
             if dry_run:
                 results.append(ReplayResult(record, "would-replay", destination))

@@ -21,7 +21,7 @@ from opentelemetry.trace import Tracer
 
 from consumer.core import DeadLetterRecord, ReplayResult, Settings, replay_headers
 from consumer.telemetry import replaying, retrace
-from schemas.names import SOURCE_TOPIC
+from schemas.names import REDUCED, SOURCE_TOPIC
 
 SendRecord = Callable[[str, bytes | None, list[tuple[str, bytes]], bytes], Awaitable[object]]
 """(topic, key, headers, value) -> the broker acknowledged it."""
@@ -50,6 +50,9 @@ async def replay_records(
             destination = record.topic.removesuffix(settings.retry.dead_letter_suffix)
         if record.id in done and not force:
             results.append(ReplayResult(record, "already-replayed", destination))
+            continue
+        if record.ext(REDUCED):  # its original body or headers were never stored
+            results.append(ReplayResult(record, "reduced", destination))
             continue
         if dry_run:
             results.append(ReplayResult(record, "would-replay", destination))

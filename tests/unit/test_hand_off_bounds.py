@@ -167,3 +167,19 @@ async def test_a_transient_refusal_is_retried_and_the_job_retried_once() -> None
         Outcome.COMPLETED,
     ]
     assert t.dead_letters() == []
+
+
+async def test_a_reduced_dead_letter_is_not_replayed() -> None:
+    """Its body was never stored: a replay would republish the placeholder. `dlq replay`
+    says `reduced` and publishes nothing, even when forced."""
+    async with TestApp(app, settings(max_attempts=1)) as t:
+        await t.publish(HostileJob(behaviour="fail", padding="p" * 5000))
+        t.broker.faults.limit_record_bytes(record_bytes(t) + 200)
+        await t.drain(timeout_s=5)
+        t.broker.faults.reset()
+        [letter] = t.dead_letters()
+        end = t.broker.end_offset(TOPIC, 0)
+        for force in (False, True):
+            [result] = await t.backend.replay(t.settings, [letter], force=force)
+            assert (result.record.id, result.status) == (letter.id, "reduced")
+        assert t.broker.end_offset(TOPIC, 0) == end, "nothing was republished"
