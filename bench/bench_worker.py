@@ -54,7 +54,7 @@ from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 
 from consumer import App, JobContext, Settings, Worker
 from consumer.core import main_destinations
-from consumer.kafka import KafkaSource, failure_topics
+from consumer.kafka import KafkaSource
 from consumer.telemetry import JsonFormatter
 from schemas import Job, encode, to_kafka
 
@@ -128,7 +128,7 @@ class Bench:
         name = f"bench-{uuid.uuid4().hex[:12]}"
         settings = settings_for(self, name, "")
         topics = main_destinations(bench_app(Tally(0), 0), settings)
-        needed = [name, *failure_topics(settings, topics)]
+        needed = [name, *settings.retry.failure_topics(topics)]
         await self.admin.create_topics(
             [NewTopic(name=t, num_partitions=partitions, replication_factor=1) for t in needed]
         )

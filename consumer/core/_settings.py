@@ -6,6 +6,7 @@ named by `JOBSTREAM_CONFIG_FILE`). docs/configuration.md lists every setting.
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from typing import Literal, Self
 
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, model_validator
@@ -164,6 +165,16 @@ class RetrySettings(_Frozen):
     def tier_for(self, topic: str, delay_s: float) -> str:
         index = next((i for i, tier in enumerate(self.tiers_s) if tier >= delay_s), None)
         return self.tier_topics(topic)[len(self.tiers_s) - 1 if index is None else index]
+
+    def failure_topics(self, topics: Iterable[str]) -> list[str]:
+        """The retry tier topics (none with `in_place`) and the dead-letter topic of each of
+        `topics`: where a worker of them publishes failed jobs."""
+        found: list[str] = []
+        for topic in topics:
+            if not self.in_place:
+                found.extend(self.tier_topics(topic))
+            found.append(self.dead_letter_topic(topic))
+        return found
 
     def dead_letter_topic(self, topic: str) -> str:
         return f"{topic}{self.dead_letter_suffix}"

@@ -3,7 +3,7 @@ held until due, batched commits after settle), failure routing to tier and dead-
 topics, provisioning, and dead-letter listing and replay with a compacted ledger topic.
 The only consumer package that imports aiokafka; selected by `consumer/_backends.py`."""
 
-from consumer.kafka._backend import KafkaBackend, failure_topics
+from consumer.kafka._backend import KafkaBackend
 from consumer.kafka._dead_letters import ReplayLedger, list_dead_letters, read_topics, replay
 from consumer.kafka._source import KafkaSource
 
@@ -12,7 +12,6 @@ __all__ = [
     "KafkaBackend",
     "KafkaSource",
     "ReplayLedger",
-    "failure_topics",
     "list_dead_letters",
     "read_topics",
     "replay",

@@ -27,17 +27,6 @@ from producer import plan_destinations
 from producer.kafka import KafkaPublisher
 
 
-def failure_topics(settings: Settings, topics: Iterable[str]) -> list[str]:
-    """The retry tier and dead-letter topics of `topics`, which the worker publishes to."""
-    retry = settings.retry
-    found: list[str] = []
-    for topic in topics:
-        if not retry.in_place:
-            found.extend(retry.tier_topics(topic))
-        found.append(retry.dead_letter_topic(topic))
-    return found
-
-
 class KafkaBackend:
     """`consumer._backends.Backend` for Kafka."""
 
@@ -56,7 +45,7 @@ class KafkaBackend:
         await publisher.start()
         stack.push_async_callback(publisher.stop)
         topics = main_destinations(app, settings)
-        needed = failure_topics(settings, topics)
+        needed = settings.retry.failure_topics(topics)
         if settings.create_missing:
             await publisher.ensure(needed)
         else:
@@ -69,7 +58,7 @@ class KafkaBackend:
 
     async def provision(self, settings: Settings, job_types: Sequence[str]) -> list[str]:
         def hook(job_type: str, main: str) -> list[str]:
-            return failure_topics(settings, [main])
+            return settings.retry.failure_topics([main])
 
         topics = plan_destinations(settings, job_types, [hook])
         publisher = KafkaPublisher(settings.kafka, settings.routing)

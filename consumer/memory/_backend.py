@@ -31,18 +31,7 @@ from consumer.stores import IdempotencyStore
 from producer import plan_destinations
 from producer.memory import MemoryBroker, MemoryPublisher
 
-__all__ = ["MemoryBackend", "failure_topics"]
-
-
-def failure_topics(settings: Settings, topics: Iterable[str]) -> list[str]:
-    """The retry tier and dead-letter topics of `topics`, which the worker publishes to."""
-    retry = settings.retry
-    found: list[str] = []
-    for topic in topics:
-        if not retry.in_place:
-            found.extend(retry.tier_topics(topic))
-        found.append(retry.dead_letter_topic(topic))
-    return found
+__all__ = ["MemoryBackend"]
 
 
 class MemoryBackend:
@@ -72,7 +61,7 @@ class MemoryBackend:
         are created with `create_missing`, else `DestinationMissing` names the missing."""
         publisher = MemoryPublisher(self.broker, partitions=settings.routing.partitions)
         topics = main_destinations(app, settings)
-        needed = [*topics, *failure_topics(settings, topics)]
+        needed = [*topics, *settings.retry.failure_topics(topics)]
         if settings.create_missing:
             await publisher.ensure(needed)
         else:
@@ -86,7 +75,7 @@ class MemoryBackend:
 
     async def provision(self, settings: Settings, job_types: Sequence[str]) -> list[str]:
         def hook(job_type: str, main: str) -> list[str]:
-            return failure_topics(settings, [main])
+            return settings.retry.failure_topics([main])
 
         topics = plan_destinations(settings, job_types, [hook])
         partitions = settings.routing.partitions

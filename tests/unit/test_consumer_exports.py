@@ -33,7 +33,6 @@ EXPECTED = {
         "KafkaBackend",
         "KafkaSource",
         "ReplayLedger",
-        "failure_topics",
         "list_dead_letters",
         "read_topics",
         "replay",
