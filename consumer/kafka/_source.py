@@ -34,6 +34,9 @@ from schemas import JobDecodeError, from_kafka
 
 log = logging.getLogger("jobstream.kafka")
 _BROKER_BACKOFF = Backoff(initial_s=0.5, max_s=10.0, jitter=True)
+# Polled when the worker takes nothing: never assigned, so the poll returns no record and
+# drops none that aiokafka prefetched, yet counts for `max_poll_interval_ms`.
+_NO_PARTITION = TopicPartition("", -1)
 
 
 def _unreachable(error: Exception, wait_s: float) -> None:
@@ -114,16 +117,17 @@ class KafkaSource:
         self._consumer.subscribe(self._topics, listener=_Listener(self))
 
     async def fetch(self, max_records: int, timeout_s: float) -> list[Delivery]:
-        # Records that arrive beyond `max_records` (a fetch racing a pause) wait in `_held`
-        # instead of overrunning the runtime's in-flight bound.
-        if len(self._held) < max(max_records, 1):
+        # Records that arrive beyond `max_records` wait in `_held` instead of overrunning
+        # the runtime's in-flight bound; while they wait, or while the worker has no room,
+        # the consumer still polls, taking nothing (K6).
+        if self._paused or len(self._held) >= max(max_records, 1):
+            await self._consumer.getmany(_NO_PARTITION, timeout_ms=0)
+        else:
             # With records already in hand, only top up what is ready: never wait for more.
             wait_ms = 0 if self._held else int(timeout_s * 1000)
             batches = await self._consumer.getmany(timeout_ms=wait_ms, max_records=self._fetch_max)
             for tp, records in batches.items():
                 self._held.extend((tp, record) for record in records)
-        else:
-            await self._poll_only()
         deliveries: list[Delivery] = []
         while self._held and len(deliveries) < max_records:
             tp, record = self._held.popleft()
@@ -147,16 +151,6 @@ class KafkaSource:
             deliveries.append(delivery)
         return deliveries
 
-    async def _poll_only(self) -> None:
-        """Poll although records fetched earlier still wait for a slot (K6): the group sees
-        this member alive (`max_poll_interval_s` counts from the last poll). At most one
-        record more is taken, so what waits here shrinks with every fetch that hands
-        records out; when the worker has no room it has paused every partition, and the
-        poll takes nothing."""
-        batches = await self._consumer.getmany(timeout_ms=0, max_records=1)
-        for tp, records in batches.items():
-            self._held.extend((tp, record) for record in records)
-
     def _rewind(self, tp: TopicPartition, offset: int) -> None:
         """Pause `tp` and read it again from `offset` once resumed; drop what is in hand."""
         self._consumer.pause(tp)
@@ -175,23 +169,18 @@ class KafkaSource:
 
     def _due(self, tp: TopicPartition) -> None:
         self._waiting.pop(tp, None)
-        if not self._paused and tp in self._assignment and tp not in self._full:
+        if tp in self._assignment and tp not in self._full:
             self._consumer.resume(tp)
 
     def pause(self) -> None:
-        if not self._paused and self._assignment:
-            self._consumer.pause(*self._assignment)
-            self._paused = True
+        # Not the consumer's pause: aiokafka discards a paused partition's prefetched
+        # records at the next poll and fetches them again on resume, which churns memory
+        # and the network at every full-to-free turn. Taking nothing is enough: aiokafka
+        # prefetches at most one fetch (`max_partition_fetch_bytes`) per partition.
+        self._paused = True
 
     def resume(self) -> None:
-        if self._paused:
-            ready = [
-                tp
-                for tp in self._consumer.assignment()
-                if tp not in self._waiting and tp not in self._full
-            ]
-            self._consumer.resume(*ready)
-            self._paused = False
+        self._paused = False
 
     def settle(self, delivery: Delivery, outcome: Outcome) -> None:
         tp = delivery.partition
@@ -203,7 +192,7 @@ class KafkaSource:
                 log.debug("stale settle ignored: %s", delivery.describe)
             if tp in self._full and self._tracker.held(tp) <= self._max_held // 2:
                 self._full.discard(tp)
-                if not self._paused and tp not in self._waiting:
+                if tp not in self._waiting:
                     self._consumer.resume(tp)
 
     def owns(self, delivery: Delivery) -> bool:
@@ -265,11 +254,9 @@ class KafkaSource:
         for tp in revoked_set & self._waiting.keys():
             self._waiting.pop(tp).cancel()
         self._full -= revoked_set
-        self._paused = False
 
     def _assigned(self, assigned: list[TopicPartition]) -> None:
         self._assignment = set(self._consumer.assignment())
-        self._paused = False
         self._ready = True
         log.info("assigned %s", sorted(f"{tp.topic}[{tp.partition}]" for tp in assigned))
 
