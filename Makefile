@@ -9,7 +9,7 @@ PYTEST_ARGS ?=
 PACKAGES := schemas producer consumer jobstream
 
 .DEFAULT_GOAL := help
-.PHONY: openapi openapi-check helm demo fmt-check schemas help venv up down status test test-unit check fmt lint types imports schemas-check bench lock clean
+.PHONY: chaos openapi openapi-check helm demo fmt-check schemas help venv up down status test test-unit check fmt lint types imports schemas-check bench lock clean
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-14s %s\n", $$1, $$2}'
@@ -78,6 +78,9 @@ openapi: venv ## regenerate docs/openapi.json
 
 schemas: venv ## regenerate schemas/jsonschema/ from the job models
 	@$(BIN)/jobstream schemas export
+
+chaos: up ## 3 workers, 20 SIGKILLs, a broker and a store restart during 20,000 jobs (Kafka, NATS)
+	@$(BIN)/python -m tests.chaos $(CHAOS_ARGS)
 
 bench: up ## run the benchmarks (compare with the raw clients; prints ratios)
 	@for script in bench/bench_*.py; do echo "== $$script"; $(BIN)/python $$script; done

@@ -87,8 +87,8 @@ async def _run(worker: Worker) -> Worker:
         health = HealthServer(
             settings.health.host,
             settings.health.port,
-            live=lambda: not worker.stopped_by_fault,
-            ready=lambda: worker.ready,
+            live=worker.not_live,
+            ready=worker.not_ready,
         )
         if worker.telemetry.prometheus is not None:
             health.route("/metrics", lambda: (200, worker.telemetry.prometheus_text()))

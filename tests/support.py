@@ -252,3 +252,24 @@ async def publish_nats(
     finally:
         await client.close()
     return published
+
+
+async def wait_nats_consumer_settled(
+    url: str, stream: str, consumer: str, timeout_s: float
+) -> None:
+    """Wait until the JetStream `consumer` has nothing pending and nothing unacknowledged."""
+    client = await nats.connect(url)
+    try:
+        js = client.jetstream()
+
+        async def settled() -> bool:
+            info = await js.consumer_info(stream, consumer)
+            return info.num_pending == 0 and info.num_ack_pending == 0
+
+        deadline = time.monotonic() + timeout_s
+        while not await settled():
+            if time.monotonic() > deadline:
+                raise AssertionError("the consumer still has unacknowledged jobs")
+            await asyncio.sleep(0.2)
+    finally:
+        await client.close()

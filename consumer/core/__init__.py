@@ -12,7 +12,7 @@ from consumer.core._dead_letters import (
     ReplayResult,
     replay_headers,
 )
-from consumer.core._errors import DeadLetter, JobTimeout, Retry, WorkerError
+from consumer.core._errors import DeadLetter, JobTimeout, MaxDeliveries, Retry, WorkerError
 from consumer.core._failures import (
     ERROR,
     FAILURE_EXTENSIONS,
@@ -24,6 +24,7 @@ from consumer.core._failures import (
     decide,
     error_text,
     failure_details,
+    first_failure_stamp,
     unescape,
     utc_now,
 )
@@ -64,6 +65,7 @@ __all__ = [
     "JobRun",
     "JobTimeout",
     "LoggingSettings",
+    "MaxDeliveries",
     "Next",
     "OrderingMode",
     "Outcome",
@@ -81,6 +83,7 @@ __all__ = [
     "decide",
     "error_text",
     "failure_details",
+    "first_failure_stamp",
     "main_destinations",
     "reduced_dead_letter",
     "replay_headers",

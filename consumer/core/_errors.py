@@ -9,6 +9,8 @@ JobstreamError (schemas)                    root of every jobstream error
 ├── Retry(delay_s=None)                     raised by a handler: retry, optionally after delay_s
 ├── DeadLetter(reason)                      raised by a handler: do not retry, dead-letter now
 ├── JobTimeout                              retriable: the job ran past its timeout
+├── MaxDeliveries                           dead-letter: the broker's last delivery (NATS
+│                                           max_deliver) after crashes or cut-offs
 └── WorkerError                             fatal: the worker exits non-zero, the
                                             orchestrator restarts it
 ```
@@ -53,6 +55,22 @@ class JobTimeout(JobstreamError):
     def __init__(self, limit_s: float) -> None:
         super().__init__(f"job did not finish within its timeout of {limit_s:g}s")
         self.limit_s = limit_s
+
+
+class MaxDeliveries(JobstreamError):
+    """The broker delivers the job for the last time (JetStream `max_deliver`), after
+    redeliveries that were not failures (crashes, cut-offs): it is dead-lettered instead
+    of run, or it would stay unacknowledged in the stream for ever."""
+
+    retriable: ClassVar[bool] = False
+    reason: ClassVar[str] = "max-deliveries"
+
+    def __init__(self, deliveries: int) -> None:
+        super().__init__(
+            f"delivered {deliveries} times (the consumer's max_deliver) without being settled: "
+            "look for worker crashes or cut-offs (drain and revoke timeouts) of this job"
+        )
+        self.deliveries = deliveries
 
 
 class WorkerError(JobstreamError):

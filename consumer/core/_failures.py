@@ -54,6 +54,7 @@ __all__ = [
     "decide",
     "error_text",
     "failure_details",
+    "first_failure_stamp",
     "qualified_name",
     "unescape",
     "utc_now",
@@ -134,9 +135,15 @@ def failure_details(
         SOURCE_PARTITION: carried(SOURCE_PARTITION, _partition_number(delivery.partition)),
         SOURCE_OFFSET: carried(SOURCE_OFFSET, str(delivery.offset)),
         GROUP: group,
-        FIRST_FAILURE: _timestamp(_first_failure(run) or now),
+        FIRST_FAILURE: first_failure_stamp(run, now),
         LAST_FAILURE: _timestamp(now),
     }
+
+
+def first_failure_stamp(run: JobRun, now: datetime) -> str:
+    """`jobfirstfail` for a failure of `run` at `now`: the first failure the job carries,
+    else `now` (this is its first failure). The retry budget counts from it."""
+    return _timestamp(_first_failure(run) or now)
 
 
 def utc_now() -> datetime:

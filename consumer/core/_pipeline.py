@@ -15,6 +15,7 @@ whatever its handler returned (`steps/_handler.py`, `runtime/_worker.py`).
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import time
 from collections.abc import Awaitable, Callable, Sequence
@@ -25,6 +26,7 @@ from consumer.core._app import HandlerSpec, JobContext
 from consumer.core._outcome import Outcome
 from consumer.core._source import Delivery
 from schemas import Job, JobAttributes, JobDecodeError
+from schemas.names import FIRST_FAILURE
 
 
 @dataclass(slots=True)
@@ -44,17 +46,24 @@ class JobRun:
     """Set by the worker when it cancels the run (drain timeout, revoke): the runtime's own
     record that the run did not finish. Such a run is never settled, whatever the handler
     returned."""
+    handler_running: asyncio.Future[None] | None = None
+    """Set by the handler step when it stops waiting for a cancelled handler call (a thread
+    or pool process runs on, abandoned): done when that call really ends. The idempotency
+    step keeps the job's claim until then, so no other delivery runs the job meanwhile."""
 
     @property
     def attributes(self) -> JobAttributes | None:
         return self.delivery.attributes
 
-    def next_attempt(self) -> None:
+    def next_attempt(self, first_failure: str) -> None:
         """Make this run the job's next attempt (an in-place retry): one attempt later, a
-        fresh deadline, no error yet. Mutated in place, so every step sees the same run."""
+        fresh deadline, no error yet, and `jobfirstfail` set to `first_failure` (so the
+        retry budget counts from the first failure, as it does through a tier). Mutated in
+        place, so every step sees the same run."""
         assert self.attributes is not None
         assert self.context is not None
         attributes = self.attributes.replace(attempt=self.attributes.attempt + 1)
+        attributes = attributes.with_extensions(**{FIRST_FAILURE: first_failure})
         timeout = self.context.deadline - self.started
         self.context = dataclasses.replace(
             self.context, attributes=attributes, deadline=time.monotonic() + timeout

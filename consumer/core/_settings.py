@@ -78,8 +78,14 @@ class IdempotencySettings(_Frozen):
     `nats-kv` needs none: it uses the `nats` connection settings (a `nats://` URL here
     replaces their servers; their credentials and TLS still apply)."""
     lease_s: float = Field(default=60.0, gt=0)
-    """How long a claim is held before another worker may take the job over; renewed while
-    the job runs."""
+    """How long a claim lives without a renewal; renewed every third of it while the job
+    runs. A run that cannot renew its claim for a whole lease, or finds it taken, is cut
+    off. Another delivery of the job waits, and takes a claim over only after it saw it
+    unchanged for a whole lease."""
+    record_timeout_s: float = Field(default=300.0, gt=0)
+    """How long a finished job's completion is retried while the store cannot record it
+    (with backoff, the claim kept, the job unsettled). Past it the worker stops with
+    `WorkerError` (exit 1); the job's record is delivered again, nothing is lost."""
     retention_s: float = Field(default=7 * 24 * 3600.0, gt=0)
     """How long a completed job id is remembered (bound on the store's size)."""
     namespace: str = "jobstream"
@@ -219,6 +225,9 @@ class JetStreamSettings(_Frozen):
     wait (the store outage is retried) instead of running unrecorded."""
     replay_ledger_bucket: str = "jobstream_dlq_replays"
     """KV bucket that records which dead letters were replayed."""
+    first_failure_bucket: str = "jobstream_first_failures"
+    """KV bucket that records when each retried job first failed, per group: a redelivery
+    carries no new header, and the retry budget counts from the first failure."""
 
     @model_validator(mode="after")
     def _heartbeat_below_ack_wait(self) -> Self:
@@ -285,6 +294,14 @@ class HealthSettings(_Frozen):
     """Address to bind; in a container set 0.0.0.0 so the kubelet can reach it."""
     port: int = Field(default=8080, ge=0, le=65535)
     """Port of `/livez`, `/readyz` (and `/metrics`); 0 turns the endpoint off."""
+    readiness_silence_s: float | None = Field(default=None, gt=0)
+    """`/readyz` answers 503 once the broker has not answered for this long (Kafka: no
+    fetch response, heartbeat or commit; NATS: no pull answer or ack confirmation), 200
+    again at its next answer. Default: two thirds of `worker.session_timeout_s` (20 s)."""
+    liveness_silence_s: float | None = Field(default=None, gt=0)
+    """`/livez` answers 503 (the kubelet restarts the worker) once the broker has not
+    answered, or the worker's fetch loop has not turned, for this long. Default:
+    `worker.max_poll_interval_s` (300 s), when Kafka takes a member for stuck."""
 
 
 class LoggingSettings(_Frozen):

@@ -21,7 +21,7 @@ from consumer.core import (
 )
 from consumer.kafka._dead_letters import ReplayLedger, list_dead_letters, replay
 from consumer.kafka._source import KafkaSource
-from consumer.runtime import RecordFailureRouter
+from consumer.runtime import RecordFailureRouter, until_reachable
 from consumer.stores import IdempotencyStore
 from producer import plan_destinations
 from producer.kafka import KafkaPublisher
@@ -42,7 +42,7 @@ class KafkaBackend:
         self, app: App, settings: Settings, stack: contextlib.AsyncExitStack, tracer: Tracer | None
     ) -> tuple[Source, FailureRouter]:
         publisher = KafkaPublisher(settings.kafka, settings.routing)
-        await publisher.start()
+        await until_reachable(settings, publisher.start)
         stack.push_async_callback(publisher.stop)
         topics = main_destinations(app, settings)
         needed = settings.retry.failure_topics(topics)
@@ -50,7 +50,8 @@ class KafkaBackend:
             await publisher.ensure(needed)
         else:
             await publisher.check(needed)
-        return KafkaSource(settings, topics), RecordFailureRouter(settings, publisher, tracer)
+        source = KafkaSource(settings, topics, requeue=publisher)
+        return source, RecordFailureRouter(settings, publisher, tracer)
 
     async def open_idempotency_store(self, settings: Settings) -> IdempotencyStore:
         msg = "Kafka keeps no idempotency store: use memory, redis, postgres or nats-kv"

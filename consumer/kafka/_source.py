@@ -3,7 +3,12 @@
 The source reads the main topics and their retry tier topics in one consumer. A tier
 record that is not due yet (`jobnotbefore` in the future) is not handed out: its partition
 is paused and rewound to it, and resumed when it is due, so a waiting retry blocks neither
-other partitions nor the main topics, and holds no memory while it waits.
+other partitions nor the main topics, and holds no memory while it waits. A tier record
+holds its partition at most the tier's own delay after it was appended: one due later
+(`Retry(delay_s=86400)` on the last tier) is then appended again to the tail of the tier,
+unchanged (same job id, attempt and due time), and its offset settled once the broker
+acknowledged the copy, so the retries behind it that are due sooner are not held for a
+day (issue 13, K9). Each such record is appended at most once per tier delay: no busy loop.
 
 Auto-commit is off. Every fetched record is tracked by the `OffsetTracker`; settled records
 advance the commit position, and commits happen in batches (`commit_every` settled records
@@ -26,7 +31,7 @@ from aiokafka.errors import CommitFailedError, IllegalStateError, KafkaError
 from aiokafka.structs import OffsetAndMetadata
 
 from consumer.core import Delivery, Outcome, RevokeCallback, Settings, WorkerError
-from consumer.runtime import OffsetTracker
+from consumer.runtime import OffsetTracker, RecordPublisher, until_acknowledged
 from consumer.telemetry import Backlog
 from producer.kafka import kafka_client_options
 from producer.retrying import Backoff, retry
@@ -57,10 +62,29 @@ class _Listener(ConsumerRebalanceListener):  # type: ignore[misc]
 class KafkaSource:
     """A member of the consumer group `settings.worker.group` reading `topics`."""
 
-    def __init__(self, settings: Settings, topics: Sequence[str]) -> None:
-        worker = settings.worker
-        self._tiers = {tier for topic in topics for tier in settings.retry.tier_topics(topic)}
+    def __init__(
+        self,
+        settings: Settings,
+        topics: Sequence[str],
+        *,
+        requeue: RecordPublisher | None = None,
+    ) -> None:
+        """`requeue`: appends a tier record that is due past its tier's delay to the tail
+        of the tier (the backend's publisher). Without it such a record holds its tier
+        partition until it is due."""
+        worker, retry_settings = settings.worker, settings.retry
+        self._tier_delays = {
+            tier: delay_s
+            for topic in topics
+            for tier, delay_s in zip(
+                retry_settings.tier_topics(topic), retry_settings.tiers_s, strict=True
+            )
+        }
+        self._tiers = set(self._tier_delays)
         self._topics = sorted({*topics, *self._tiers})
+        self._requeue = requeue
+        self._requeuing: dict[asyncio.Task[None], TopicPartition] = {}
+        self._requeue_failed: BaseException | None = None
         self._settings = settings
         self._consumer = AIOKafkaConsumer(
             **kafka_client_options(settings.kafka),
@@ -86,6 +110,8 @@ class KafkaSource:
         self._waiting: dict[TopicPartition, asyncio.TimerHandle] = {}
         self._full: set[TopicPartition] = set()  # paused: too many records held (K7)
         self._max_held = worker.max_held_offsets
+        self._contact = time.monotonic()  # the last commit, probe or assignment Kafka answered
+        self._probed = TopicPartition(self._topics[0], 0)
 
     @property
     def ready(self) -> bool:
@@ -94,6 +120,25 @@ class KafkaSource:
     @property
     def tracker(self) -> OffsetTracker[TopicPartition]:
         return self._tracker
+
+    @property
+    def last_contact(self) -> float:
+        """When Kafka last answered (`time.monotonic()`): the newest fetch response of an
+        assigned partition, a commit, a probe or an assignment. `getmany` returning nothing
+        is no answer: it does so, without an error, while the broker is away."""
+        newest = max(
+            (self._consumer.last_poll_timestamp(tp) or 0 for tp in self._consumer.assignment()),
+            default=0,
+        )
+        # aiokafka stamps fetch responses with the wall clock, in milliseconds.
+        fetched = time.monotonic() - (time.time() - newest / 1000) if newest else 0.0
+        return max(self._contact, fetched)
+
+    async def probe(self) -> None:
+        """Ask the group coordinator for a committed offset: an answer from the broker while
+        this member fetches nothing (no partition, every one paused, or the worker full)."""
+        await self._consumer.committed(self._probed)
+        self._contact = time.monotonic()
 
     async def start(self, on_revoke: RevokeCallback) -> None:
         self._on_revoke = on_revoke
@@ -120,6 +165,10 @@ class KafkaSource:
         # Records that arrive beyond `max_records` wait in `_held` instead of overrunning
         # the runtime's in-flight bound; while they wait, or while the worker has no room,
         # the consumer still polls, taking nothing (K6).
+        if self._requeue_failed is not None:
+            error = self._requeue_failed
+            msg = f"a retry record could not be appended to its tier again: {error}"
+            raise WorkerError(msg) from error
         if self._paused or len(self._held) >= max(max_records, 1):
             await self._consumer.getmany(_NO_PARTITION, timeout_ms=0)
         else:
@@ -134,7 +183,7 @@ class KafkaSource:
             if tp not in self._assignment or tp in self._waiting or tp in self._full:
                 continue  # revoked (the new owner reads it again) or rewound (read again)
             delivery = _delivery(tp, record)
-            if tp.topic in self._tiers and self._hold_until_due(tp, delivery):
+            if tp.topic in self._tiers and self._hold_until_due(tp, record, delivery):
                 continue
             if self._tracker.held(tp) >= self._max_held:
                 self._rewind(tp, record.offset)
@@ -157,15 +206,55 @@ class KafkaSource:
         self._consumer.seek(tp, offset)
         self._held = deque(item for item in self._held if item[0] != tp)
 
-    def _hold_until_due(self, tp: TopicPartition, delivery: Delivery) -> bool:
+    def _hold_until_due(
+        self, tp: TopicPartition, record: ConsumerRecord[bytes, bytes], delivery: Delivery
+    ) -> bool:
+        """True if the tier record is not handed out now: its partition waits (rewound to
+        it), or the record is being appended to the tail of the tier (requeued)."""
         due = delivery.attributes.not_before if delivery.attributes is not None else None
         wait = (due - datetime.now(UTC)).total_seconds() if due is not None else 0.0
         if wait <= 0:
             return False
+        if self._requeue is not None:
+            # Hold no longer than the tier's delay after the record was appended; a record
+            # appended at T comes back at T + tier delay, so each is requeued at most once
+            # per tier delay. A timestamp in the future still holds at most one tier delay.
+            tier_s = self._tier_delays[tp.topic]
+            released = record.timestamp / 1000 + tier_s - time.time()
+            if released <= 0:
+                if self._tracker.held(tp) >= self._max_held:
+                    return False  # the caller pauses the partition until offsets settle
+                self._requeue_record(tp, record)
+                return True
+            wait = min(wait, released, tier_s)
         self._rewind(tp, delivery.offset)
         loop = asyncio.get_running_loop()
         self._waiting[tp] = loop.call_later(wait, self._due, tp)
         return True
+
+    def _requeue_record(self, tp: TopicPartition, record: ConsumerRecord[bytes, bytes]) -> None:
+        self._tracker.track(tp, record.offset)
+        task = asyncio.create_task(self._append_again(tp, record))
+        self._requeuing[task] = tp
+        task.add_done_callback(self._requeued)
+
+    async def _append_again(self, tp: TopicPartition, record: ConsumerRecord[bytes, bytes]) -> None:
+        publisher = self._requeue
+        assert publisher is not None
+        headers = [(name, b"" if value is None else value) for name, value in record.headers]
+        where = f"{tp.topic}[{tp.partition}]@{record.offset}"
+        await until_acknowledged(
+            lambda: publisher.send_record(tp.topic, record.key, headers, record.value or b""),
+            self._settings.retry.hand_off_timeout_s,
+            where,
+        )
+        log.debug("%s is due past its tier's delay: appended again to %s", where, tp.topic)
+        self._settle_offset(tp, record.offset)
+
+    def _requeued(self, task: asyncio.Task[None]) -> None:
+        self._requeuing.pop(task, None)
+        if not task.cancelled() and task.exception() is not None:
+            self._requeue_failed = self._requeue_failed or task.exception()
 
     def _due(self, tp: TopicPartition) -> None:
         self._waiting.pop(tp, None)
@@ -184,12 +273,16 @@ class KafkaSource:
 
     def settle(self, delivery: Delivery, outcome: Outcome) -> None:
         tp = delivery.partition
-        if isinstance(tp, TopicPartition) and tp in self._assignment:
+        if isinstance(tp, TopicPartition):
+            self._settle_offset(tp, delivery.offset)
+
+    def _settle_offset(self, tp: TopicPartition, offset: int) -> None:
+        if tp in self._assignment:
             try:
-                self._tracker.settle(tp, delivery.offset)
+                self._tracker.settle(tp, offset)
             except ValueError:
                 # From an earlier assignment of this partition: already redelivered.
-                log.debug("stale settle ignored: %s", delivery.describe)
+                log.debug("stale settle ignored: %s[%d]@%d", tp.topic, tp.partition, offset)
             if tp in self._full and self._tracker.held(tp) <= self._max_held // 2:
                 self._full.discard(tp)
                 if tp not in self._waiting:
@@ -233,17 +326,26 @@ class KafkaSource:
                 log.warning("commit failed, records will be redelivered: %s", error)
                 return
             self._tracker.mark_committed(positions)
+            self._contact = time.monotonic()
             log.debug(
                 "committed %s", {f"{tp.topic}[{tp.partition}]": p for tp, p in positions.items()}
             )
 
     async def stop(self) -> None:
+        # A requeue cut off here leaves its record unsettled: it is read (and requeued)
+        # again after the restart.
+        for task in list(self._requeuing):
+            task.cancel()
+        await asyncio.gather(*self._requeuing, return_exceptions=True)
         await self._consumer.stop()
 
     async def _revoked(self, revoked: list[TopicPartition]) -> None:
         revoked_set = set(revoked)
         if self._on_revoke is not None and revoked_set:
             await self._on_revoke(list(revoked_set))
+        requeuing = [task for task, tp in self._requeuing.items() if tp in revoked_set]
+        if requeuing:  # bounded like the runtime's drain; the rest is read again
+            await asyncio.wait(requeuing, timeout=self._settings.worker.revoke_timeout_s)
         try:
             await self.commit()
         except KafkaError as error:
@@ -258,6 +360,7 @@ class KafkaSource:
     def _assigned(self, assigned: list[TopicPartition]) -> None:
         self._assignment = set(self._consumer.assignment())
         self._ready = True
+        self._contact = time.monotonic()
         log.info("assigned %s", sorted(f"{tp.topic}[{tp.partition}]" for tp in assigned))
 
 

@@ -12,7 +12,10 @@ A delivery carries the assignment it was fetched under, so a late result of an e
 assignment never settles (`owns` is False for it).
 
 A tier record that is not due yet (`jobnotbefore` in the future) is not handed out: its
-partition waits, at that record, until it is due, while the other partitions flow.
+partition waits, at that record, until it is due, while the other partitions flow. As on
+Kafka, it waits at most its tier's delay after it was appended: one due later (an explicit
+`Retry(delay_s=...)` longer than the last tier) is appended again to the tail of the tier,
+unchanged, and its offset settled once the broker stored the copy (issue 13, K9).
 
 Every fetched record is tracked by the `OffsetTracker`; settled records advance the
 commit position, and `commit` (batched by the runtime, on revoke, on shutdown) is the only
@@ -31,11 +34,18 @@ import itertools
 import logging
 from collections.abc import Callable, Sequence
 from datetime import UTC, datetime
+from typing import Literal
 
 from consumer.core import Delivery, Outcome, RevokeCallback, Settings, WorkerError
-from consumer.runtime import OffsetTracker
+from consumer.runtime import OffsetTracker, until_acknowledged
 from consumer.telemetry import Backlog
-from producer.memory import CommitFailed, MemoryBroker, MemoryRecord, TopicPartition
+from producer.memory import (
+    CommitFailed,
+    MemoryBroker,
+    MemoryPublisher,
+    MemoryRecord,
+    TopicPartition,
+)
 from schemas import JobDecodeError, from_kafka
 
 __all__ = ["MemorySource", "SettleListener"]
@@ -61,7 +71,15 @@ class MemorySource:
         """`on_settle`: told of every settled delivery (None: nobody)."""
         self._broker = broker
         self._settings = settings
-        self._tiers = {tier for topic in topics for tier in settings.retry.tier_topics(topic)}
+        retry = settings.retry
+        self._tier_delays = {
+            tier: delay_s
+            for topic in topics
+            for tier, delay_s in zip(retry.tier_topics(topic), retry.tiers_s, strict=True)
+        }
+        self._tiers = set(self._tier_delays)
+        self._requeuing: set[asyncio.Task[None]] = set()
+        self._requeue_failed: BaseException | None = None
         self._topics = sorted({*topics, *self._tiers})
         self._group = settings.worker.group
         self._on_settle = on_settle
@@ -73,6 +91,7 @@ class MemorySource:
         self._waiting: dict[TopicPartition, float] = {}  # tier partition -> due (loop time)
         self._epochs = itertools.count(1)
         self._tracker: OffsetTracker[TopicPartition] = OffsetTracker()
+        self._max_held = settings.worker.max_held_offsets
         self._commit_lock = asyncio.Lock()
         self._ready = False
         self._paused = False
@@ -111,6 +130,9 @@ class MemorySource:
     async def fetch(self, max_records: int, timeout_s: float) -> list[Delivery]:
         loop = asyncio.get_running_loop()
         deadline = loop.time() + timeout_s
+        if self._requeue_failed is not None:
+            msg = f"a retry record could not be appended to its tier again: {self._requeue_failed}"
+            raise WorkerError(msg) from self._requeue_failed
         while not self._crashed and self._member is not None:
             await self._sync()
             if max_records <= 0:
@@ -179,7 +201,10 @@ class MemorySource:
         return found
 
     async def stop(self) -> None:
-        """Leave the group (the others rebalance); after the runtime's final commit."""
+        """Leave the group (the others rebalance); after the runtime's final commit. A copy
+        of a retry record still being appended is cancelled: the record is read again."""
+        for task in list(self._requeuing):
+            task.cancel()
         if self._member is not None and not self._crashed:
             self._broker.groups.leave(self._group, self._member)
             self._forget(set(self._owned))
@@ -272,22 +297,63 @@ class MemorySource:
                 break
             if tp in self._waiting:
                 continue
+            # Bound what one partition holds behind its oldest unsettled record (K7).
+            room = min(room, self._max_held - self._tracker.held(tp))
+            if room <= 0:
+                continue
             for record in self._broker.read(tp.topic, tp.partition, self._positions[tp], room):
                 delivery = _delivery(tp, record, self._owned[tp])
-                if tp.topic in self._tiers and self._hold_until_due(tp, delivery, now):
+                hold = self._hold_until_due(tp, record, delivery, now)
+                if hold == "wait":
                     break
                 self._tracker.track(tp, record.offset)
                 self._positions[tp] = record.offset + 1
-                deliveries.append(delivery)
+                if hold == "requeue":
+                    self._requeue(tp, record)
+                else:
+                    deliveries.append(delivery)
         return deliveries
 
-    def _hold_until_due(self, tp: TopicPartition, delivery: Delivery, now: float) -> bool:
+    def _hold_until_due(
+        self, tp: TopicPartition, record: MemoryRecord, delivery: Delivery, now: float
+    ) -> Literal["run", "wait", "requeue"]:
+        """What to do with a record now: run it, wait at it (a tier record not due yet,
+        for at most its tier's delay after it was appended), or append it to the tail of
+        its tier again (due past that)."""
         due = delivery.attributes.not_before if delivery.attributes is not None else None
-        wait = (due - datetime.now(UTC)).total_seconds() if due is not None else 0.0
+        if tp.topic not in self._tiers or due is None:
+            return "run"
+        wall = datetime.now(UTC)
+        wait = (due - wall).total_seconds()
         if wait <= 0:
-            return False
-        self._waiting[tp] = now + wait
-        return True
+            return "run"
+        tier_s = self._tier_delays[tp.topic]
+        released = (record.timestamp - wall).total_seconds() + tier_s
+        if released <= 0:
+            return "requeue"
+        self._waiting[tp] = now + min(wait, released)
+        return "wait"
+
+    def _requeue(self, tp: TopicPartition, record: MemoryRecord) -> None:
+        task = asyncio.create_task(self._append_again(tp, record, self._owned[tp]))
+        self._requeuing.add(task)
+        task.add_done_callback(self._requeued)
+
+    async def _append_again(self, tp: TopicPartition, record: MemoryRecord, epoch: int) -> None:
+        publisher = MemoryPublisher(self._broker)
+        where = f"{tp.topic}[{tp.partition}]@{record.offset}"
+        await until_acknowledged(
+            lambda: publisher.send_record(tp.topic, record.key, list(record.headers), record.value),
+            self._settings.retry.hand_off_timeout_s,
+            where,
+        )
+        if self._owned.get(tp) == epoch:  # else revoked meanwhile: the next owner reads it
+            self._tracker.settle(tp, record.offset)
+
+    def _requeued(self, task: asyncio.Task[None]) -> None:
+        self._requeuing.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            self._requeue_failed = self._requeue_failed or task.exception()
 
 
 def _delivery(tp: TopicPartition, record: MemoryRecord, epoch: int) -> Delivery:

@@ -5,7 +5,6 @@ dead-letter listing and replay with a KV ledger. The only consumer package that 
 nats-py; selected by `consumer/_backends.py` (the KV store also by `idempotency.backend`)."""
 
 from consumer.nats._backend import NatsBackend
-from consumer.nats._connect import until_reachable
 from consumer.nats._dead_letters import list_nats_dead_letters, nats_replay_headers, replay_nats
 from consumer.nats._kv_store import NatsKvIdempotencyStore, bucket_config, provision_bucket
 from consumer.nats._provision import (
@@ -40,7 +39,6 @@ __all__ = [
     "provision_bucket",
     "replay_nats",
     "stream_destinations",
-    "until_reachable",
 ]
 
 BACKEND = NatsBackend()

@@ -20,8 +20,8 @@ from consumer.core import (
     Source,
     main_destinations,
 )
-from consumer.nats._connect import until_reachable
 from consumer.nats._dead_letters import list_nats_dead_letters, replay_nats
+from consumer.nats._first_failures import first_failure_bucket_config
 from consumer.nats._kv_store import NatsKvIdempotencyStore, bucket_config, provision_bucket
 from consumer.nats._provision import (
     dead_letter_subjects,
@@ -32,6 +32,7 @@ from consumer.nats._provision import (
 )
 from consumer.nats._routing import NatsFailureRouter
 from consumer.nats._source import NatsSource
+from consumer.runtime import until_reachable
 from consumer.stores import IdempotencyStore
 from producer import plan_destinations
 from producer.nats import NatsPublisher, connect_nats
@@ -61,7 +62,9 @@ class NatsBackend:
             await ensure_dead_letter_stream(js, settings, subjects)
         else:
             await publisher.check(dead_letter_subjects(settings, subjects))
-        return source, NatsFailureRouter(settings, publisher, source, tracer)
+        router = NatsFailureRouter(settings, publisher, source, tracer)
+        source.on_last_delivery(router.dead_letter_last_delivery)
+        return source, router
 
     async def open_idempotency_store(self, settings: Settings) -> IdempotencyStore:
         idempotency, nats = settings.idempotency, settings.nats
@@ -110,6 +113,10 @@ class NatsBackend:
                 lines.append(f"nats kv bucket {config.bucket}: {state}")
             await ensure_replay_ledger(js, settings)
             lines.append(f"nats kv bucket {jet.replay_ledger_bucket}: ready")
+            first_failures = first_failure_bucket_config(settings)
+            new = await provision_bucket(js, first_failures)
+            state = "created" if new else "exists (limits updated)"
+            lines.append(f"nats kv bucket {first_failures.bucket}: {state}")
         finally:
             await client.close()
         return lines

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from collections import deque
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
+from datetime import datetime
 
 from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription
@@ -64,13 +64,12 @@ class Puller:
             self.requests.popleft()
 
 
-def redelivered(attributes: JobAttributes, held: Held) -> JobAttributes:
+def redelivered(attributes: JobAttributes, held: Held, first_failure: str | None) -> JobAttributes:
     """Attempt from the delivery count; a redelivered message cannot carry new headers, so
-    its first failure is dated to when JetStream stored it (the retry budget runs from
-    there)."""
+    its first failure is the one recorded in the KV bucket (`_first_failures`), never
+    when JetStream stored it: the retry budget counts from the first failure."""
     changes: dict[str, str] = {}
-    if FIRST_FAILURE not in attributes.extensions:
-        stamp = held.stored.astimezone(UTC) if held.stored.tzinfo else held.stored
-        changes[FIRST_FAILURE] = stamp.isoformat(timespec="microseconds").replace("+00:00", "Z")
+    if first_failure is not None and FIRST_FAILURE not in attributes.extensions:
+        changes[FIRST_FAILURE] = first_failure
     attempt = attributes.attempt + held.delivered - 1
     return attributes.replace(attempt=attempt).with_extensions(**changes)

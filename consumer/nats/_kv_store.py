@@ -2,13 +2,17 @@
 
 Every write is conditional on the key's last revision (`Nats-Expected-Last-Subject-Sequence`),
 so the server decides races: a claim is an atomic *create* (revision 0: the key must not
-exist), and renew, release and complete only replace the revision this worker read or
-wrote. Two workers can therefore never both hold a live claim.
+exist), and renew, release and complete only replace the revision this store read or
+wrote. Two deliveries can therefore never both hold a claim. The value names the
+delivery's token; the stamp `holder` returns is the token and the key's revision, which
+every renewal moves, and `take_over` writes at exactly that revision.
 
 Expiry: each value carries its expiry time, checked on read, and each message carries a
-per-message TTL (`Nats-TTL`, whole seconds, rounded up), so the server removes expired
-claims and completions by itself (the retention bound). Lease expiry is judged by the
-workers' clocks: keep them synchronised (NTP) to well within `idempotency.lease_s`.
+per-message TTL (`Nats-TTL`, whole seconds, rounded up), so the server removes stale
+claims (`HOLD_LEASES` leases after their last write) and completions (`retention_s`) by
+itself. Leases are not judged here: a waiting delivery takes a claim over only after it
+saw it unchanged for a whole lease by its own clock (`steps/_idempotency.py`), so worker
+clocks need not agree.
 
 Keys are base64url-encoded (KV keys allow only `[-/_=.a-zA-Z0-9]`), so any idempotency key
 works and `nats kv get` still finds an entry.
@@ -28,7 +32,7 @@ from nats.js import JetStreamContext
 from nats.js.api import KeyValueConfig, StorageType
 from nats.js.errors import APIError, BucketNotFoundError, NotFoundError
 
-from consumer.stores import ClaimState
+from consumer.stores import HOLD_LEASES, ClaimState
 from producer import NatsSettings
 from producer.nats import connect_nats
 
@@ -111,8 +115,8 @@ class NatsKvIdempotencyStore:
         self._js = js
         self._stream = f"KV_{bucket}"
         self._prefix = f"$KV.{bucket}."
-        # (key, owner) -> the revision of our own claim, so renew/complete/release replace
-        # exactly what we wrote.
+        # (key, token) -> the revision of the delivery's own claim, so renew, complete and
+        # release replace exactly what it wrote.
         self._revisions: dict[tuple[str, str], int] = {}
 
     @classmethod
@@ -131,55 +135,78 @@ class NatsKvIdempotencyStore:
             raise
         return cls(client, js, config.bucket)
 
-    async def claim(self, key: str, owner: str, lease_s: float) -> ClaimState:
+    async def claim(self, key: str, token: str, lease_s: float) -> ClaimState:
         revision = 0  # first try an atomic create: the common case, one round trip
         for _ in range(_RACE_RETRIES):
             try:
-                written = await self._write(key, _Entry(False, owner, _after(lease_s)), revision)
+                written = await self._write(key, _running(token, lease_s), revision)
             except _Conflict:
                 revision, entry = await self._read(key)
                 if entry is not None and entry.live():
                     if entry.done:
                         return ClaimState.COMPLETED
-                    if entry.owner != owner:
+                    if entry.owner != token:
                         return ClaimState.BUSY
-                continue  # free, expired or our own claim: take it at this revision
-            self._revisions[(key, owner)] = written
+                continue  # free, gone or this token's own claim: take it at this revision
+            self._revisions[(key, token)] = written
             return ClaimState.CLAIMED
         return ClaimState.BUSY  # lost every race: the runtime waits and asks again
 
-    async def renew(self, key: str, owner: str, lease_s: float) -> bool:
-        revision = self._revisions.get((key, owner))
-        if revision is None:
-            return False
+    async def holder(self, key: str) -> str | None:
+        revision, entry = await self._read(key)
+        if entry is None or entry.done or not entry.live():
+            return None
+        return f"{entry.owner}#{revision}"
+
+    async def take_over(self, key: str, holder: str, token: str, lease_s: float) -> bool:
+        revision = int(holder.rpartition("#")[2])
         try:
-            written = await self._write(key, _Entry(False, owner, _after(lease_s)), revision)
+            written = await self._write(key, _running(token, lease_s), revision)
         except _Conflict:
-            self._revisions.pop((key, owner), None)
-            return False  # expired and taken over (or completed) meanwhile
-        self._revisions[(key, owner)] = written
+            return False  # renewed, completed or taken by another delivery meanwhile
+        self._revisions[(key, token)] = written
         return True
 
-    async def complete(self, key: str, owner: str, retention_s: float) -> None:
-        # The job's effect happened: record it even if our claim expired meanwhile.
-        revision = self._revisions.pop((key, owner), None)
+    async def renew(self, key: str, token: str, lease_s: float) -> bool:
+        revision = self._revisions.get((key, token))
+        for _ in range(_RACE_RETRIES):
+            if revision is None:
+                # Our last write's reply may have been lost: the value says whose it is.
+                revision, entry = await self._read(key)
+                if entry is None or entry.done or entry.owner != token:
+                    self._revisions.pop((key, token), None)
+                    return False  # taken over, completed or gone
+            try:
+                written = await self._write(key, _running(token, lease_s), revision)
+            except _Conflict:
+                revision = None
+                continue
+            self._revisions[(key, token)] = written
+            return True
+        return False
+
+    async def complete(self, key: str, token: str, retention_s: float) -> None:
+        # The job's effect happened: record it even if the claim was taken over meanwhile.
+        revision = self._revisions.pop((key, token), None)
         for _ in range(_RACE_RETRIES):
             if revision is None:
                 revision, entry = await self._read(key)
                 if entry is not None and entry.done and entry.live():
                     return
             try:
-                await self._write(key, _Entry(True, owner, _after(retention_s)), revision)
+                await self._write(key, _Entry(True, token, _after(retention_s)), revision)
                 return
             except _Conflict:
                 revision = None
         msg = f"could not record the completion of {key!r}: the key changes constantly"
         raise RuntimeError(msg)
 
-    async def release(self, key: str, owner: str) -> None:
-        revision = self._revisions.pop((key, owner), None)
+    async def release(self, key: str, token: str) -> None:
+        revision = self._revisions.pop((key, token), None)
         if revision is None:
-            return
+            revision, entry = await self._read(key)
+            if entry is None or entry.done or entry.owner != token:
+                return  # not this delivery's claim (any more)
         headers = {_KV_OPERATION: "DEL", _EXPECTED_LAST: str(revision)}
         try:
             await self._js.publish(self._subject(key), b"", headers=headers)
@@ -226,3 +253,7 @@ class NatsKvIdempotencyStore:
 
 def _after(seconds: float) -> float:
     return time.time() + seconds
+
+
+def _running(token: str, lease_s: float) -> _Entry:
+    return _Entry(False, token, _after(HOLD_LEASES * lease_s))

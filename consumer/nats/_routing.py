@@ -2,6 +2,9 @@
 
 - A retriable failure is handed back to JetStream with `nak(delay)`, the delay computed by
   the retry policy (never a bare `nak`: it redelivers at once and burns `max_deliver`).
+  Before the first such nak the time of the failure is recorded in the first-failure KV
+  bucket (`_first_failures`): the redelivery reads it back, and the retry budget counts
+  from it.
   The nak is confirmed by the server before the job counts as settled; the next attempt is
   the next delivery (`attempt` = delivery count). The message is the same, so its headers
   (`x-tenant`, ...) travel with every attempt.
@@ -11,6 +14,9 @@
   values as the `ce_job*` headers on Kafka (`consumer.core._failures`). Only after JetStream
   stored it (PubAck) does the source `term` the original. The hand-off is bounded and a
   dead letter refused for good is stored reduced (`consumer.runtime._hand_off`).
+- A message on its last delivery (`max_deliver`, reached only by redeliveries that were
+  not failures: crashes, cut-offs) is dead-lettered without running, reason
+  `max-deliveries` (`dead_letter_last_delivery`, called by the source).
 - The copy's `Nats-Msg-Id` is `dlq:<stream>:<sequence>:<stored time>`: the original's
   stream position and the time JetStream stored it, so a crash between publish and `term`
   does not store it twice within the dead-letter stream's duplicate window, while a new
@@ -33,13 +39,16 @@ from opentelemetry.trace import Tracer
 
 from consumer.core import (
     FAILURE_EXTENSIONS,
+    FIRST_FAILURE,
     REASON,
     Decision,
     Delivery,
     JobRun,
+    MaxDeliveries,
     Outcome,
     Settings,
     failure_details,
+    first_failure_stamp,
     utc_now,
 )
 from consumer.nats._source import NatsSource
@@ -69,6 +78,9 @@ class NatsFailureRouter:
     async def route(self, run: JobRun, error: Exception, decision: Decision) -> Outcome:
         delivery, attributes = run.delivery, run.attributes
         if decision.retry and attributes is not None:
+            if FIRST_FAILURE not in attributes.extensions:
+                stamp = first_failure_stamp(run, utc_now())
+                await self._source.remember_first_failure(delivery, stamp)
             confirmed = await self._source.nak(delivery, decision.delay_s)
             log.info(
                 "retry %d of %s in %.1fs%s",
@@ -115,6 +127,13 @@ class NatsFailureRouter:
             "" if form == "whole" else f" (stored reduced: {form} replaced)",
         )
         return Outcome.DEAD_LETTERED
+
+    async def dead_letter_last_delivery(self, delivery: Delivery) -> Outcome:
+        """Dead-letter a message on its last delivery (`max_deliver`) without running it:
+        JetStream would not deliver it again, and it would stay unacknowledged for ever."""
+        error = MaxDeliveries(delivery.delivery_count)
+        decision = Decision(retry=False, delay_s=0.0, reason=error.reason)
+        return await self.route(JobRun(delivery, None, None, None), error, decision)
 
     async def _publish(self, subject: str, pairs: list[tuple[str, bytes]], body: bytes) -> Receipt:
         headers = {name: value.decode("utf-8", "ignore") for name, value in pairs}

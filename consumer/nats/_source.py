@@ -15,7 +15,14 @@ explicit acks (docs/nats.md):
   `jetstream.heartbeat_s`, so a job longer than the ack wait is not redelivered while it
   runs. A message whose ack wait ran out anyway (a long disconnect) is no longer ours
   (`owns` is false): JetStream has redelivered it, and its result is not settled here.
-- Attempts are deliveries: `JobAttributes.attempt` is the JetStream delivery count.
+- Attempts are deliveries: `JobAttributes.attempt` is the JetStream delivery count. A
+  redelivered job's first failure is read from the KV bucket the failure router wrote it
+  to (`_first_failures`), so its retry budget counts from that failure.
+- The last delivery JetStream makes of a message (`num_delivered` = the consumer's
+  `max_deliver`) is not run: it is dead-lettered (`max-deliveries`) through the failure
+  router and terminated. Only redeliveries that were not failures (crashes, expired ack
+  waits, drain cut-offs) reach it, since a failing job is dead-lettered at `max_attempts`;
+  without this it would stay unacknowledged in the stream for ever (issue 13, K10).
 - With `jetstream.key_partitions` = N, jobs live on `<subject>.<n>` and each of the N
   partition consumers has `max_ack_pending = 1`: one job per partition at a time in the
   whole group, in stream order, so jobs of one key run in publish order (G3).
@@ -23,6 +30,10 @@ explicit acks (docs/nats.md):
   a `nak` so that another worker takes them at once instead of after the ack wait.
 - A connection lost for good (nats-py gave up reconnecting) makes `fetch` raise
   `WorkerError`: the worker exits non-zero and the orchestrator restarts it (G8).
+- A durable consumer deleted on the server (pulls answered `409 Consumer Deleted`, then
+  `503`, or a probe finds it missing) is re-created by the next `fetch` from the same plan
+  as at start; it delivers the stream again from its start (the idempotency store skips
+  what was done). If JetStream refuses it, `fetch` raises `WorkerError` (exit 1).
 """
 
 from __future__ import annotations
@@ -34,7 +45,7 @@ import json
 import logging
 import time
 from collections import deque
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 
 import nats.errors
 from nats.aio.client import Client as NatsClient
@@ -43,14 +54,16 @@ from nats.js import JetStreamContext
 from nats.js.errors import NotFoundError
 
 from consumer.core import Delivery, Outcome, RevokeCallback, Settings, WorkerError
-from consumer.nats._connect import until_reachable
+from consumer.nats._first_failures import FirstFailures
 from consumer.nats._held import Held, Puller, redelivered
 from consumer.nats._provision import (
     consumer_plan,
     ensure_consumers,
     ensure_key_partitions,
+    max_deliver,
     stream_destinations,
 )
+from consumer.runtime import until_reachable
 from consumer.telemetry import Backlog
 from producer.nats import KEY_PARTITIONS_METADATA, connect_nats, ensure_nats_stream
 from producer.retrying import Backoff, retry
@@ -64,6 +77,7 @@ _GRACE_S = 2.0  # a pull request unanswered this long past its expiry was lost (
 _BACKOFF_S = 1.0  # after a pull request was refused (409), before asking that consumer again
 _CONFIRM_TIMEOUT_S = 2.0  # for one ack confirmation; acks are retried until the ack wait ends
 _CONFIRM_BACKOFF = Backoff(initial_s=0.1, max_s=2.0)
+_CONSUMER_NOT_FOUND = 10014  # JetStream's error code; a missing stream is another
 
 
 class NatsSource:
@@ -90,8 +104,16 @@ class NatsSource:
         self._ack_tasks: set[asyncio.Task[None]] = set()
         self._started = False
         self._stopping = False
+        self._contact = time.monotonic()  # JetStream's last answer (see `last_contact`)
+        self._lost: set[Puller] = set()  # consumers found deleted, re-created by `fetch`
+        self._restore_not_before = 0.0
         self._next = 0  # round-robin start among partition pullers
         self._reconnects = 0
+        self._first_failures = FirstFailures(settings)
+        self._max_deliver = max_deliver(settings)
+        self._last_delivery: Callable[[Delivery], Awaitable[object]] | None = None
+        self._dead_lettering: set[asyncio.Task[None]] = set()
+        self._dead_letter_failed: BaseException | None = None
 
     # -- Source ------------------------------------------------------------------------
 
@@ -111,6 +133,7 @@ class NatsSource:
             js = client.jetstream(timeout=self._settings.nats.publish_timeout_s)
             await self._check_stream(js)
             await ensure_consumers(js, self._settings, self._subjects)
+            await self._first_failures.open(js)
             for puller in self._pullers:
                 puller.inbox = client.new_inbox()
                 puller.subscription = await client.subscribe(
@@ -142,12 +165,26 @@ class NatsSource:
                 async with asyncio.timeout(remaining):
                     await self._wake.wait()
             self._raise_if_lost()
-        deliveries: list[Delivery] = []
-        while self._arrived and len(deliveries) < max_records:
+        taken: list[Held] = []
+        while self._arrived and len(taken) < max_records:
             held = self._arrived.popleft()
             if not held.done:
-                deliveries.append(self._delivery(held))
-        if deliveries:
+                taken.append(held)
+        again = [held for held in taken if held.delivered > 1]  # no I/O for first deliveries
+        recalled: dict[int, str | None] = {}
+        if again:
+            found = await asyncio.gather(*(self._first_failures.recall(held) for held in again))
+            recalled = {held.seq: first for held, first in zip(again, found, strict=True)}
+        deliveries: list[Delivery] = []
+        for held in taken:
+            if held.done:  # its ack wait ran out while the first failures were read
+                continue
+            delivery = self._delivery(held, recalled.get(held.seq))
+            if held.delivered >= self._max_deliver and self._last_delivery is not None:
+                self._dead_letter_last(delivery, self._last_delivery)
+            else:
+                deliveries.append(delivery)
+        if taken:
             await self._top_up(max_records - len(deliveries))
         return deliveries
 
@@ -204,7 +241,67 @@ class NatsSource:
             found.append(Backlog(self._settings.routing.stream, puller.consumer, waiting))
         return found
 
+    @property
+    def last_contact(self) -> float:
+        """When JetStream last answered (`time.monotonic()`): a message, a pull request's
+        end (404/408), an ack confirmation or a probe. A refused pull (409, 503) is none."""
+        return self._contact
+
+    async def probe(self) -> None:
+        """Ask JetStream for the info of every consumer of the group: an answer while no
+        pull is under way (the worker is full); a consumer missing is re-created by `fetch`."""
+        client = self._client
+        if client is None or not client.is_connected:
+            return
+        js = client.jetstream(timeout=self._settings.nats.publish_timeout_s)
+        for puller in self._pullers:
+            try:
+                await js.consumer_info(self._settings.routing.stream, puller.consumer)
+            except NotFoundError as error:
+                if error.err_code == _CONSUMER_NOT_FOUND:
+                    self._lost.add(puller)
+                    self._wake.set()
+                return
+        self._contact = time.monotonic()
+
+    async def _restore(self, client: NatsClient) -> None:
+        """Re-create the consumers found deleted, from the plan used at start (`WorkerError`
+        if JetStream refuses); at most once a `_BACKOFF_S`."""
+        now = time.monotonic()
+        if now < self._restore_not_before:
+            return
+        self._restore_not_before = now + _BACKOFF_S
+        js = client.jetstream(timeout=self._settings.nats.publish_timeout_s)
+        missing: list[str] = []
+        try:
+            for puller in list(self._lost):
+                try:
+                    await js.consumer_info(self._settings.routing.stream, puller.consumer)
+                except NotFoundError as error:
+                    if error.err_code != _CONSUMER_NOT_FOUND:
+                        raise  # the stream is not there (yet): retried
+                    missing.append(puller.consumer)
+                else:
+                    self._lost.discard(puller)  # a 503 while JetStream was away: it is there
+            if missing:
+                log.warning(
+                    "JetStream consumer %s of stream %s is gone (deleted on the server): "
+                    "re-creating it; it delivers the stream again from its start and the "
+                    "idempotency store skips the jobs already done",
+                    ", ".join(missing),
+                    self._settings.routing.stream,
+                )
+                await ensure_consumers(js, self._settings, self._subjects)
+        except nats.errors.Error as error:  # no answer: JetStream is not back yet
+            log.debug("checking the consumers failed, will retry: %r", error)
+            return
+        for puller in self._lost:
+            puller.requests.clear()  # asked of the deleted consumer: never answered
+        self._lost.clear()
+
     async def stop(self) -> None:
+        if self._dead_lettering:  # bounded: a message nak'ed on its last delivery is lost
+            await asyncio.wait(self._dead_lettering, timeout=self._settings.worker.drain_timeout_s)
         self._stopping = True
         tasks = [*self._tasks, *self._ack_tasks]
         for task in tasks:
@@ -228,6 +325,33 @@ class NatsSource:
         await client.close()
 
     # -- for the failure router --------------------------------------------------------
+
+    async def remember_first_failure(self, delivery: Delivery, stamp: str) -> None:
+        """Record `stamp` as the job's first failure, for its redeliveries (before the nak)."""
+        held = self._ours(delivery)
+        if held is not None:
+            await self._first_failures.remember(held, stamp)
+
+    def on_last_delivery(self, dead_letter: Callable[[Delivery], Awaitable[object]]) -> None:
+        """Dead-letter each message on its last delivery (`max_deliver`) with `dead_letter`
+        instead of handing it out; the source terminates it once that returned."""
+        self._last_delivery = dead_letter
+
+    def _dead_letter_last(
+        self, delivery: Delivery, dead_letter: Callable[[Delivery], Awaitable[object]]
+    ) -> None:
+        async def run() -> None:
+            await dead_letter(delivery)
+            self.settle(delivery, Outcome.DEAD_LETTERED)
+
+        task = asyncio.create_task(run(), name="jobstream-nats-max-deliveries")
+        self._dead_lettering.add(task)
+        task.add_done_callback(self._dead_lettered)
+
+    def _dead_lettered(self, task: asyncio.Task[None]) -> None:
+        self._dead_lettering.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            self._dead_letter_failed = self._dead_letter_failed or task.exception()
 
     async def nak(self, delivery: Delivery, delay_s: float) -> bool:
         """Hand the message back for a redelivery in `delay_s` (confirmed). False if it
@@ -274,6 +398,10 @@ class NatsSource:
             raise WorkerError(msg)
 
     def _raise_if_lost(self) -> None:
+        if self._dead_letter_failed is not None:
+            error = self._dead_letter_failed
+            msg = f"a message on its last delivery could not be dead-lettered: {error}"
+            raise WorkerError(msg) from error
         client = self._client
         if client is not None and client.is_closed and not self._stopping:
             nats_settings = self._settings.nats
@@ -290,6 +418,10 @@ class NatsSource:
         client = self._client
         if client is None or not client.is_connected:
             return
+        if self._lost:
+            await self._restore(client)
+            if self._lost:
+                return
         now = time.monotonic()
         reconnects = client.stats["reconnects"]
         if reconnects != self._reconnects:  # pull requests do not survive a reconnect
@@ -327,6 +459,8 @@ class NatsSource:
 
     async def _on_message(self, puller: Puller, msg: Msg) -> None:
         status = msg.headers.get("Status") if msg.headers else None
+        if status not in ("409", "503"):  # refused, or no consumer to answer: no contact
+            self._contact = time.monotonic()
         if status is not None:
             if status == "100":  # idle heartbeat
                 return
@@ -337,6 +471,10 @@ class NatsSource:
                 description = msg.headers.get("Description", "") if msg.headers else ""
                 log.warning("pull from %s refused: %s", puller.consumer, description)
                 puller.not_before = time.monotonic() + _BACKOFF_S
+                if description == "Consumer Deleted":
+                    self._lost.add(puller)
+            elif status == "503":  # no responders: the consumer (or JetStream) is gone
+                self._lost.add(puller)
             self._wake.set()
             return
         if puller.requests:
@@ -360,7 +498,7 @@ class NatsSource:
         self._arrived.append(held)
         self._wake.set()
 
-    def _delivery(self, held: Held) -> Delivery:
+    def _delivery(self, held: Held, first_failure: str | None) -> Delivery:
         msg = held.msg
         headers = msg.headers or {}
         attributes: JobAttributes | None
@@ -370,7 +508,7 @@ class NatsSource:
         except JobDecodeError as exc:
             attributes, error = None, exc
         if attributes is not None and held.delivered > 1:
-            attributes = redelivered(attributes, held)
+            attributes = redelivered(attributes, held, first_failure)
         return Delivery(
             partition=held.puller.name,
             offset=held.seq,
@@ -410,6 +548,7 @@ class NatsSource:
                 backoff=_CONFIRM_BACKOFF,
                 deadline=held.deadline,  # no heartbeat moves it while the verb is under way
             )
+            self._contact = time.monotonic()
         except nats.errors.Error as error:
             verb_name = verb.split()[0].decode()
             log.warning(

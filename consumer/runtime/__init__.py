@@ -8,6 +8,7 @@ from consumer.runtime._hand_off import store_dead_letter, until_acknowledged
 from consumer.runtime._health import HealthServer
 from consumer.runtime._lanes import LaneScheduler, lane_for
 from consumer.runtime._offsets import OffsetTracker
+from consumer.runtime._reachable import until_reachable
 from consumer.runtime._record_routing import RecordFailureRouter, RecordPublisher
 from consumer.runtime._replay import replay_records
 from consumer.runtime._worker import Worker
@@ -23,4 +24,5 @@ __all__ = [
     "replay_records",
     "store_dead_letter",
     "until_acknowledged",
+    "until_reachable",
 ]

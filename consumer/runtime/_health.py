@@ -1,9 +1,17 @@
-"""Liveness and readiness over HTTP, for Kubernetes probes.
+"""Liveness and readiness over HTTP, for Kubernetes probes, from progress, not from flags.
 
-`GET /livez`: 200 while the worker's loops run (a dead loop means a restart is needed).
-`GET /readyz`: 200 once the worker joined its group and got an assignment (an empty one
-counts: an idle replica beyond the partition count is ready), 503 before and while it
-drains. A deliberately tiny HTTP/1.1 server: probes need nothing more.
+`GET /readyz`: 200 while the worker has joined its group (an empty assignment counts: an
+idle replica beyond the partition count is ready) and the broker answered within
+`health.readiness_silence_s`; 503 before, while the broker is silent, and from the start
+of a drain. A source that can say when its broker last answered (`ReportsContact`: a
+fetch response, a group heartbeat or a commit on Kafka; a pull answer or an ack
+confirmation on NATS) is asked; when it has been silent for a while, the worker asks it to
+`probe` (a cheap request), so an idle member still has a signal.
+
+`GET /livez`: 200 unless the worker stopped on a fault, or its fetch loop has not turned,
+or the broker has not answered, for `health.liveness_silence_s` (then the kubelet restarts
+it). Both bodies say why in one line. A deliberately tiny HTTP/1.1 server: probes need
+nothing more.
 """
 
 from __future__ import annotations
@@ -11,8 +19,55 @@ from __future__ import annotations
 import asyncio
 import contextlib
 from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Protocol, runtime_checkable
 
-Probe = Callable[[], bool]
+from consumer.core import Settings
+
+Probe = Callable[[], str | None]
+"""None when healthy, else why not (the body of the 503 answer)."""
+
+
+@runtime_checkable
+class ReportsContact(Protocol):
+    """A source that can say when its broker last answered it (Kafka, NATS)."""
+
+    @property
+    def last_contact(self) -> float:
+        """`time.monotonic()` of the broker's last answer: a fetch response, a heartbeat,
+        a confirmed commit or ack. Only a real answer counts: aiokafka's `getmany` returns
+        nothing, without an error, while the broker is away."""
+        ...
+
+    async def probe(self) -> None:
+        """Ask the broker something cheap; an answer moves `last_contact`. May raise or
+        hang: the caller bounds it. Also where a source notices what it lost (a deleted
+        JetStream consumer)."""
+        ...
+
+
+@dataclass(frozen=True, slots=True)
+class Thresholds:
+    """How long a worker may go without progress before it is not ready, not live."""
+
+    ready_s: float
+    """`health.readiness_silence_s`, default two thirds of `worker.session_timeout_s`."""
+    live_s: float
+    """`health.liveness_silence_s`, default `worker.max_poll_interval_s`."""
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> Thresholds:
+        health, worker = settings.health, settings.worker
+        return cls(
+            ready_s=health.readiness_silence_s or worker.session_timeout_s * 2 / 3,
+            live_s=health.liveness_silence_s or worker.max_poll_interval_s,
+        )
+
+    @property
+    def probe_every_s(self) -> float:
+        """How often a silent source is probed: four times per readiness window, so one
+        lost probe does not make the worker unready."""
+        return self.ready_s / 4
 
 
 class HealthServer:
@@ -66,5 +121,5 @@ class HealthServer:
                 await writer.wait_closed()
 
 
-def _status(ok: bool, word: str) -> tuple[int, str]:
-    return (200, f"{word}\n") if ok else (503, f"not {word}\n")
+def _status(problem: str | None, word: str) -> tuple[int, str]:
+    return (200, f"{word}\n") if problem is None else (503, f"not {word}: {problem}\n")

@@ -58,8 +58,9 @@ from consumer.telemetry import HandOff, handing_off, retrace
 from producer import PublishError, Receipt
 from producer.tracecontext import traceparent_of
 from schemas import InvalidAttributes, JobAttributes, JobMessage, foreign_headers, to_kafka
-from schemas.names import KAFKA_PREFIX, PREVIOUS_ATTEMPT, REDUCTION_EXTENSIONS
+from schemas.names import JOBATTEMPT, KAFKA_PREFIX, PREVIOUS_ATTEMPT, REDUCTION_EXTENSIONS
 
+_ATTEMPT = f"{KAFKA_PREFIX}{JOBATTEMPT}"
 log = logging.getLogger("jobstream.routing")
 
 
@@ -111,7 +112,8 @@ class RecordFailureRouter:
         topic = self._retry.dead_letter_topic(main_topic)
         attributes = run.attributes
         with self._handing_off(topic, attributes, details[REASON]) as hand_off:
-            headers = dead_letter_headers(run.delivery.raw_headers, details)
+            attempt = attributes.attempt if attributes is not None else None
+            headers = dead_letter_headers(run.delivery.raw_headers, details, attempt)
             if hand_off is not None and attributes is not None:
                 headers = retrace(headers, hand_off)
 
@@ -204,12 +206,19 @@ def _traced(retried: JobAttributes, hand_off: HandOff) -> JobAttributes:
 
 
 def dead_letter_headers(
-    original: Sequence[tuple[str, bytes | None]], details: dict[str, str]
+    original: Sequence[tuple[str, bytes | None]],
+    details: dict[str, str],
+    attempt: int | None = None,
 ) -> list[tuple[str, bytes]]:
     """The original headers, with earlier failure details replaced by `details` (a null
-    header value, which Kafka allows, is stored as an empty one)."""
+    header value, which Kafka allows, is stored as an empty one), and `ce_jobattempt` set to
+    `attempt` where it is given: the attempt that failed last, later than the record's own
+    after in-place retries."""
     replaced = {f"{KAFKA_PREFIX}{name}" for name in (*details, *REDUCTION_EXTENSIONS)}
     kept = [(name, value) for name, value in _present(original) if name.lower() not in replaced]
+    if attempt is not None:
+        current = str(attempt).encode()
+        kept = [(name, current if name.lower() == _ATTEMPT else value) for name, value in kept]
     return kept + [(f"{KAFKA_PREFIX}{name}", value.encode()) for name, value in details.items()]
 
 

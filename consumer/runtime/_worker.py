@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import os
 import socket
@@ -53,6 +54,7 @@ from consumer.core import (
     compose,
 )
 from consumer.runtime._cut_offs import CutOffs, Running
+from consumer.runtime._health import ReportsContact, Thresholds
 from consumer.runtime._lanes import LaneScheduler, lane_for
 from consumer.steps import (
     AbandonedRun,
@@ -105,9 +107,13 @@ class Worker:
         self._abandoned = False
         self._fault: BaseException | None = None
         self._threads: ThreadPoolExecutor | None = None
-        self._processes: ProcessPoolExecutor | None = None
         self._handler: HandlerStep | None = None
+        self._thresholds = Thresholds.from_settings(settings)
+        self._contact = source if isinstance(source, ReportsContact) else None
+        self._born = self._turned = time.monotonic()  # `_turned`: the fetch loop's last turn
+        self._silent = False  # readiness lost to a silent broker (logged once each way)
         self._cut_offs = CutOffs()
+        self._claims_lost: set[asyncio.Task[None]] = set()  # their cut-offs, reported
         self._overrun: dict[int, Running] = {}
         self.started = False
         self.counts: dict[str, int] = {}
@@ -118,7 +124,35 @@ class Worker:
 
     @property
     def ready(self) -> bool:
-        return self.started and self.source.ready and not self._stopping.is_set()
+        return self.not_ready() is None
+
+    def not_ready(self) -> str | None:
+        """Why `/readyz` answers 503 now, or None: not joined to the group yet, stopping,
+        or the broker silent for longer than `health.readiness_silence_s`."""
+        if self._stopping.is_set():
+            return "stopping"
+        if not (self.started and self.source.ready):
+            return "not joined to the group yet"
+        return self._silence(self._thresholds.ready_s, "readiness")
+
+    def not_live(self) -> str | None:
+        """Why `/livez` answers 503 now, or None: stopped by a fault, or no progress (a turn
+        of the fetch loop, an answer of the broker) for `health.liveness_silence_s`."""
+        if self._fault is not None:
+            return f"stopped by a fault: {self._fault!r}"
+        limit = self._thresholds.live_s
+        stalled = time.monotonic() - self._turned
+        if self.started and not self._stopping.is_set() and stalled > limit:
+            return f"the fetch loop has not turned for {stalled:.0f}s (health.liveness_silence_s)"
+        return self._silence(limit, "liveness")
+
+    def _silence(self, limit_s: float, which: str) -> str | None:
+        if self._contact is None:  # the memory broker lives in this process
+            return None
+        silent = time.monotonic() - max(self._contact.last_contact, self._born)
+        if silent <= limit_s:
+            return None
+        return f"no answer from the broker for {silent:.0f}s (health.{which}_silence_s)"
 
     @property
     def stopped_by_fault(self) -> bool:
@@ -160,9 +194,10 @@ class Worker:
     async def run(self) -> None:
         worker = self.settings.worker
         self._threads = ThreadPoolExecutor(worker.thread_pool_size, "jobstream-handler")
+        processes = None
         if any(spec.cpu_bound for spec in self.app):
-            self._processes = ProcessPoolExecutor(worker.process_pool_size or None)
-        self._handler = HandlerStep(self._threads, self._processes, worker.cancel_grace_s)
+            processes = functools.partial(ProcessPoolExecutor, worker.process_pool_size or None)
+        self._handler = HandlerStep(self._threads, processes, worker.cancel_grace_s)
         own_store = self._store is None
         store = self._store or await open_store(self.settings.idempotency)
         cancellation = (
@@ -174,7 +209,9 @@ class Worker:
             [
                 *self._telemetry_steps(),
                 logging_step,
-                IdempotencyStep(store, self.settings.idempotency, self.owner),
+                IdempotencyStep(
+                    store, self.settings.idempotency, self.owner, cut_off=self._claim_lost
+                ),
                 *([StatusStep(self._status)] if self._status is not None else []),
                 FailureStep(self._router, self.settings.retry),
                 *([cancellation] if cancellation is not None else []),
@@ -186,6 +223,7 @@ class Worker:
         self.started = True
         fetcher = asyncio.create_task(self._fetch_loop(), name="jobstream-fetch")
         committer = asyncio.create_task(self._commit_loop(), name="jobstream-commit")
+        watcher = asyncio.create_task(self._watch_loop(), name="jobstream-health")
         backlog = None
         if self.metrics is not None and isinstance(self.source, ReportsBacklog):
             backlog = asyncio.create_task(self.metrics.refresh(self.source, self._stopping))
@@ -194,6 +232,7 @@ class Worker:
         finally:
             if backlog is not None:
                 backlog.cancel()
+            await _stop_task(watcher, worker.cancel_grace_s)
             await self._shutdown(fetcher, committer)
             if cancellation is not None:
                 await cancellation.close()
@@ -216,11 +255,12 @@ class Worker:
             )
         assert self._threads is not None
         self._threads.shutdown(wait=False, cancel_futures=True)
-        if self._processes is not None:
-            self._processes.shutdown(wait=False, cancel_futures=True)
+        processes = self._handler.processes if self._handler is not None else None
+        if isinstance(processes, ProcessPoolExecutor):
+            processes.shutdown(wait=False, cancel_futures=True)
             if any(a.where == "process" for a in abandoned):
                 # `_processes`: no public way to stop a busy pool before Python 3.14.
-                for process in list(self._processes._processes.values()):
+                for process in list((processes._processes or {}).values()):
                     process.terminate()
 
     def _telemetry_steps(self) -> list[Step]:
@@ -281,6 +321,7 @@ class Worker:
         worker = self.settings.worker
         try:
             while not self._stopping.is_set():
+                self._turned = time.monotonic()
                 room = worker.max_in_flight - self._admitted
                 if room <= 0:
                     # Keep polling while paused: the group must see us alive.
@@ -399,6 +440,33 @@ class Worker:
             except Exception as error:  # noqa: BLE001 - retried next interval
                 log.warning("commit failed, will retry: %s", error)
 
+    async def _watch_loop(self) -> None:
+        """Probe a broker that has been silent for a while (an idle member fetches nothing,
+        a full worker asks for nothing), and log when readiness is lost to its silence and
+        when it comes back."""
+        every = self._thresholds.probe_every_s
+        while True:
+            await asyncio.sleep(every)
+            contact = self._contact
+            if contact is not None and time.monotonic() - contact.last_contact > every:
+                try:
+                    async with asyncio.timeout(every):
+                        await contact.probe()
+                except WorkerError as error:  # e.g. a lost consumer that cannot be re-created
+                    log.error("%s", error)
+                    self._fault = error
+                    self._stopping.set()
+                    return
+                except Exception as error:  # noqa: BLE001 - its silence is what counts
+                    log.debug("broker probe failed: %r", error)
+            silence = self._silence(self._thresholds.ready_s, "readiness")
+            if (silence is not None) != self._silent:
+                self._silent = silence is not None
+                if silence is not None:
+                    log.warning("not ready: %s", silence)
+                else:
+                    log.info("ready again: the broker answers")
+
     def _find_overruns(self) -> None:
         """Report, once each, runs still going `cancel_grace_s` past their job timeout."""
         late = time.monotonic() - self.settings.worker.cancel_grace_s
@@ -417,6 +485,18 @@ class Worker:
                 context.job_id,
                 entry.delivery.describe,
             )
+
+    def _claim_lost(self, run: JobRun, reason: str) -> None:
+        """The idempotency step found `run`'s claim lost (taken over, or not renewable for
+        a whole lease): cut it off as a revoke would, never settled (issue 13, K4)."""
+        late = [entry for entry in self._tasks.values() if entry.run is run]
+        self._cut_offs.cut_off(late, reason, self._handler)
+        if late:
+            ended = asyncio.create_task(
+                self._cut_offs.ended(late, self.settings.worker.cancel_grace_s)
+            )
+            self._claims_lost.add(ended)
+            ended.add_done_callback(self._claims_lost.discard)
 
     async def _on_revoke(self, partitions: Sequence[Hashable]) -> None:
         revoked = set(partitions)

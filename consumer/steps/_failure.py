@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from datetime import datetime
 
 from consumer.core import (
     Decision,
@@ -28,6 +29,7 @@ from consumer.core import (
     RetrySettings,
     decide,
     error_text,
+    first_failure_stamp,
     utc_now,
 )
 
@@ -59,7 +61,8 @@ class FailureStep:
             except Exception as caught:  # noqa: BLE001 - every handler failure is routed
                 error = caught
             run.error = error
-            decision = self._decide(run, error)
+            now = utc_now()
+            decision = self._decide(run, error, now)
             run.failure_reason = decision.reason
             if not (decision.retry and self._settings.in_place):
                 return await self._router.route(run, error, decision)
@@ -70,11 +73,11 @@ class FailureStep:
                 error_text(error),
             )
             await asyncio.sleep(decision.delay_s)
-            run.next_attempt()
+            run.next_attempt(first_failure_stamp(run, now))
 
-    def _decide(self, run: JobRun, error: Exception) -> Decision:
+    def _decide(self, run: JobRun, error: Exception, now: datetime) -> Decision:
         try:
-            return decide(run, error, self._settings, now=utc_now())
+            return decide(run, error, self._settings, now=now)
         except Exception:
             log.exception("could not classify the failure of %s", run.delivery.describe)
             return Decision(retry=False, delay_s=0.0, reason="undecidable-failure")

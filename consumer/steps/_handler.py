@@ -17,6 +17,12 @@ revoke timeout, or its job timeout expired):
   every cancellation keeps its job's task: the worker waits for it a bounded time at a
   cut-off and then abandons the task (`runtime/_cut_offs.py`); while it runs on past its
   timeout the worker reports it (`Worker.overruns`) and its offset is never committed.
+
+A pool process that dies (killed, out of memory, a crash in native code) breaks its whole
+pool: every call on it ends with `BrokenProcessPool`. The step then replaces the pool (once
+per broken pool, whichever call sees it first) and runs each of those calls again on the
+new one, `_RESUBMITS` times at most per run; only then is the error the job's failure (a
+job that kills its process every time is retried, then dead-lettered, by the policy).
 """
 
 from __future__ import annotations
@@ -29,6 +35,7 @@ import functools
 import logging
 from collections.abc import Callable
 from concurrent.futures import Executor
+from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -37,6 +44,7 @@ from consumer.core import JobRun, Outcome
 log = logging.getLogger("jobstream.worker")
 
 Where = Literal["task", "thread", "process"]
+_RESUBMITS = 2  # runs of one job on a fresh pool after its pool broke under it
 
 
 @dataclass(frozen=True, slots=True)
@@ -60,16 +68,27 @@ class _Call:
     future: asyncio.Future[Any]
     running: asyncio.Future[Any] | concurrent.futures.Future[Any]
     where: Where
+    pool: Executor
 
 
 class HandlerStep:
-    def __init__(self, threads: Executor, processes: Executor | None, grace_s: float) -> None:
+    def __init__(
+        self, threads: Executor, processes: Callable[[], Executor] | None, grace_s: float
+    ) -> None:
+        """`processes` makes the process pool for `cpu_bound` handlers (again when one
+        broke); None runs them in `threads`."""
         self._threads = threads
-        self._processes = processes
+        self._new_processes = processes
+        self._processes = processes() if processes is not None else None
         self._grace_s = grace_s
         self.abandoned: dict[int, AbandonedRun] = {}
         """Handler calls cut off and still running, by call; each leaves when it ends."""
         self._calls: dict[int, _Call] = {}  # by run: what `interrupt` cancels
+
+    @property
+    def processes(self) -> Executor | None:
+        """The process pool in use (a new one after the previous one broke)."""
+        return self._processes
 
     def interrupt(self, run: JobRun) -> None:
         """Tell `run`'s handler to stop now, before its job's task hears of it: a thread or
@@ -92,29 +111,57 @@ class HandlerStep:
             if run.cut_off is not None:  # it swallowed the cut-off and returned
                 raise asyncio.CancelledError(run.cut_off)
             return Outcome.COMPLETED
-        call = self._calls[id(run)] = self._start(run)
-        try:
-            await asyncio.wait((call.future,))
-        except asyncio.CancelledError:
-            await self._stop(run, call)
-            raise
-        finally:
-            del self._calls[id(run)]
-        call.future.result()  # the handler's exception, or its own CancelledError
-        return Outcome.COMPLETED
+        resubmits = 0
+        while True:
+            call = self._calls[id(run)] = self._start(run)
+            try:
+                await asyncio.wait((call.future,))
+            except asyncio.CancelledError:
+                await self._stop(run, call)
+                raise
+            finally:
+                del self._calls[id(run)]
+            try:
+                call.future.result()  # the handler's exception, or its own CancelledError
+            except BrokenProcessPool:
+                if call.where != "process" or resubmits >= _RESUBMITS:
+                    raise
+                resubmits += 1
+                self._replace_broken(call.pool, run)
+                continue
+            return Outcome.COMPLETED
 
     def _start(self, run: JobRun) -> _Call:
         spec, job, context = run.spec, run.job, run.context
         assert spec is not None
         assert job is not None
         assert context is not None
-        if spec.cpu_bound and self._processes is not None:
-            submitted = self._processes.submit(spec.func, job)
-            return _Call(asyncio.wrap_future(submitted), submitted, "process")
+        pool = self._processes
+        if spec.cpu_bound and pool is not None:
+            try:
+                submitted = pool.submit(spec.func, job)
+            except BrokenProcessPool:  # broken since the last call ended: not this job's doing
+                pool = self._replace_broken(pool, run)
+                submitted = pool.submit(spec.func, job)
+            return _Call(asyncio.wrap_future(submitted), submitted, "process", pool)
         # Copy the context so spans and loggers set around the call are seen in the thread.
         call = functools.partial(contextvars.copy_context().run, spec.func, job, context)
         submitted = self._threads.submit(call)
-        return _Call(asyncio.wrap_future(submitted), submitted, "thread")
+        return _Call(asyncio.wrap_future(submitted), submitted, "thread", self._threads)
+
+    def _replace_broken(self, broken: Executor, run: JobRun) -> Executor:
+        """A new process pool in place of `broken`, unless another call replaced it already."""
+        assert self._new_processes is not None
+        assert self._processes is not None
+        if broken is self._processes:
+            broken.shutdown(wait=False, cancel_futures=True)
+            self._processes = self._new_processes()
+            log.warning(
+                "a process of the cpu_bound pool died (killed, out of memory or crashed) "
+                "while it ran job %s or one beside it: pool replaced, its jobs run again",
+                run.attributes.id if run.attributes is not None else None,
+            )
+        return self._processes
 
     async def _stop(self, run: JobRun, call: _Call) -> None:
         """Tell the handler to stop, wait `grace_s` at most, abandon it if it runs on."""
@@ -149,8 +196,13 @@ class HandlerStep:
             reason,
         )
 
+        # The run's claim is kept until the call really ends (`JobRun.handler_running`).
+        ended_for_good = run.handler_running = asyncio.get_running_loop().create_future()
+
         def forget() -> None:
             _retrieve(running)
+            if not ended_for_good.done():
+                ended_for_good.set_result(None)
             if self.abandoned.pop(key, None) is not None:
                 log.info("the abandoned handler of job %s ended", abandoned.job_id)
 

@@ -2,7 +2,12 @@
 Redis, PostgreSQL; the NATS KV store is the NATS backend's) and job status with
 cancellation requests (memory, Redis). No broker client is imported here."""
 
-from consumer.stores._idempotency import ClaimState, IdempotencyStore, MemoryIdempotencyStore
+from consumer.stores._idempotency import (
+    HOLD_LEASES,
+    ClaimState,
+    IdempotencyStore,
+    MemoryIdempotencyStore,
+)
 from consumer.stores._open import open_status, open_store
 from consumer.stores._status import (
     FINAL_STATES,
@@ -16,6 +21,7 @@ from consumer.stores._status import (
 
 __all__ = [
     "FINAL_STATES",
+    "HOLD_LEASES",
     "ClaimState",
     "IdempotencyStore",
     "JobState",

@@ -1,7 +1,10 @@
 """PostgreSQL idempotency store: one row per job key in `<namespace>_idempotency`.
 
-A claim is a single `INSERT ... ON CONFLICT DO UPDATE ... WHERE` that only takes over a
-row whose claim expired or is our own, so two workers can never both hold a live claim.
+A claim is a single `INSERT ... ON CONFLICT DO UPDATE ... WHERE` that only takes a row
+that is gone (`expires_at` passed: `HOLD_LEASES` leases after a running claim's last
+write, `retention_s` after a completion) or is this token's own, so two deliveries can
+never both hold a claim. The stamp `holder` returns is the token and `expires_at` (in
+microseconds), which every renewal moves; `take_over` is an `UPDATE` conditional on it.
 Expired rows are deleted now and then (the retention bound).
 """
 
@@ -12,7 +15,7 @@ import re
 from psycopg import sql
 from psycopg_pool import AsyncConnectionPool
 
-from consumer.stores._idempotency import ClaimState
+from consumer.stores._idempotency import HOLD_LEASES, ClaimState
 
 _CLEANUP_EVERY = 1000
 
@@ -42,7 +45,7 @@ class PostgresIdempotencyStore:
             )
         return store
 
-    async def claim(self, key: str, owner: str, lease_s: float) -> ClaimState:
+    async def claim(self, key: str, token: str, lease_s: float) -> ClaimState:
         query = sql.SQL(
             "INSERT INTO {t} AS t (key, state, owner, expires_at)"
             " VALUES (%s, 'running', %s, now() + make_interval(secs => %s))"
@@ -52,7 +55,9 @@ class PostgresIdempotencyStore:
             " RETURNING state"
         ).format(t=self._table)
         async with self._pool.connection() as conn:
-            claimed = await (await conn.execute(query, (key, owner, lease_s))).fetchone()
+            claimed = await (
+                await conn.execute(query, (key, token, HOLD_LEASES * lease_s))
+            ).fetchone()
             if claimed is not None:
                 return ClaimState.CLAIMED
             row = await (
@@ -64,15 +69,36 @@ class PostgresIdempotencyStore:
             return ClaimState.COMPLETED
         return ClaimState.BUSY
 
-    async def renew(self, key: str, owner: str, lease_s: float) -> bool:
+    async def holder(self, key: str) -> str | None:
         query = sql.SQL(
-            "UPDATE {} SET expires_at = now() + make_interval(secs => %s)"
-            " WHERE key = %s AND owner = %s AND state = 'running'"
+            "SELECT owner, (extract(epoch from expires_at) * 1000000)::bigint FROM {}"
+            " WHERE key = %s AND state = 'running'"
+            " AND expires_at >= now()"
         ).format(self._table)
         async with self._pool.connection() as conn:
-            return (await conn.execute(query, (lease_s, key, owner))).rowcount == 1
+            row = await (await conn.execute(query, (key,))).fetchone()
+        return None if row is None else f"{row[0]}#{row[1]}"
 
-    async def complete(self, key: str, owner: str, retention_s: float) -> None:
+    async def take_over(self, key: str, holder: str, token: str, lease_s: float) -> bool:
+        owner, _, micros = holder.rpartition("#")
+        query = sql.SQL(
+            "UPDATE {} SET owner = %s, expires_at = now() + make_interval(secs => %s)"
+            " WHERE key = %s AND state = 'running' AND owner = %s"
+            " AND (extract(epoch from expires_at) * 1000000)::bigint = %s"
+        ).format(self._table)
+        args = (token, HOLD_LEASES * lease_s, key, owner, int(micros))
+        async with self._pool.connection() as conn:
+            return (await conn.execute(query, args)).rowcount == 1
+
+    async def renew(self, key: str, token: str, lease_s: float) -> bool:
+        query = sql.SQL(
+            "UPDATE {} SET expires_at = now() + make_interval(secs => %s)"
+            " WHERE key = %s AND owner = %s AND state = 'running' AND expires_at >= now()"
+        ).format(self._table)
+        async with self._pool.connection() as conn:
+            return (await conn.execute(query, (HOLD_LEASES * lease_s, key, token))).rowcount == 1
+
+    async def complete(self, key: str, token: str, retention_s: float) -> None:
         query = sql.SQL(
             "INSERT INTO {t} AS t (key, state, owner, expires_at)"
             " VALUES (%s, 'done', %s, now() + make_interval(secs => %s))"
@@ -80,17 +106,17 @@ class PostgresIdempotencyStore:
             " expires_at = EXCLUDED.expires_at"
         ).format(t=self._table)
         async with self._pool.connection() as conn:
-            await conn.execute(query, (key, owner, retention_s))
+            await conn.execute(query, (key, token, retention_s))
             self._completions += 1
             if self._completions % _CLEANUP_EVERY == 0:
                 await conn.execute(
                     sql.SQL("DELETE FROM {} WHERE expires_at < now()").format(self._table)
                 )
 
-    async def release(self, key: str, owner: str) -> None:
+    async def release(self, key: str, token: str) -> None:
         query = sql.SQL("DELETE FROM {} WHERE key = %s AND owner = %s AND state = 'running'")
         async with self._pool.connection() as conn:
-            await conn.execute(query.format(self._table), (key, owner))
+            await conn.execute(query.format(self._table), (key, token))
 
     async def close(self) -> None:
         await self._pool.close()

@@ -1,7 +1,9 @@
-"""Redis idempotency store: one key per job, claims as `running:<owner>` with a TTL.
+"""Redis idempotency store: one key per job, claims as `running:<token>#<version>`.
 
-Each operation is one Lua script, so check-and-set is atomic on the server; expired claims
-disappear by themselves (the lease), completed ids after `retention_s`.
+Each operation is one Lua script, so check-and-set is atomic on the server. A renewal
+bumps the version, so the stamp `holder` returns changes while the holder is alive, and
+`take_over` replaces only the stamp the waiting delivery saw. Running claims disappear by
+themselves `HOLD_LEASES` leases after their last write, completed ids after `retention_s`.
 """
 
 from __future__ import annotations
@@ -11,25 +13,41 @@ from typing import Any, cast
 
 import redis.asyncio as redis
 
-from consumer.stores._idempotency import ClaimState
+from consumer.stores._idempotency import HOLD_LEASES, ClaimState
 
+# ARGV[1] is `running:<token>#`: a token never contains '#', so the prefix names it alone.
 _CLAIM = """
 local v = redis.call('GET', KEYS[1])
-if not v or v == ARGV[1] then
-  redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
+if not v then
+  redis.call('SET', KEYS[1], ARGV[1] .. '0', 'PX', ARGV[2])
   return 'claimed'
 end
 if v == 'done' then return 'completed' end
+if string.sub(v, 1, #ARGV[1]) == ARGV[1] then
+  redis.call('PEXPIRE', KEYS[1], ARGV[2])
+  return 'claimed'
+end
 return 'busy'
 """
-_RENEW = """
+_TAKE_OVER = """
 if redis.call('GET', KEYS[1]) == ARGV[1] then
-  return redis.call('PEXPIRE', KEYS[1], ARGV[2])
+  redis.call('SET', KEYS[1], ARGV[2] .. '0', 'PX', ARGV[3])
+  return 1
+end
+return 0
+"""
+_RENEW = """
+local v = redis.call('GET', KEYS[1])
+if v and string.sub(v, 1, #ARGV[1]) == ARGV[1] then
+  local version = tonumber(string.sub(v, #ARGV[1] + 1)) + 1
+  redis.call('SET', KEYS[1], ARGV[1] .. version, 'PX', ARGV[2])
+  return 1
 end
 return 0
 """
 _RELEASE = """
-if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
+local v = redis.call('GET', KEYS[1])
+if v and string.sub(v, 1, #ARGV[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
 return 0
 """
 
@@ -39,6 +57,7 @@ class RedisIdempotencyStore:
         self._client = client
         self._prefix = f"{namespace}:idem:"
         self._claim: Any = client.register_script(_CLAIM)
+        self._take_over: Any = client.register_script(_TAKE_OVER)
         self._renew: Any = client.register_script(_RENEW)
         self._release: Any = client.register_script(_RELEASE)
 
@@ -50,28 +69,44 @@ class RedisIdempotencyStore:
         await cast("Awaitable[Any]", client.ping())
         return cls(client, namespace)
 
-    async def claim(self, key: str, owner: str, lease_s: float) -> ClaimState:
-        result = await self._claim(keys=[self._prefix + key], args=[_running(owner), _ms(lease_s)])
+    async def claim(self, key: str, token: str, lease_s: float) -> ClaimState:
+        result = await self._claim(
+            keys=[self._prefix + key], args=[_running(token), _hold(lease_s)]
+        )
         return ClaimState(result)
 
-    async def renew(self, key: str, owner: str, lease_s: float) -> bool:
-        renewed = await self._renew(keys=[self._prefix + key], args=[_running(owner), _ms(lease_s)])
+    async def holder(self, key: str) -> str | None:
+        value = await cast("Awaitable[Any]", self._client.get(self._prefix + key))
+        return value if isinstance(value, str) and value.startswith("running:") else None
+
+    async def take_over(self, key: str, holder: str, token: str, lease_s: float) -> bool:
+        args = [holder, _running(token), _hold(lease_s)]
+        return bool(await self._take_over(keys=[self._prefix + key], args=args))
+
+    async def renew(self, key: str, token: str, lease_s: float) -> bool:
+        renewed = await self._renew(
+            keys=[self._prefix + key], args=[_running(token), _hold(lease_s)]
+        )
         return bool(renewed)
 
-    async def complete(self, key: str, owner: str, retention_s: float) -> None:
+    async def complete(self, key: str, token: str, retention_s: float) -> None:
         await cast(
             "Awaitable[Any]", self._client.set(self._prefix + key, "done", px=_ms(retention_s))
         )
 
-    async def release(self, key: str, owner: str) -> None:
-        await self._release(keys=[self._prefix + key], args=[_running(owner)])
+    async def release(self, key: str, token: str) -> None:
+        await self._release(keys=[self._prefix + key], args=[_running(token)])
 
     async def close(self) -> None:
         await self._client.aclose()
 
 
-def _running(owner: str) -> str:
-    return f"running:{owner}"
+def _running(token: str) -> str:
+    return f"running:{token}#"
+
+
+def _hold(lease_s: float) -> int:
+    return _ms(HOLD_LEASES * lease_s)
 
 
 def _ms(seconds: float) -> int:

@@ -537,6 +537,11 @@ def test_probes_security_and_storage(rendered: dict[str, list[dict[str, Any]]], 
         assert container["resources"]["requests"]["cpu"]
     worker = next(c for name, c in containers(docs) if name == WORKER)
     assert worker["command"] == ["jobstream", "worker", "examples.app:app"]
+    # The start-up probe outlasts worker.broker_wait_s (60 s): a worker still waiting for
+    # its broker at start is not restarted by the liveness probe.
+    startup = worker["startupProbe"]
+    assert startup["httpGet"] == {"path": "/livez", "port": "health"}
+    assert startup["periodSeconds"] * startup["failureThreshold"] > 60
     if any(name == INGRESS for name, _ in containers(docs)):
         ingress = next(c for name, c in containers(docs) if name == INGRESS)
         assert ingress["command"] == ["jobstream", "ingress"]

@@ -1,4 +1,8 @@
-"""Every idempotency store keeps the same contract, against the real servers."""
+"""Every idempotency store keeps the same contract, against the real servers.
+
+A claim belongs to one delivery (a token), never to a worker, and the store does not judge
+leases: a claim whose lease ran out stays BUSY until a waiting delivery takes it over by
+compare-and-set on the stamp it saw (issue 13, K4)."""
 
 from __future__ import annotations
 
@@ -58,8 +62,69 @@ async def test_expired_lease_is_taken_over_and_renew_extends(store: IdempotencyS
     assert await store.renew(key, "w1", 0.3)
     assert not await store.renew(key, "w2", 0.3)
     await asyncio.sleep(0.5)  # let the 0.3 s lease run out
-    assert await store.claim(key, "w2", 30) is ClaimState.CLAIMED
+    # Not judged by the store: the claim is still w1's until a waiter takes it over.
+    assert await store.claim(key, "w2", 30) is ClaimState.BUSY
+    seen = await store.holder(key)
+    assert seen is not None
+    assert await store.take_over(key, seen, "w2", 30)
     assert not await store.renew(key, "w1", 30)
+    assert await store.renew(key, "w2", 30)
+
+
+async def test_a_claim_belongs_to_one_token_not_to_a_worker(store: IdempotencyStore) -> None:
+    """Two deliveries of one job to the same worker have two tokens: the second is BUSY."""
+    key = uuid.uuid4().hex
+    assert await store.claim(key, "worker-a:1", 30) is ClaimState.CLAIMED
+    assert await store.claim(key, "worker-a:2", 30) is ClaimState.BUSY
+    assert await store.claim(key, "worker-a:1", 30) is ClaimState.CLAIMED  # a retried claim
+    await store.release(key, "worker-a:2")  # not the holder: no effect
+    assert await store.claim(key, "worker-a:2", 30) is ClaimState.BUSY
+    assert not await store.renew(key, "worker-a:2", 30)
+
+
+async def test_a_renewal_changes_the_stamp_so_a_stale_take_over_fails(
+    store: IdempotencyStore,
+) -> None:
+    key = uuid.uuid4().hex
+    assert await store.holder(key) is None
+    assert await store.claim(key, "w1", 30) is ClaimState.CLAIMED
+    first = await store.holder(key)
+    assert first is not None
+    assert await store.holder(key) == first, "unchanged while nobody writes"
+    assert await store.renew(key, "w1", 30)
+    second = await store.holder(key)
+    assert second not in (None, first)
+    assert not await store.take_over(key, first, "w2", 30), "the holder renewed meanwhile"
+    assert await store.renew(key, "w1", 30)
+    await store.complete(key, "w1", 60)
+    assert await store.holder(key) is None
+    assert not await store.take_over(key, second, "w2", 30)
+    assert await store.claim(key, "w2", 30) is ClaimState.COMPLETED
+
+
+async def test_a_late_completion_is_recorded_and_fences_the_taker(store: IdempotencyStore) -> None:
+    """A holder cut off by an outage records its completion after a takeover: the job is
+    completed, and the delivery that took the claim over loses it at its next renewal."""
+    key = uuid.uuid4().hex
+    assert await store.claim(key, "w1", 30) is ClaimState.CLAIMED
+    seen = await store.holder(key)
+    assert seen is not None
+    assert await store.take_over(key, seen, "w2", 30)
+    await store.complete(key, "w1", 60)
+    assert not await store.renew(key, "w2", 30)
+    assert await store.claim(key, "w3", 30) is ClaimState.COMPLETED
+
+
+async def test_concurrent_take_overs_have_one_winner(store: IdempotencyStore) -> None:
+    key = uuid.uuid4().hex
+    assert await store.claim(key, "w0", 30) is ClaimState.CLAIMED
+    seen = await store.holder(key)
+    assert seen is not None
+    won = await asyncio.gather(*(store.take_over(key, seen, f"w{i}", 30) for i in range(1, 11)))
+    assert won.count(True) == 1
+    winner = f"w{won.index(True) + 1}"
+    assert await store.renew(key, winner, 30)
+    assert not await store.renew(key, "w0", 30)
 
 
 async def test_concurrent_claims_have_one_winner(store: IdempotencyStore) -> None:

@@ -49,6 +49,7 @@ from tests.support import (
     running_worker,
     start_ready_workers,
     stop_worker,
+    wait_nats_consumer_settled,
     wait_until,
     worker_env,
 )
@@ -203,22 +204,7 @@ async def test_workers_reconnect_after_a_server_restart_and_every_job_completes(
         )
         assert done_before < len(ids), "the restart happened mid-run"
         assert all(w.poll() is None for w in workers), "the workers survived the restart"
-        client = await nats.connect(own_server.url)
-        try:
-            js = client.jetstream()
-
-            async def settled() -> bool:
-                info = await js.consumer_info(stream, "restart")
-                return info.num_pending == 0 and info.num_ack_pending == 0
-
-            for _ in range(300):
-                if await settled():
-                    break
-                await asyncio.sleep(0.2)
-            else:
-                raise AssertionError("the consumer still has unacknowledged jobs")
-        finally:
-            await client.close()
+        await wait_nats_consumer_settled(own_server.url, stream, "restart", 60)
     finally:
         codes = [stop_worker(w) for w in workers]
     assert codes == [0, 0]

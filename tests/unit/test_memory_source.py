@@ -132,6 +132,25 @@ async def test_pause_holds_back_records_until_resume() -> None:
     assert [d.offset for d in await source.fetch(10, 0.05)] == [0, 1]
 
 
+async def test_a_partition_behind_one_unsettled_record_holds_at_most_max_held_offsets() -> None:
+    broker = broker_with(partitions=2)
+    bounded = Settings.model_validate(
+        {"transport": "memory", "worker": {"group": GROUP, "max_held_offsets": 5}}
+    )
+    source, _ = await started(broker, bounded)
+    await fill(broker, TOPIC, 40)  # round-robin: 20 per partition
+    first = await source.fetch(100, 0)
+    assert sorted(where(d)[1:] for d in first) == [(p, o) for p in (0, 1) for o in range(5)]
+    for delivery in first[1:]:
+        source.settle(delivery, Outcome.COMPLETED)  # all but the oldest of one partition
+    head = first[0]
+    assert await source.fetch(100, 0.05) != []  # the other partition moves on
+    assert source.tracker.held(head.partition) == 5, "nothing read behind the unsettled head"
+    source.settle(head, Outcome.COMPLETED)
+    more = await source.fetch(100, 0.05)
+    assert [d.offset for d in more if d.partition == head.partition] == [5, 6, 7, 8, 9]
+
+
 async def test_a_retry_not_due_waits_without_blocking_other_partitions() -> None:
     broker = broker_with(partitions=2, tiers=1)
     tier = f"{TOPIC}.retry.1"
@@ -149,6 +168,34 @@ async def test_a_retry_not_due_waits_without_blocking_other_partitions() -> None
     assert [where(d) for d in retry] == [(tier, 0, 0)]
     assert retry[0].attributes is not None and retry[0].attributes.attempt == 2
     assert time.monotonic() - wall >= 0.3, "handed out only once due"
+
+
+async def test_a_retry_due_in_a_day_holds_its_tier_at_most_the_tier_delay() -> None:
+    """Tier delay 1 s: a record due in a day is appended again to the tail after 1 s, so
+    the retry behind it, due in 0.3 s, waits about 1 s, not a day (K9)."""
+    broker = broker_with(partitions=1, tiers=1)
+    tier = f"{TOPIC}.retry.1"
+    source, _ = await started(broker)
+    now = datetime.now(UTC)
+    await append(broker, tier, 0, attempt=2, not_before=now + timedelta(days=1))
+    await append(broker, tier, 0, attempt=2, not_before=now + timedelta(seconds=0.3))
+
+    wall = time.monotonic()
+    soon = await source.fetch(100, 5)
+    waited = time.monotonic() - wall
+    assert [where(d) for d in soon] == [(tier, 0, 1)]
+    assert 0.9 <= waited < 2.5, waited
+    for _ in range(100):  # the copy is appended by a task of its own
+        if len(stored := broker.read(tier, 0, 0)) == 3:
+            break
+        await asyncio.sleep(0.01)
+    assert len(stored) == 3, "the day-long retry was appended again, once"
+    assert (stored[2].key, stored[2].headers) == (stored[0].key, stored[0].headers)
+    source.settle(soon[0], Outcome.COMPLETED)
+    await source.commit()
+    assert broker.committed(GROUP, tier, 0) == 2, "the original settled behind its copy"
+    assert await source.fetch(100, 0.3) == [], "the copy waits its tier delay again"
+    assert len(broker.read(tier, 0, 0)) == 3, "no busy loop of copies"
 
 
 async def test_a_delivery_of_an_earlier_assignment_never_settles() -> None:

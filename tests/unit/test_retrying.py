@@ -26,8 +26,7 @@ from consumer.core import (
     WorkerError,
 )
 from consumer.kafka._source import KafkaSource
-from consumer.nats import until_reachable
-from consumer.runtime import until_acknowledged
+from consumer.runtime import until_acknowledged, until_reachable
 from consumer.steps import IdempotencyStep
 from producer import BrokerUnavailable, KafkaSettings, PublishError, Receipt
 from producer.kafka import KafkaPublisher
@@ -268,8 +267,8 @@ async def test_nats_unreachable_at_start_is_one_error_within_the_budget(logged: 
         await until_reachable(settings(1.0), connect)
     assert time.monotonic() - started < 1.0 + 0.3
     assert len(connect.calls) >= 2
-    retried = logged.messages("jobstream.nats")
-    assert retried and all(m.startswith("NATS not reachable yet (") for m in retried)
+    retried = logged.messages("jobstream.worker")
+    assert retried and all(m.startswith("nats is not reachable at ") for m in retried)
 
 
 async def test_kafka_source_unreachable_at_start_stops_the_client(no_waits: None) -> None:

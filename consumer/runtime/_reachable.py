@@ -1,4 +1,4 @@
-"""Reaching NATS at start-up: retried with backoff for `worker.broker_wait_s`."""
+"""Reaching the broker at start-up: retried with backoff for `worker.broker_wait_s`."""
 
 from __future__ import annotations
 
@@ -11,14 +11,15 @@ from consumer.core import Settings, WorkerError
 from producer import BrokerUnavailable
 from producer.retrying import Backoff, retry
 
-log = logging.getLogger("jobstream.nats")
+log = logging.getLogger("jobstream.worker")
 T = TypeVar("T")
 _BROKER_BACKOFF = Backoff(initial_s=0.5, max_s=10.0, jitter=True)
 
 
 async def until_reachable(settings: Settings, connect: Callable[[], Awaitable[T]]) -> T:
-    """`connect()`, retried with backoff while NATS is unreachable, for up to
-    `worker.broker_wait_s`; then `WorkerError` (the worker exits 1 with that one line)."""
+    """`connect()`, retried with backoff while the broker is unreachable (`connect` raises
+    `BrokerUnavailable`), for up to `worker.broker_wait_s`; then `WorkerError` (the worker
+    exits 1 with that one line). Every connection a worker opens at start waits as long."""
     budget = settings.worker.broker_wait_s
     try:
         return await retry(
@@ -34,4 +35,4 @@ async def until_reachable(settings: Settings, connect: Callable[[], Awaitable[T]
 
 
 def _unreachable(error: Exception, wait_s: float) -> None:
-    log.warning("NATS not reachable yet (%s); retrying in %.1fs", error, wait_s)
+    log.warning("%s; retrying in %.1fs", error, wait_s)
