@@ -12,16 +12,23 @@ import asyncio
 import contextlib
 import logging
 import os
+import re
 import signal
-from collections.abc import AsyncIterator
+import time
+import urllib.parse
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import TypeVar
 
 from consumer._backends import Backend, backend_for, open_idempotency_store
-from consumer.core import App, Settings
+from consumer.core import App, Settings, WorkerError
 from consumer.runtime import HealthServer, Worker
 from consumer.stores import IdempotencyStore, open_status
 from consumer.telemetry import Telemetry, configure
+from producer.retrying import Backoff, retry
 
 log = logging.getLogger("jobstream.worker")
+T = TypeVar("T")
+_STORE_BACKOFF = Backoff(initial_s=0.5, max_s=10.0, jitter=True)
 
 
 @contextlib.asynccontextmanager
@@ -39,14 +46,18 @@ async def open_worker(
     backend = backend if backend is not None else backend_for(settings.transport)
     async with contextlib.AsyncExitStack() as stack:
         tracer = telemetry.tracer("jobstream.worker") if telemetry.tracing else None
-        source, router = await backend.open(app, settings, stack, tracer)
-        status = await open_status(settings)
+        # The stores first: a store that cannot be opened stops the worker before it
+        # built a broker client it would have to close.
+        status = await _until_answers(settings, "status", lambda: open_status(settings))
         if status is not None:
             stack.push_async_callback(status.close)
         store: IdempotencyStore | None = None
         if settings.idempotency.backend != "memory":
-            store = await open_idempotency_store(settings)
+            store = await _until_answers(
+                settings, "idempotency", lambda: open_idempotency_store(settings)
+            )
             stack.push_async_callback(store.close)
+        source, router = await backend.open(app, settings, stack, tracer)
         yield Worker(
             app, settings, source, router=router, status=status, store=store, telemetry=telemetry
         )
@@ -92,7 +103,17 @@ async def _run(worker: Worker) -> Worker:
         )
         if worker.telemetry.prometheus is not None:
             health.route("/metrics", lambda: (200, worker.telemetry.prometheus_text()))
-        await health.start()
+        try:
+            await health.start()
+        except OSError as error:
+            await worker.source.stop()  # built, never started: let go of its client
+            msg = (
+                f"the health endpoint cannot listen on {settings.health.host}:"
+                f"{settings.health.port}: {error.strerror or error}; set "
+                "JOBSTREAM_HEALTH__PORT / --health-port to a free port (0 turns it off) "
+                "and JOBSTREAM_HEALTH__HOST to an address of this host"
+            )
+            raise WorkerError(msg) from error
     try:
         await worker.run()
     finally:
@@ -101,3 +122,55 @@ async def _run(worker: Worker) -> Worker:
         for signum in (signal.SIGTERM, signal.SIGINT):
             loop.remove_signal_handler(signum)
     return worker
+
+
+async def _until_answers(settings: Settings, store: str, connect: Callable[[], Awaitable[T]]) -> T:
+    """`connect()` to the `store` store, retried with backoff for `worker.broker_wait_s` as
+    the broker is; then `WorkerError`, one line naming the URL (without its password)."""
+    budget = settings.worker.broker_wait_s
+    url = getattr(settings, store).url
+    where = f" at {_without_password(url.get_secret_value())}" if url is not None else ""
+
+    def retried(error: Exception) -> bool:  # a bad value is not waited out
+        return not isinstance(error, ValueError | TypeError)
+
+    def unreachable(error: Exception, wait_s: float) -> None:
+        log.warning(
+            "the %s store%s did not answer (%s); retrying in %.1fs",
+            store,
+            where,
+            _reason(error),
+            wait_s,
+        )
+
+    try:
+        return await retry(
+            connect,
+            on=retried,
+            backoff=_STORE_BACKOFF,
+            deadline=time.monotonic() + budget,
+            on_retry=unreachable,
+        )
+    except Exception as error:
+        variable = f"JOBSTREAM_{store.upper()}__URL"
+        happened = f"did not answer within {budget:g}s" if retried(error) else "cannot be used"
+        msg = (
+            f"the {store} store{where} {happened}: {_reason(error)}; check {variable} "
+            "and that it runs"
+        )
+        raise WorkerError(msg) from error
+
+
+def _reason(error: BaseException) -> str:
+    return " ".join(str(error).split()) or type(error).__name__
+
+
+def _without_password(url: str) -> str:
+    """`url` with its password replaced by `***` (URLs and libpq `key=value` strings)."""
+    if "://" not in url:
+        return re.sub(r"(password\s*=\s*)\S+", r"\1***", url)
+    parts = urllib.parse.urlsplit(url)
+    if parts.password is None:
+        return url
+    netloc = f"{parts.username or ''}:***@{parts.netloc.rpartition('@')[2]}"
+    return urllib.parse.urlunsplit(parts._replace(netloc=netloc))

@@ -20,7 +20,7 @@ import typer
 
 from consumer import App, Settings, WorkerError, run_worker
 from consumer.telemetry import configure_logging
-from jobstream._config import fail, load_settings
+from jobstream._config import fail, load_settings, refused
 from schemas import JobstreamError
 
 
@@ -83,6 +83,8 @@ def register(cli: typer.Typer) -> None:
             raise fail(str(error)) from None
         except (JobstreamError, NotImplementedError, OSError) as error:
             raise fail(f"{error}") from None
+        except ValueError as error:
+            raise refused(error) from None
         sys.stdout.flush()
 
 

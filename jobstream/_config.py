@@ -12,6 +12,7 @@ import importlib
 import logging
 import os
 import re
+import tomllib
 from collections.abc import Callable, Coroutine
 from pathlib import Path
 from typing import Any, TypeVar
@@ -60,6 +61,18 @@ def load_settings(cls: type[S], **overrides: Any) -> S:
         path = [str(part) for part in first["loc"]]
         env_var = ENV_PREFIX + "__".join(path).upper()
         raise fail(f"invalid setting {env_var} ({'.'.join(path)}): {first['msg']}", USAGE) from None
+    except tomllib.TOMLDecodeError as error:  # its message ends "(at line L, column C)"
+        raise fail(
+            f"{CONFIG_FILE_ENV}={config_file} is not valid TOML: {error}; fix the file there "
+            f"(see docs/configuration.md) or unset {CONFIG_FILE_ENV}",
+            USAGE,
+        ) from None
+    except (OSError, UnicodeDecodeError) as error:  # only the config file is read
+        raise fail(
+            f"cannot read {CONFIG_FILE_ENV}={config_file}: {error}; point it at a readable "
+            "UTF-8 TOML file",
+            USAGE,
+        ) from None
     except SettingsError as error:  # an env value that is not valid JSON for a list/object
         field = re.search(r'field "(\w+)"', str(error))
         where = f"{ENV_PREFIX}{field.group(1).upper()}*" if field else f"a {ENV_PREFIX}* variable"
@@ -107,3 +120,16 @@ def run(coroutine: Callable[[], Coroutine[Any, Any, T]]) -> T:
         return asyncio.run(coroutine())
     except JobstreamError as error:
         raise fail(" ".join(str(error).split()), RUNTIME) from None
+    except ValueError as error:
+        raise refused(error) from None
+
+
+def refused(error: ValueError) -> typer.Exit:
+    """A broker or store client refused a combination the settings model let through (e.g.
+    SASL without credentials): one line and exit 2, as any other bad setting."""
+    reason = " ".join(str(error).split())
+    return fail(
+        f"the settings were refused: {reason}; fix the JOBSTREAM_* setting it names "
+        "(see docs/configuration.md)",
+        USAGE,
+    )

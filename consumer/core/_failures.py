@@ -79,7 +79,7 @@ def error_text(error: BaseException, limit_bytes: int = MAX_ERROR_BYTES) -> str:
     never raises (a `__str__` that raises gives a placeholder naming the type)."""
     try:
         text = str(error)
-    except Exception:  # noqa: BLE001 - a handler's exception is untrusted
+    except BaseException:  # noqa: BLE001 - untrusted: even a KeyboardInterrupt from __str__
         return f"<unprintable {type(error).__name__}: its __str__ raised>"
     if not isinstance(text, str):  # a C extension's __str__ can return anything
         return f"<unprintable {type(error).__name__}>"
@@ -167,22 +167,25 @@ def _requested_delay(error: BaseException) -> float | None:
 
 
 def _first_failure(run: JobRun) -> datetime | None:
-    """`jobfirstfail` of the record, or None when absent or unreadable (no UTC offset,
-    garbage): the budget then counts from this failure, and the header is rewritten."""
+    """`jobfirstfail` of the record in UTC, or None when absent or unreadable (no UTC
+    offset, garbage, out of range once in UTC): the budget then counts from this failure,
+    and the header is rewritten."""
     if run.attributes is None:
         return None
     value = run.attributes.extensions.get(FIRST_FAILURE)
     try:
         moment = datetime.fromisoformat(value) if value else None
+        if moment is None or moment.utcoffset() is None:
+            return None
+        return moment.astimezone(UTC)
     except (ValueError, OverflowError):
         return None
-    return moment if moment is not None and moment.utcoffset() is not None else None
 
 
 def _traceback(error: BaseException) -> str:
     try:
         trace = "".join(traceback.format_exception(error))
-    except Exception:  # noqa: BLE001 - e.g. `__notes__` that is not a list of strings
+    except BaseException:  # noqa: BLE001 - e.g. `__notes__` that is not a list of strings
         return "-"
     tail = _printable(trace[-MAX_TRACEBACK_BYTES:])
     return tail.encode("utf-8", "replace")[-MAX_TRACEBACK_BYTES:].decode("utf-8", "ignore")

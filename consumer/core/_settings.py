@@ -6,14 +6,41 @@ named by `JOBSTREAM_CONFIG_FILE`). docs/configuration.md lists every setting.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterable
 from typing import Literal, Self
 
-from pydantic import BaseModel, ConfigDict, Field, SecretStr, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    SecretStr,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
 
 from producer import ProducerSettings
 
 OrderingMode = Literal["partition", "key", "none"]
+_URL_SCHEMES = {
+    "redis": ("redis://", "rediss://", "unix://"),
+    "postgres": ("postgresql://", "postgres://"),
+    "nats-kv": ("nats://", "tls://", "ws://", "wss://"),
+}
+"""The URL schemes each store's client accepts (PostgreSQL also takes `key=value` pairs)."""
+_NAMESPACES = {
+    "postgres": (
+        re.compile(r"[A-Za-z_][A-Za-z0-9_]*"),
+        "a letter or '_', then letters, digits, '_'",
+    ),
+    "nats-kv": (re.compile(r"[A-Za-z0-9_-]+"), "letters, digits, '_' or '-'"),
+}
+"""What a namespace may hold where it becomes a name (a table, a bucket)."""
+
+
+def _one_of(names: tuple[str, ...]) -> str:
+    return f"{', '.join(names[:-1])} or {names[-1]}" if len(names) > 1 else names[0]
 
 
 class _Frozen(BaseModel):
@@ -57,8 +84,8 @@ class WorkerSettings(_Frozen):
     max_poll_interval_s: float = Field(default=300.0, gt=0)
     """Kafka: longest gap between fetches before the worker is considered stuck."""
     broker_wait_s: float = Field(default=60.0, gt=0)
-    """At start-up, how long to retry (with backoff) a broker that does not answer before
-    the worker exits non-zero with a clear error."""
+    """At start-up, how long to retry (with backoff) a broker, or an idempotency or status
+    store, that does not answer before the worker exits non-zero with a clear error."""
     thread_pool_size: int = Field(default=8, ge=1)
     """Threads for synchronous handlers."""
     process_pool_size: int = Field(default=0, ge=0)
@@ -91,6 +118,28 @@ class IdempotencySettings(_Frozen):
     namespace: str = "jobstream"
     """Key prefix (Redis) / table name prefix (PostgreSQL) / bucket name prefix (NATS KV:
     `<namespace>_idempotency`), to share one server safely."""
+
+    @field_validator("url")
+    @classmethod
+    def _url_scheme(cls, url: SecretStr | None, info: ValidationInfo) -> SecretStr | None:
+        backend = info.data.get("backend", "")
+        schemes = _URL_SCHEMES.get(backend)
+        value = url.get_secret_value() if url is not None else ""
+        conninfo = backend == "postgres" and "://" not in value and "=" in value
+        if url is None or schemes is None or value.startswith(schemes) or conninfo:
+            return url
+        scheme = value.split("://")[0] + "://" if "://" in value else "no scheme"
+        msg = f"the {backend} store needs a URL starting with {_one_of(schemes)} (found {scheme})"
+        raise ValueError(msg)
+
+    @field_validator("namespace")
+    @classmethod
+    def _namespace_names(cls, namespace: str, info: ValidationInfo) -> str:
+        rule = _NAMESPACES.get(info.data.get("backend", ""))
+        if rule is not None and not rule[0].fullmatch(namespace):
+            msg = f"{namespace!r} cannot name a {info.data['backend']} store: use {rule[1]}"
+            raise ValueError(msg)
+        return namespace
 
     @model_validator(mode="after")
     def _url_for_remote_backends(self) -> Self:
@@ -261,6 +310,17 @@ class StatusSettings(_Frozen):
     """A job's status expires this long after its last change."""
     cancel_poll_s: float = Field(default=1.0, gt=0)
     """How often a worker checks whether its running jobs were cancelled."""
+
+    @field_validator("url")
+    @classmethod
+    def _url_scheme(cls, url: SecretStr | None, info: ValidationInfo) -> SecretStr | None:
+        schemes = _URL_SCHEMES["redis"]
+        if url is None or info.data.get("backend") != "redis":
+            return url
+        if not url.get_secret_value().startswith(schemes):
+            msg = f"the redis status store needs a URL starting with {_one_of(schemes)}"
+            raise ValueError(msg)
+        return url
 
     @model_validator(mode="after")
     def _url_for_redis(self) -> Self:

@@ -10,6 +10,15 @@ unchanged (same job id, attempt and due time), and its offset settled once the b
 acknowledged the copy, so the retries behind it that are due sooner are not held for a
 day (issue 13, K9). Each such record is appended at most once per tier delay: no busy loop.
 
+A record aiokafka cannot parse (a header name that is not UTF-8, a corrupt batch) makes
+`getmany` raise, for every partition at once (K1). The source puts each partition back
+after the last record it received (a failed `getmany` may have advanced positions whose
+records it dropped), then reads the partitions alone, one record at a time, until the
+parse fails again: the failing partition's position is then the unreadable record. It is
+handed out as an `UnreadableRecord` (dead-lettered with its position, its offset committed
+after it) and the partition resumes after it. Each round hands out records or a dead
+letter; an error no partition reproduces stops the worker after `_UNREPRODUCED_LIMIT`.
+
 Auto-commit is off. Every fetched record is tracked by the `OffsetTracker`; settled records
 advance the commit position, and commits happen in batches (`commit_every` settled records
 or `commit_interval_s`, whichever first), on revoke (after the runtime drained the revoked
@@ -19,15 +28,23 @@ partitions) and on shutdown. Nothing else in jobstream commits offsets.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from collections import Counter, deque
 from collections.abc import Sequence
 from datetime import UTC, datetime
+from typing import NamedTuple
 
 from aiokafka import AIOKafkaConsumer, ConsumerRecord, TopicPartition
 from aiokafka.abc import ConsumerRebalanceListener
-from aiokafka.errors import CommitFailedError, IllegalStateError, KafkaError
+from aiokafka.errors import (
+    CommitFailedError,
+    ConsumerStoppedError,
+    CorruptRecordException,
+    IllegalStateError,
+    KafkaError,
+)
 from aiokafka.structs import OffsetAndMetadata
 
 from consumer.core import Delivery, Outcome, RevokeCallback, Settings, WorkerError
@@ -42,6 +59,31 @@ _BROKER_BACKOFF = Backoff(initial_s=0.5, max_s=10.0, jitter=True)
 # Polled when the worker takes nothing: never assigned, so the poll returns no record and
 # drops none that aiokafka prefetched, yet counts for `max_poll_interval_ms`.
 _NO_PARTITION = TopicPartition("", -1)
+# Isolating an unreadable record (K1): how long one partition is polled alone, and how many
+# parse errors in a row no partition reproduces before the worker stops.
+_ALONE_WAIT_MS = 2000
+_UNREPRODUCED_LIMIT = 3
+
+
+class UnreadableRecord(JobDecodeError):
+    """aiokafka could not parse the record (a header name that is not UTF-8, a corrupt
+    record batch): its key, body and headers are unknown, only its position is."""
+
+    reason = "unreadable-record"
+
+
+class _Unreadable(NamedTuple):
+    """Where aiokafka failed to parse a record, in `_held` among the parsed ones."""
+
+    offset: int
+    error: Exception
+
+
+def _unparsable(error: Exception) -> bool:
+    """A record aiokafka cannot parse, as opposed to a broker or client error."""
+    if isinstance(error, CorruptRecordException):
+        return True
+    return not isinstance(error, KafkaError | ConsumerStoppedError)
 
 
 def _unreachable(error: Exception, wait_s: float) -> None:
@@ -106,7 +148,11 @@ class KafkaSource:
         self._paused = False
         self._commit_lock = asyncio.Lock()
         self._fetch_max = worker.fetch_max_records
-        self._held: deque[tuple[TopicPartition, ConsumerRecord[bytes, bytes]]] = deque()
+        self._held: deque[tuple[TopicPartition, ConsumerRecord[bytes, bytes] | _Unreadable]] = (
+            deque()
+        )
+        self._next: dict[TopicPartition, int] = {}  # after the last record received
+        self._unreproduced = 0
         self._waiting: dict[TopicPartition, asyncio.TimerHandle] = {}
         self._full: set[TopicPartition] = set()  # paused: too many records held (K7)
         self._max_held = worker.max_held_offsets
@@ -174,16 +220,28 @@ class KafkaSource:
         else:
             # With records already in hand, only top up what is ready: never wait for more.
             wait_ms = 0 if self._held else int(timeout_s * 1000)
-            batches = await self._consumer.getmany(timeout_ms=wait_ms, max_records=self._fetch_max)
+            try:
+                batches = await self._consumer.getmany(
+                    timeout_ms=wait_ms, max_records=self._fetch_max
+                )
+            except Exception as error:
+                if not _unparsable(error):
+                    raise
+                await self._isolate(error)
+                batches = {}
             for tp, records in batches.items():
-                self._held.extend((tp, record) for record in records)
+                self._receive(tp, records)
         deliveries: list[Delivery] = []
         while self._held and len(deliveries) < max_records:
             tp, record = self._held.popleft()
             if tp not in self._assignment or tp in self._waiting or tp in self._full:
                 continue  # revoked (the new owner reads it again) or rewound (read again)
             delivery = _delivery(tp, record)
-            if tp.topic in self._tiers and self._hold_until_due(tp, record, delivery):
+            if (
+                tp.topic in self._tiers
+                and isinstance(record, ConsumerRecord)
+                and self._hold_until_due(tp, record, delivery)
+            ):
                 continue
             if self._tracker.held(tp) >= self._max_held:
                 self._rewind(tp, record.offset)
@@ -200,10 +258,77 @@ class KafkaSource:
             deliveries.append(delivery)
         return deliveries
 
+    def _receive(self, tp: TopicPartition, records: list[ConsumerRecord[bytes, bytes]]) -> None:
+        if records:
+            self._held.extend((tp, record) for record in records)
+            self._next[tp] = records[-1].offset + 1
+
+    async def _isolate(self, error: Exception) -> None:
+        """`getmany` raised `error` parsing a record of some partition (K1): find it, hold
+        an `_Unreadable` at its offset and move the partition past it."""
+        fetchable = sorted(self._assignment - self._consumer.paused())
+        for tp in fetchable:  # a failed getmany drops what it drained, positions moved on
+            with contextlib.suppress(IllegalStateError):  # revoked meanwhile
+                if tp in self._next:
+                    self._consumer.seek(tp, self._next[tp])
+                elif (committed := await self._consumer.committed(tp)) is not None:
+                    self._consumer.seek(tp, committed)
+                else:
+                    await self._consumer.seek_to_beginning(tp)
+        budget = self._fetch_max
+        for tp in fetchable:
+            try:
+                found, budget = await self._read_alone(tp, budget)
+            except IllegalStateError:
+                continue  # revoked meanwhile: its new owner reads it
+            if found:
+                self._unreproduced = 0
+                return
+        if budget < self._fetch_max:
+            return  # records read: progress; the next getmany meets the error again
+        self._unreproduced += 1
+        if self._unreproduced >= _UNREPRODUCED_LIMIT:
+            msg = f"aiokafka failed to parse a record no partition reproduces alone: {error!r}"
+            raise WorkerError(msg) from error
+        log.warning("aiokafka failed to parse a record, not found alone: %r", error)
+
+    async def _read_alone(self, tp: TopicPartition, budget: int) -> tuple[bool, int]:
+        """Read `tp` alone, a record at a time, so that its position is exact when a parse
+        fails: (found the unreadable record, records left in `budget`)."""
+        end = self._consumer.highwater(tp)
+        if end is None or await self._consumer.position(tp) >= end:
+            return False, budget  # nothing to read there: not the failing partition
+        while budget > 0:
+            try:
+                batch = await self._consumer.getmany(tp, max_records=1, timeout_ms=_ALONE_WAIT_MS)
+            except Exception as error:
+                if not _unparsable(error):
+                    raise
+                self._skip_unreadable(tp, await self._consumer.position(tp), error)
+                return True, budget
+            if not batch.get(tp):
+                break
+            self._receive(tp, batch[tp])
+            budget -= 1
+        return False, budget
+
+    def _skip_unreadable(self, tp: TopicPartition, offset: int, error: Exception) -> None:
+        self._held.append((tp, _Unreadable(offset, error)))
+        self._consumer.seek(tp, offset + 1)
+        self._next[tp] = offset + 1
+        log.error(
+            "%s[%d]@%d cannot be parsed (%r): dead-lettered as unreadable-record",
+            tp.topic,
+            tp.partition,
+            offset,
+            error,
+        )
+
     def _rewind(self, tp: TopicPartition, offset: int) -> None:
         """Pause `tp` and read it again from `offset` once resumed; drop what is in hand."""
         self._consumer.pause(tp)
         self._consumer.seek(tp, offset)
+        self._next[tp] = offset
         self._held = deque(item for item in self._held if item[0] != tp)
 
     def _hold_until_due(
@@ -353,6 +478,8 @@ class KafkaSource:
         self._assignment -= revoked_set
         self._tracker.forget(revoked_set)
         self._held = deque(item for item in self._held if item[0] not in revoked_set)
+        for tp in revoked_set:
+            self._next.pop(tp, None)
         for tp in revoked_set & self._waiting.keys():
             self._waiting.pop(tp).cancel()
         self._full -= revoked_set
@@ -364,14 +491,21 @@ class KafkaSource:
         log.info("assigned %s", sorted(f"{tp.topic}[{tp.partition}]" for tp in assigned))
 
 
-def _delivery(tp: TopicPartition, record: ConsumerRecord[bytes, bytes]) -> Delivery:
+def _delivery(tp: TopicPartition, record: ConsumerRecord[bytes, bytes] | _Unreadable) -> Delivery:
+    if isinstance(record, _Unreadable):
+        where = f"{tp.topic}[{tp.partition}]@{record.offset}"
+        error = UnreadableRecord(
+            f"aiokafka cannot parse the record at {where} (or one before it in its batch): "
+            f"{type(record.error).__name__}: {record.error}"
+        )
+        return Delivery(tp, record.offset, tp.topic, None, b"", error=error)
     headers = list(record.headers or ())
     value = record.value or b""
     try:
         attributes = from_kafka(record.key, headers)
-        error: JobDecodeError | None = None
+        failed: JobDecodeError | None = None
     except JobDecodeError as exc:
-        attributes, error = None, exc
+        attributes, failed = None, exc
     return Delivery(
         partition=tp,
         offset=record.offset,
@@ -380,5 +514,5 @@ def _delivery(tp: TopicPartition, record: ConsumerRecord[bytes, bytes]) -> Deliv
         body=value,
         raw_key=record.key,
         raw_headers=headers,
-        error=error,
+        error=failed,
     )

@@ -362,7 +362,9 @@ class Worker:
             outcome = await self._pipeline(run)
         except asyncio.CancelledError:
             pass  # cut off by shutdown or revoke: not settled, redelivered
-        except Exception as error:
+        except BaseException as error:
+            # Any other escape is a runtime fault (a handler's own BaseException is its
+            # job's failure, turned into one by the failure step).
             log.exception("runtime fault while processing %s", delivery.describe)
             self._fault = error
             self._stopping.set()

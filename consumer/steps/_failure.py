@@ -54,12 +54,24 @@ class FailureStep:
             try:
                 return await call_next(run)
             except asyncio.CancelledError as cancelled:
-                current = asyncio.current_task()
-                if current is not None and current.cancelling():
+                if _cut_off(run):
                     raise  # the worker cut the job off (shutdown, revoke): leave it unsettled
                 error: Exception = RuntimeError(f"handler raised CancelledError: {cancelled}")
-            except Exception as caught:  # noqa: BLE001 - every handler failure is routed
+            except Exception as caught:
+                if _cut_off(run):
+                    # The handler turned the runtime's cancellation into an error of its
+                    # own: the run was cut off all the same, and is never settled.
+                    raise asyncio.CancelledError from caught
                 error = caught
+            except BaseException as caught:
+                # SystemExit, KeyboardInterrupt, GeneratorExit, an exception group or a
+                # class of the handler's own: still the job's failure, never the worker's
+                # (left to propagate, asyncio would stop the event loop with it).
+                if _cut_off(run):
+                    raise asyncio.CancelledError from caught
+                name = type(caught).__name__
+                error = RuntimeError(f"handler raised {name}: {error_text(caught)}")
+                error.__cause__ = caught
             run.error = error
             now = utc_now()
             decision = self._decide(run, error, now)
@@ -81,3 +93,12 @@ class FailureStep:
         except Exception:
             log.exception("could not classify the failure of %s", run.delivery.describe)
             return Decision(retry=False, delay_s=0.0, reason="undecidable-failure")
+
+
+def _cut_off(run: JobRun) -> bool:
+    """Whether the runtime cut this run off: it recorded why (`JobRun.cut_off`), or it is
+    cancelling the job's task (a cancellation the handler did not raise by itself)."""
+    if run.cut_off is not None:
+        return True
+    current = asyncio.current_task()
+    return current is not None and current.cancelling() > 0

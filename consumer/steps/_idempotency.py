@@ -197,8 +197,11 @@ class _Waiting:
             return state
         holder = await _persist(lambda: self._store.holder(key))
         now = time.monotonic()  # after the read: the holder wrote what we saw before now
-        if holder is None or holder != self._seen:
-            self._seen, self._seen_at = holder, now  # renewed, or a new holder: wait on
+        if holder is None or holder != self._seen or now - self._sent > lease_s / 2:
+            # Renewed, or a new holder: wait on. Or this poll waited out a store outage,
+            # in which the holder could not renew either: its whole lease starts again
+            # now that the store answers, so it can renew or record its completion first.
+            self._seen, self._seen_at = holder, now
             return state
         if now - self._seen_at < lease_s:
             return state

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import re
 
+import psycopg
 from psycopg import sql
 from psycopg_pool import AsyncConnectionPool
 
@@ -31,19 +32,23 @@ class PostgresIdempotencyStore:
         if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", namespace):
             msg = f"idempotency namespace {namespace!r} must be a plain SQL identifier"
             raise ValueError(msg)
-        pool = AsyncConnectionPool(
-            url, min_size=1, max_size=8, open=False, kwargs={"autocommit": True}
-        )
-        await pool.open(wait=True, timeout=10)
-        store = cls(pool, f"{namespace}_idempotency")
-        async with pool.connection() as conn:
+        table = sql.Identifier(f"{namespace}_idempotency")
+        # One plain connection first: a server that is away fails here at once, with its
+        # reason (the pool would retry in the background and report only its timeout).
+        async with await psycopg.AsyncConnection.connect(
+            url, autocommit=True, connect_timeout=5
+        ) as conn:
             await conn.execute(
                 sql.SQL(
                     "CREATE TABLE IF NOT EXISTS {} (key text PRIMARY KEY, state text NOT NULL,"
                     " owner text NOT NULL, expires_at timestamptz NOT NULL)"
-                ).format(store._table)
+                ).format(table)
             )
-        return store
+        pool = AsyncConnectionPool(
+            url, min_size=1, max_size=8, open=False, kwargs={"autocommit": True}
+        )
+        await pool.open(wait=True, timeout=10)
+        return cls(pool, f"{namespace}_idempotency")
 
     async def claim(self, key: str, token: str, lease_s: float) -> ClaimState:
         query = sql.SQL(

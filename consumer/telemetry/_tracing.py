@@ -88,7 +88,7 @@ def record_failure(span: Span, error: BaseException) -> None:
     text = error_text(error, 200)
     try:
         span.record_exception(error)
-    except Exception:  # noqa: BLE001 - the SDK calls str(error), which may raise
+    except BaseException:  # noqa: BLE001 - the SDK calls str(error), which may raise anything
         span.add_event(
             "exception",
             {"exception.type": type(error).__name__, "exception.message": text},

@@ -27,7 +27,8 @@ import pytest
 from consumer import App, ClaimState, JobContext, MemoryIdempotencyStore, WorkerError
 from consumer.core import Delivery, IdempotencySettings, JobRun, Outcome, Settings
 from consumer.memory import TestApp
-from consumer.steps import IdempotencyStep
+from consumer.steps import IdempotencyStep, _idempotency
+from producer.retrying import Backoff
 from schemas import Job, JobAttributes
 
 Handler = Callable[[JobRun], Awaitable[Outcome]]
@@ -119,6 +120,48 @@ async def test_a_silent_claim_is_taken_over_only_after_a_whole_lease_unchanged()
     assert await step(run_for("job-z"), effects.handler(0)) is Outcome.COMPLETED
     assert 0.3 <= effects.when("start") - started < 0.3 + 1.0
     assert not await store.renew("job-z", "crashed:1", 0.3), "fenced: its token lost the claim"
+
+
+async def test_a_store_outage_restarts_the_waiters_lease_count(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The store is away for two leases while the holder records its completion and a
+    second delivery waits: when it is back, the waiter counts a whole lease again before
+    it may take over, so the holder records the completion first and the job runs once
+    (the chaos run's PostgreSQL restart)."""
+    # The waiter retries every 10 ms while the store is away, so it reads the claim again
+    # as soon as the store is back.
+    monkeypatch.setattr(_idempotency, "_OUTAGE_BACKOFF", Backoff(initial_s=0.01, max_s=0.01))
+    store, effects, gate = MemoryIdempotencyStore(), Effects(), asyncio.Event()
+    down, renew_down, complete_back_at = False, False, 0.0
+    for name in ("claim", "renew", "complete", "release", "holder", "take_over"):
+        method = getattr(store, name)
+
+        def guarded(*args: Any, _method: Any = method, _name: str = name) -> Any:
+            # The holder's own connection comes back a little later (a broken pooled
+            # connection is replaced first), within a lease.
+            late = _name == "complete" and time.monotonic() < complete_back_at
+            if down or late or (renew_down and _name == "renew"):
+                raise ConnectionError("store restarting")
+            return _method(*args)
+
+        setattr(store, name, guarded)
+    settings = IdempotencySettings(lease_s=0.3)
+    holder = IdempotencyStep(store, settings, owner="w1")
+    waiter = IdempotencyStep(store, settings, owner="w2")
+    first = asyncio.create_task(holder(run_for("job-o"), effects.handler(0, gate)))
+    await wait_for(lambda: effects.what() == ["start"])
+    second = asyncio.create_task(waiter(run_for("job-o"), effects.handler(0)))
+    await asyncio.sleep(0.2)
+    renew_down = True  # the holder's renewals fail first: the waiter sees its last stamp
+    await asyncio.sleep(0.15)
+    down = True
+    gate.set()  # the handler ends while the store is away: its completion waits
+    await asyncio.sleep(0.5)  # with the above, under the three leases a store keeps it
+    down, renew_down, complete_back_at = False, False, time.monotonic() + 0.1
+    assert await asyncio.wait_for(first, 5) is Outcome.COMPLETED
+    assert await asyncio.wait_for(second, 5) is Outcome.DUPLICATE
+    assert effects.what() == ["start", "done"], "job-o had exactly one effect"
 
 
 # -- a lost lease cuts the run off ---------------------------------------------------------------

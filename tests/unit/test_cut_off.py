@@ -20,13 +20,20 @@ from typing import Any, Literal
 
 import pytest
 
-from consumer import App, JobContext
+from consumer import App, DeadLetter, JobContext
 from consumer.core import Outcome, Settings
 from consumer.memory import TestApp
 from consumer.runtime._cut_offs import CLEANUP_S
 from schemas import Job
 
-Mode = Literal["swallow-return", "shield-return", "base-exception", "swallow-forever"]
+Mode = Literal[
+    "swallow-return",
+    "shield-return",
+    "base-exception",
+    "swallow-forever",
+    "raise-error",
+    "raise-dead-letter",
+]
 GRACE_S = 0.3
 
 
@@ -79,6 +86,15 @@ class Handlers:
                 self.events.append((ctx.job_id, "cancelled"))
                 inner.cancel()
                 return
+        elif job.mode in ("raise-error", "raise-dead-letter"):
+            # The cancellation turned into a failure of the handler's own: still a cut-off.
+            try:
+                await asyncio.sleep(3600)
+            except asyncio.CancelledError:
+                self.events.append((ctx.job_id, "cancelled"))
+                if job.mode == "raise-error":
+                    raise ValueError("cleanup failed") from None
+                raise DeadLetter("give up") from None
         elif job.mode == "base-exception":
             try:
                 await asyncio.sleep(3600)
@@ -134,7 +150,10 @@ def outcomes(t: TestApp, job_id: str) -> list[tuple[int, Outcome]]:
 # -- shutdown ----------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("mode", ["swallow-return", "shield-return", "base-exception"])
+@pytest.mark.parametrize(
+    "mode",
+    ["swallow-return", "shield-return", "base-exception", "raise-error", "raise-dead-letter"],
+)
 async def test_a_run_cut_off_by_the_drain_is_not_settled_whatever_the_handler_returns(
     handlers: Handlers, mode: Mode
 ) -> None:
@@ -145,6 +164,7 @@ async def test_a_run_cut_off_by_the_drain_is_not_settled_whatever_the_handler_re
         await t.stop_worker(0)
         assert handlers.happened(job) == ["start", "cancelled"]
         assert outcomes(t, job) == [], "a cut-off run settles nothing"
+        assert t.dead_letters() == [], "nor is it dead-lettered or retried"
         group, partition = t.settings.worker.group, receipt.partition or 0
         committed = t.broker.committed(group, receipt.destination, partition)
         assert committed in (None, receipt.offset), "its offset is not committed"

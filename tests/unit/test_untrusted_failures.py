@@ -9,7 +9,15 @@ from datetime import UTC, datetime, timedelta
 import pytest
 
 from consumer import Retry
-from consumer.core import Decision, Delivery, JobRun, RetrySettings, decide, failure_details
+from consumer.core import (
+    Decision,
+    Delivery,
+    JobRun,
+    RetrySettings,
+    decide,
+    failure_details,
+    first_failure_stamp,
+)
 from schemas import MAX_HEADER_BYTES, JobAttributes, encode, to_kafka
 from tests.apps.hostile import HostileJob, UnprintableError
 
@@ -43,13 +51,24 @@ def test_any_requested_delay_is_a_decision(delay: object, expected: Decision) ->
     assert decide(run_of(), error, SETTINGS, now=NOW) == expected
 
 
-@pytest.mark.parametrize("value", ["2026-01-01T00:00:00", "yesterday", "9999-12-31T23:59:59"])
+@pytest.mark.parametrize(
+    "value",
+    [
+        "2026-01-01T00:00:00",
+        "yesterday",
+        "9999-12-31T23:59:59",
+        # In range as written, out of range in UTC: astimezone overflows.
+        "0001-01-01T00:00:00+14:00",
+        "9999-12-31T23:59:59-14:00",
+    ],
+)
 def test_an_unreadable_first_failure_counts_from_now_and_is_rewritten(value: str) -> None:
     run = run_of(jobfirstfail=value)
     decision = decide(run, RuntimeError("x"), SETTINGS, now=NOW)
     assert decision == Decision(retry=True, delay_s=2.0, reason="error")
     details = failure_details(run, RuntimeError("x"), decision, "g", NOW)
     assert details["jobfirstfail"] == "2026-01-02T03:04:05.000000Z"
+    assert first_failure_stamp(run, NOW) == "2026-01-02T03:04:05.000000Z"
 
 
 def test_a_first_failure_past_the_budget_dead_letters() -> None:
