@@ -13,6 +13,7 @@ from schemas._errors import (
     JobstreamError,
     UndecodableBody,
     UnknownJobType,
+    UnreadableRecord,
     UnsupportedVersion,
 )
 from schemas._export import export_json_schemas
@@ -34,6 +35,7 @@ __all__ = [
     "JobstreamError",
     "UndecodableBody",
     "UnknownJobType",
+    "UnreadableRecord",
     "UnsupportedVersion",
     "decode",
     "default_registry",

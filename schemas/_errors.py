@@ -64,6 +64,14 @@ class JobDecodeError(JobstreamError):
     reason = "decode-error"
 
 
+class UnreadableRecord(JobDecodeError):
+    """The broker's client could not parse the record (Kafka: a header name that is not
+    UTF-8, a corrupt record batch): its key, body and headers are unknown, only its
+    position is. Its dead letter holds no job to replay."""
+
+    reason = "unreadable-record"
+
+
 class InvalidAttributes(JobDecodeError):
     """A required CloudEvents attribute is missing or malformed, or the attributes are too
     large to travel as headers."""

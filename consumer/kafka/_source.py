@@ -52,7 +52,7 @@ from consumer.runtime import OffsetTracker, RecordPublisher, until_acknowledged
 from consumer.telemetry import Backlog
 from producer.kafka import kafka_client_options
 from producer.retrying import Backoff, retry
-from schemas import JobDecodeError, from_kafka
+from schemas import JobDecodeError, UnreadableRecord, from_kafka
 
 log = logging.getLogger("jobstream.kafka")
 _BROKER_BACKOFF = Backoff(initial_s=0.5, max_s=10.0, jitter=True)
@@ -63,13 +63,6 @@ _NO_PARTITION = TopicPartition("", -1)
 # parse errors in a row no partition reproduces before the worker stops.
 _ALONE_WAIT_MS = 2000
 _UNREPRODUCED_LIMIT = 3
-
-
-class UnreadableRecord(JobDecodeError):
-    """aiokafka could not parse the record (a header name that is not UTF-8, a corrupt
-    record batch): its key, body and headers are unknown, only its position is."""
-
-    reason = "unreadable-record"
 
 
 class _Unreadable(NamedTuple):

@@ -21,6 +21,7 @@ from opentelemetry.trace import Tracer
 
 from consumer.core import DeadLetterRecord, ReplayResult, Settings, replay_headers
 from consumer.telemetry import replaying, retrace
+from schemas import UnreadableRecord
 from schemas.names import REDUCED, SOURCE_TOPIC
 
 SendRecord = Callable[[str, bytes | None, list[tuple[str, bytes]], bytes], Awaitable[object]]
@@ -51,7 +52,8 @@ async def replay_records(
         if record.id in done and not force:
             results.append(ReplayResult(record, "already-replayed", destination))
             continue
-        if record.ext(REDUCED):  # its original body or headers were never stored
+        if record.ext(REDUCED) or record.reason == UnreadableRecord.reason:
+            # Its original body or headers were never stored (or never read): no job.
             results.append(ReplayResult(record, "reduced", destination))
             continue
         if dry_run:

@@ -99,7 +99,7 @@ async def test_a_header_name_that_is_not_utf8_is_dead_lettered_not_a_worker_faul
     [letter] = await run_to_dead_letters(topic, settings, kafka_admin, 1)
 
     assert letter.reason == "unreadable-record"
-    assert letter.ext("joberrortype") == "consumer.kafka._source.UnreadableRecord"
+    assert letter.ext("joberrortype") == "schemas._errors.UnreadableRecord"
     assert "UnicodeDecodeError" in (letter.ext("joberror") or "")
     assert (letter.source, bad_offset) == (f"{topic}[{bad}]@1", 1)
     assert letter.value == b""

@@ -31,7 +31,7 @@ class Own(BaseException):
     pass
 
 
-class Unprintable(Exception):  # noqa: N818 - named for what it is
+class Unprintable(Exception):
     def __str__(self) -> str:
         raise KeyboardInterrupt
 

@@ -20,6 +20,7 @@ EXPECTED = {
     "JobstreamError",
     "UndecodableBody",
     "UnknownJobType",
+    "UnreadableRecord",
     "UnsupportedVersion",
     "decode",
     "default_registry",
