@@ -128,7 +128,7 @@ def worker_env(broker: str, run: str, store_url: str) -> dict[str, str]:
         "JOBSTREAM_NATS__SERVERS": json.dumps([f"nats://127.0.0.1:{PORTS['nats']}"]),
         "JOBSTREAM_ROUTING__PARTITIONS": "6",
         "JOBSTREAM_WORKER__GROUP": "chaos",
-        "JOBSTREAM_WORKER__MAX_IN_FLIGHT": "8",
+        "JOBSTREAM_WORKER__MAX_IN_FLIGHT": "4",
         "JOBSTREAM_RETRY__TIERS_S": "[0.5, 2.0]",
         "JOBSTREAM_IDEMPOTENCY__BACKEND": "postgres",
         "JOBSTREAM_IDEMPOTENCY__URL": store_url,
@@ -226,6 +226,11 @@ async def chaos(broker: str, jobs: int, kills: int) -> Result:
         async with await psycopg.AsyncConnection.connect(EFFECTS_URL, autocommit=True) as conn:
             await conn.execute(SCHEMA)
             jobstream(env, "topics", "ensure")
+            workers = Workers(env, home)
+            for _ in range(WORKERS):
+                workers.start()
+            await workers.ready()
+            # Published once every worker is ready: the faults must land mid-run.
             lines = "".join(
                 json.dumps(
                     {
@@ -240,10 +245,6 @@ async def chaos(broker: str, jobs: int, kills: int) -> Result:
             receipts = jobstream(env, "publish", "chaos.effect", "--envelope", stdin=lines.encode())
             assert len(receipts.splitlines()) == jobs, "one receipt per published job"
             started = time.monotonic()
-            workers = Workers(env, home)
-            for _ in range(WORKERS):
-                workers.start()
-            await workers.ready()
             # Faults at progress points spread over the run: kills, and the two restarts.
             events = [(0.05 + 0.85 * n / kills, "kill") for n in range(kills)]
             events += [(0.33, broker), (0.66, "postgres")]

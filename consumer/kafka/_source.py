@@ -1,23 +1,13 @@
 """Kafka as a `Source`: consumer-group membership, batched commits after settle.
 
 The source reads the main topics and their retry tier topics in one consumer. A tier
-record that is not due yet (`jobnotbefore` in the future) is not handed out: its partition
-is paused and rewound to it, and resumed when it is due, so a waiting retry blocks neither
-other partitions nor the main topics, and holds no memory while it waits. A tier record
-holds its partition at most the tier's own delay after it was appended: one due later
-(`Retry(delay_s=86400)` on the last tier) is then appended again to the tail of the tier,
-unchanged (same job id, attempt and due time), and its offset settled once the broker
-acknowledged the copy, so the retries behind it that are due sooner are not held for a
-day (issue 13, K9). Each such record is appended at most once per tier delay: no busy loop.
-
-A record aiokafka cannot parse (a header name that is not UTF-8, a corrupt batch) makes
-`getmany` raise, for every partition at once (K1). The source puts each partition back
-after the last record it received (a failed `getmany` may have advanced positions whose
-records it dropped), then reads the partitions alone, one record at a time, until the
-parse fails again: the failing partition's position is then the unreadable record. It is
-handed out as an `UnreadableRecord` (dead-lettered with its position, its offset committed
-after it) and the partition resumes after it. Each round hands out records or a dead
-letter; an error no partition reproduces stops the worker after `_UNREPRODUCED_LIMIT`.
+record that is not due yet waits in its partition, paused and rewound to it, or is
+appended again to the tail of its tier (`_tiers.py`: `RetryTiers`, issue 13, K9). A record
+aiokafka cannot parse is found and handed out as an `UnreadableRecord`, to be
+dead-lettered, and its partition resumes after it (`_unreadable.py`: `UnreadableFinder`,
+K1). Records that arrive beyond what the worker asked for wait in hand (`fetch`), and a
+partition holding `max_held_offsets` records behind its oldest unsettled one is paused
+until it settles (K7).
 
 Auto-commit is off. Every fetched record is tracked by the `OffsetTracker`; settled records
 advance the commit position, and commits happen in batches (`commit_every` settled records
@@ -28,55 +18,30 @@ partitions) and on shutdown. Nothing else in jobstream commits offsets.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import time
 from collections import Counter, deque
 from collections.abc import Sequence
-from datetime import UTC, datetime
-from typing import NamedTuple
 
 from aiokafka import AIOKafkaConsumer, ConsumerRecord, TopicPartition
 from aiokafka.abc import ConsumerRebalanceListener
-from aiokafka.errors import (
-    CommitFailedError,
-    ConsumerStoppedError,
-    CorruptRecordException,
-    IllegalStateError,
-    KafkaError,
-)
+from aiokafka.errors import CommitFailedError, IllegalStateError, KafkaError
 from aiokafka.structs import OffsetAndMetadata
 
 from consumer.core import Delivery, Outcome, RevokeCallback, Settings, WorkerError
-from consumer.runtime import OffsetTracker, RecordPublisher, until_acknowledged
+from consumer.kafka._tiers import RetryTiers
+from consumer.kafka._unreadable import Unreadable, UnreadableFinder, unparsable
+from consumer.runtime import OffsetTracker, RecordPublisher
 from consumer.telemetry import Backlog
 from producer.kafka import kafka_client_options
 from producer.retrying import Backoff, retry
-from schemas import JobDecodeError, UnreadableRecord, from_kafka
+from schemas import JobDecodeError, from_kafka
 
 log = logging.getLogger("jobstream.kafka")
 _BROKER_BACKOFF = Backoff(initial_s=0.5, max_s=10.0, jitter=True)
 # Polled when the worker takes nothing: never assigned, so the poll returns no record and
 # drops none that aiokafka prefetched, yet counts for `max_poll_interval_ms`.
 _NO_PARTITION = TopicPartition("", -1)
-# Isolating an unreadable record (K1): how long one partition is polled alone, and how many
-# parse errors in a row no partition reproduces before the worker stops.
-_ALONE_WAIT_MS = 2000
-_UNREPRODUCED_LIMIT = 3
-
-
-class _Unreadable(NamedTuple):
-    """Where aiokafka failed to parse a record, in `_held` among the parsed ones."""
-
-    offset: int
-    error: Exception
-
-
-def _unparsable(error: Exception) -> bool:
-    """A record aiokafka cannot parse, as opposed to a broker or client error."""
-    if isinstance(error, CorruptRecordException):
-        return True
-    return not isinstance(error, KafkaError | ConsumerStoppedError)
 
 
 def _unreachable(error: Exception, wait_s: float) -> None:
@@ -107,19 +72,18 @@ class KafkaSource:
         """`requeue`: appends a tier record that is due past its tier's delay to the tail
         of the tier (the backend's publisher). Without it such a record holds its tier
         partition until it is due."""
-        worker, retry_settings = settings.worker, settings.retry
-        self._tier_delays = {
-            tier: delay_s
-            for topic in topics
-            for tier, delay_s in zip(
-                retry_settings.tier_topics(topic), retry_settings.tiers_s, strict=True
-            )
-        }
-        self._tiers = set(self._tier_delays)
-        self._topics = sorted({*topics, *self._tiers})
-        self._requeue = requeue
-        self._requeuing: dict[asyncio.Task[None], TopicPartition] = {}
-        self._requeue_failed: BaseException | None = None
+        worker = settings.worker
+        self._tracker: OffsetTracker[TopicPartition] = OffsetTracker()
+        self._tiers = RetryTiers(
+            settings,
+            topics,
+            requeue,
+            self._tracker,
+            rewind=self._rewind,
+            resume=self._resume_if_free,
+            settle=self._settle_offset,
+        )
+        self._topics = sorted({*topics, *self._tiers.topics})
         self._settings = settings
         self._consumer = AIOKafkaConsumer(
             **kafka_client_options(settings.kafka),
@@ -134,19 +98,17 @@ class KafkaSource:
             # A rebalance waits for our revoke drain (revoke_timeout_s) plus the commit.
             rebalance_timeout_ms=int((worker.revoke_timeout_s + worker.session_timeout_s) * 1000),
         )
-        self._tracker: OffsetTracker[TopicPartition] = OffsetTracker()
         self._on_revoke: RevokeCallback | None = None
         self._assignment: set[TopicPartition] = set()
         self._ready = False
         self._paused = False
         self._commit_lock = asyncio.Lock()
         self._fetch_max = worker.fetch_max_records
-        self._held: deque[tuple[TopicPartition, ConsumerRecord[bytes, bytes] | _Unreadable]] = (
+        self._held: deque[tuple[TopicPartition, ConsumerRecord[bytes, bytes] | Unreadable]] = (
             deque()
         )
         self._next: dict[TopicPartition, int] = {}  # after the last record received
-        self._unreproduced = 0
-        self._waiting: dict[TopicPartition, asyncio.TimerHandle] = {}
+        self._unreadable = UnreadableFinder(self._consumer, self._fetch_max, self._receive)
         self._full: set[TopicPartition] = set()  # paused: too many records held (K7)
         self._max_held = worker.max_held_offsets
         self._contact = time.monotonic()  # the last commit, probe or assignment Kafka answered
@@ -204,10 +166,7 @@ class KafkaSource:
         # Records that arrive beyond `max_records` wait in `_held` instead of overrunning
         # the runtime's in-flight bound; while they wait, or while the worker has no room,
         # the consumer still polls, taking nothing (K6).
-        if self._requeue_failed is not None:
-            error = self._requeue_failed
-            msg = f"a retry record could not be appended to its tier again: {error}"
-            raise WorkerError(msg) from error
+        self._tiers.raise_if_failed()
         if self._paused or len(self._held) >= max(max_records, 1):
             await self._consumer.getmany(_NO_PARTITION, timeout_ms=0)
         else:
@@ -218,22 +177,22 @@ class KafkaSource:
                     timeout_ms=wait_ms, max_records=self._fetch_max
                 )
             except Exception as error:
-                if not _unparsable(error):
+                if not unparsable(error):
                     raise
-                await self._isolate(error)
+                await self._unreadable.isolate(error, self._assignment, self._next)
                 batches = {}
             for tp, records in batches.items():
                 self._receive(tp, records)
         deliveries: list[Delivery] = []
         while self._held and len(deliveries) < max_records:
             tp, record = self._held.popleft()
-            if tp not in self._assignment or tp in self._waiting or tp in self._full:
+            if tp not in self._assignment or self._tiers.is_waiting(tp) or tp in self._full:
                 continue  # revoked (the new owner reads it again) or rewound (read again)
             delivery = _delivery(tp, record)
             if (
-                tp.topic in self._tiers
+                tp.topic in self._tiers.topics
                 and isinstance(record, ConsumerRecord)
-                and self._hold_until_due(tp, record, delivery)
+                and self._tiers.hold_until_due(tp, record, delivery)
             ):
                 continue
             if self._tracker.held(tp) >= self._max_held:
@@ -251,71 +210,12 @@ class KafkaSource:
             deliveries.append(delivery)
         return deliveries
 
-    def _receive(self, tp: TopicPartition, records: list[ConsumerRecord[bytes, bytes]]) -> None:
+    def _receive(
+        self, tp: TopicPartition, records: Sequence[ConsumerRecord[bytes, bytes] | Unreadable]
+    ) -> None:
         if records:
             self._held.extend((tp, record) for record in records)
             self._next[tp] = records[-1].offset + 1
-
-    async def _isolate(self, error: Exception) -> None:
-        """`getmany` raised `error` parsing a record of some partition (K1): find it, hold
-        an `_Unreadable` at its offset and move the partition past it."""
-        fetchable = sorted(self._assignment - self._consumer.paused())
-        for tp in fetchable:  # a failed getmany drops what it drained, positions moved on
-            with contextlib.suppress(IllegalStateError):  # revoked meanwhile
-                if tp in self._next:
-                    self._consumer.seek(tp, self._next[tp])
-                elif (committed := await self._consumer.committed(tp)) is not None:
-                    self._consumer.seek(tp, committed)
-                else:
-                    await self._consumer.seek_to_beginning(tp)
-        budget = self._fetch_max
-        for tp in fetchable:
-            try:
-                found, budget = await self._read_alone(tp, budget)
-            except IllegalStateError:
-                continue  # revoked meanwhile: its new owner reads it
-            if found:
-                self._unreproduced = 0
-                return
-        if budget < self._fetch_max:
-            return  # records read: progress; the next getmany meets the error again
-        self._unreproduced += 1
-        if self._unreproduced >= _UNREPRODUCED_LIMIT:
-            msg = f"aiokafka failed to parse a record no partition reproduces alone: {error!r}"
-            raise WorkerError(msg) from error
-        log.warning("aiokafka failed to parse a record, not found alone: %r", error)
-
-    async def _read_alone(self, tp: TopicPartition, budget: int) -> tuple[bool, int]:
-        """Read `tp` alone, a record at a time, so that its position is exact when a parse
-        fails: (found the unreadable record, records left in `budget`)."""
-        end = self._consumer.highwater(tp)
-        if end is None or await self._consumer.position(tp) >= end:
-            return False, budget  # nothing to read there: not the failing partition
-        while budget > 0:
-            try:
-                batch = await self._consumer.getmany(tp, max_records=1, timeout_ms=_ALONE_WAIT_MS)
-            except Exception as error:
-                if not _unparsable(error):
-                    raise
-                self._skip_unreadable(tp, await self._consumer.position(tp), error)
-                return True, budget
-            if not batch.get(tp):
-                break
-            self._receive(tp, batch[tp])
-            budget -= 1
-        return False, budget
-
-    def _skip_unreadable(self, tp: TopicPartition, offset: int, error: Exception) -> None:
-        self._held.append((tp, _Unreadable(offset, error)))
-        self._consumer.seek(tp, offset + 1)
-        self._next[tp] = offset + 1
-        log.error(
-            "%s[%d]@%d cannot be parsed (%r): dead-lettered as unreadable-record",
-            tp.topic,
-            tp.partition,
-            offset,
-            error,
-        )
 
     def _rewind(self, tp: TopicPartition, offset: int) -> None:
         """Pause `tp` and read it again from `offset` once resumed; drop what is in hand."""
@@ -324,58 +224,8 @@ class KafkaSource:
         self._next[tp] = offset
         self._held = deque(item for item in self._held if item[0] != tp)
 
-    def _hold_until_due(
-        self, tp: TopicPartition, record: ConsumerRecord[bytes, bytes], delivery: Delivery
-    ) -> bool:
-        """True if the tier record is not handed out now: its partition waits (rewound to
-        it), or the record is being appended to the tail of the tier (requeued)."""
-        due = delivery.attributes.not_before if delivery.attributes is not None else None
-        wait = (due - datetime.now(UTC)).total_seconds() if due is not None else 0.0
-        if wait <= 0:
-            return False
-        if self._requeue is not None:
-            # Hold no longer than the tier's delay after the record was appended; a record
-            # appended at T comes back at T + tier delay, so each is requeued at most once
-            # per tier delay. A timestamp in the future still holds at most one tier delay.
-            tier_s = self._tier_delays[tp.topic]
-            released = record.timestamp / 1000 + tier_s - time.time()
-            if released <= 0:
-                if self._tracker.held(tp) >= self._max_held:
-                    return False  # the caller pauses the partition until offsets settle
-                self._requeue_record(tp, record)
-                return True
-            wait = min(wait, released, tier_s)
-        self._rewind(tp, delivery.offset)
-        loop = asyncio.get_running_loop()
-        self._waiting[tp] = loop.call_later(wait, self._due, tp)
-        return True
-
-    def _requeue_record(self, tp: TopicPartition, record: ConsumerRecord[bytes, bytes]) -> None:
-        self._tracker.track(tp, record.offset)
-        task = asyncio.create_task(self._append_again(tp, record))
-        self._requeuing[task] = tp
-        task.add_done_callback(self._requeued)
-
-    async def _append_again(self, tp: TopicPartition, record: ConsumerRecord[bytes, bytes]) -> None:
-        publisher = self._requeue
-        assert publisher is not None
-        headers = [(name, b"" if value is None else value) for name, value in record.headers]
-        where = f"{tp.topic}[{tp.partition}]@{record.offset}"
-        await until_acknowledged(
-            lambda: publisher.send_record(tp.topic, record.key, headers, record.value or b""),
-            self._settings.retry.hand_off_timeout_s,
-            where,
-        )
-        log.debug("%s is due past its tier's delay: appended again to %s", where, tp.topic)
-        self._settle_offset(tp, record.offset)
-
-    def _requeued(self, task: asyncio.Task[None]) -> None:
-        self._requeuing.pop(task, None)
-        if not task.cancelled() and task.exception() is not None:
-            self._requeue_failed = self._requeue_failed or task.exception()
-
-    def _due(self, tp: TopicPartition) -> None:
-        self._waiting.pop(tp, None)
+    def _resume_if_free(self, tp: TopicPartition) -> None:
+        """Resume `tp`, due again, unless revoked or holding too many records."""
         if tp in self._assignment and tp not in self._full:
             self._consumer.resume(tp)
 
@@ -403,7 +253,7 @@ class KafkaSource:
                 log.debug("stale settle ignored: %s[%d]@%d", tp.topic, tp.partition, offset)
             if tp in self._full and self._tracker.held(tp) <= self._max_held // 2:
                 self._full.discard(tp)
-                if tp not in self._waiting:
+                if not self._tiers.is_waiting(tp):
                     self._consumer.resume(tp)
 
     def owns(self, delivery: Delivery) -> bool:
@@ -450,20 +300,15 @@ class KafkaSource:
             )
 
     async def stop(self) -> None:
-        # A requeue cut off here leaves its record unsettled: it is read (and requeued)
-        # again after the restart.
-        for task in list(self._requeuing):
-            task.cancel()
-        await asyncio.gather(*self._requeuing, return_exceptions=True)
+        await self._tiers.stop()
         await self._consumer.stop()
 
     async def _revoked(self, revoked: list[TopicPartition]) -> None:
         revoked_set = set(revoked)
         if self._on_revoke is not None and revoked_set:
             await self._on_revoke(list(revoked_set))
-        requeuing = [task for task, tp in self._requeuing.items() if tp in revoked_set]
-        if requeuing:  # bounded like the runtime's drain; the rest is read again
-            await asyncio.wait(requeuing, timeout=self._settings.worker.revoke_timeout_s)
+        # Bounded like the runtime's drain; the rest is read again.
+        await self._tiers.finish_requeues(revoked_set, self._settings.worker.revoke_timeout_s)
         try:
             await self.commit()
         except KafkaError as error:
@@ -473,8 +318,7 @@ class KafkaSource:
         self._held = deque(item for item in self._held if item[0] not in revoked_set)
         for tp in revoked_set:
             self._next.pop(tp, None)
-        for tp in revoked_set & self._waiting.keys():
-            self._waiting.pop(tp).cancel()
+        self._tiers.forget(revoked_set)
         self._full -= revoked_set
 
     def _assigned(self, assigned: list[TopicPartition]) -> None:
@@ -484,14 +328,9 @@ class KafkaSource:
         log.info("assigned %s", sorted(f"{tp.topic}[{tp.partition}]" for tp in assigned))
 
 
-def _delivery(tp: TopicPartition, record: ConsumerRecord[bytes, bytes] | _Unreadable) -> Delivery:
-    if isinstance(record, _Unreadable):
-        where = f"{tp.topic}[{tp.partition}]@{record.offset}"
-        error = UnreadableRecord(
-            f"aiokafka cannot parse the record at {where} (or one before it in its batch): "
-            f"{type(record.error).__name__}: {record.error}"
-        )
-        return Delivery(tp, record.offset, tp.topic, None, b"", error=error)
+def _delivery(tp: TopicPartition, record: ConsumerRecord[bytes, bytes] | Unreadable) -> Delivery:
+    if isinstance(record, Unreadable):
+        return record.delivery(tp)
     headers = list(record.headers or ())
     value = record.value or b""
     try:

@@ -24,7 +24,9 @@ Guarantees (SPEC G1-G4, G6, G8), and where each is kept:
 
 Telemetry (`Telemetry`, default: what the application configured globally) adds the
 tracing step outermost and the metrics step right inside it, only when an SDK records
-them: with telemetry off the pipeline is the same as without it.
+them: with telemetry off the pipeline is the same as without it. What `/livez` and
+`/readyz` say beyond the worker's own state (the fetch loop's turns, the broker's
+answers), and the jobs that overrun their timeout, is kept by `_progress.py`.
 """
 
 from __future__ import annotations
@@ -54,8 +56,8 @@ from consumer.core import (
     compose,
 )
 from consumer.runtime._cut_offs import CutOffs, Running
-from consumer.runtime._health import ReportsContact, Thresholds
 from consumer.runtime._lanes import LaneScheduler, lane_for
+from consumer.runtime._progress import Overruns, Progress
 from consumer.steps import (
     AbandonedRun,
     CancellationStep,
@@ -108,13 +110,10 @@ class Worker:
         self._fault: BaseException | None = None
         self._threads: ThreadPoolExecutor | None = None
         self._handler: HandlerStep | None = None
-        self._thresholds = Thresholds.from_settings(settings)
-        self._contact = source if isinstance(source, ReportsContact) else None
-        self._born = self._turned = time.monotonic()  # `_turned`: the fetch loop's last turn
-        self._silent = False  # readiness lost to a silent broker (logged once each way)
+        self._progress = Progress(settings, source)
         self._cut_offs = CutOffs()
         self._claims_lost: set[asyncio.Task[None]] = set()  # their cut-offs, reported
-        self._overrun: dict[int, Running] = {}
+        self._overruns = Overruns(settings.worker.cancel_grace_s)
         self.started = False
         self.counts: dict[str, int] = {}
         self.telemetry = telemetry if telemetry is not None else Telemetry.from_global()
@@ -133,26 +132,14 @@ class Worker:
             return "stopping"
         if not (self.started and self.source.ready):
             return "not joined to the group yet"
-        return self._silence(self._thresholds.ready_s, "readiness")
+        return self._progress.not_ready()
 
     def not_live(self) -> str | None:
         """Why `/livez` answers 503 now, or None: stopped by a fault, or no progress (a turn
         of the fetch loop, an answer of the broker) for `health.liveness_silence_s`."""
         if self._fault is not None:
             return f"stopped by a fault: {self._fault!r}"
-        limit = self._thresholds.live_s
-        stalled = time.monotonic() - self._turned
-        if self.started and not self._stopping.is_set() and stalled > limit:
-            return f"the fetch loop has not turned for {stalled:.0f}s (health.liveness_silence_s)"
-        return self._silence(limit, "liveness")
-
-    def _silence(self, limit_s: float, which: str) -> str | None:
-        if self._contact is None:  # the memory broker lives in this process
-            return None
-        silent = time.monotonic() - max(self._contact.last_contact, self._born)
-        if silent <= limit_s:
-            return None
-        return f"no answer from the broker for {silent:.0f}s (health.{which}_silence_s)"
+        return self._progress.not_live(turning=self.started and not self._stopping.is_set())
 
     @property
     def stopped_by_fault(self) -> bool:
@@ -177,7 +164,7 @@ class Worker:
         """Jobs still running `cancel_grace_s` past their timeout (`topic[partition]@offset`):
         an async handler that swallows its timeout's cancellation. Never settled, so their
         offsets are not committed; reported once each in the log."""
-        return [entry.delivery.describe for entry in self._overrun.values()]
+        return self._overruns.described
 
     def stop(self) -> None:
         """Ask the worker to drain and stop (what SIGTERM does)."""
@@ -321,7 +308,7 @@ class Worker:
         worker = self.settings.worker
         try:
             while not self._stopping.is_set():
-                self._turned = time.monotonic()
+                self._progress.turn()
                 room = worker.max_in_flight - self._admitted
                 if room <= 0:
                     # Keep polling while paused: the group must see us alive.
@@ -436,57 +423,18 @@ class Worker:
                 async with asyncio.timeout(interval):
                     await self._commit_due.wait()
             self._commit_due.clear()
-            self._find_overruns()
+            self._overruns.find(self._tasks.values())
             try:
                 await self.source.commit()
             except Exception as error:  # noqa: BLE001 - retried next interval
                 log.warning("commit failed, will retry: %s", error)
 
     async def _watch_loop(self) -> None:
-        """Probe a broker that has been silent for a while (an idle member fetches nothing,
-        a full worker asks for nothing), and log when readiness is lost to its silence and
-        when it comes back."""
-        every = self._thresholds.probe_every_s
-        while True:
-            await asyncio.sleep(every)
-            contact = self._contact
-            if contact is not None and time.monotonic() - contact.last_contact > every:
-                try:
-                    async with asyncio.timeout(every):
-                        await contact.probe()
-                except WorkerError as error:  # e.g. a lost consumer that cannot be re-created
-                    log.error("%s", error)
-                    self._fault = error
-                    self._stopping.set()
-                    return
-                except Exception as error:  # noqa: BLE001 - its silence is what counts
-                    log.debug("broker probe failed: %r", error)
-            silence = self._silence(self._thresholds.ready_s, "readiness")
-            if (silence is not None) != self._silent:
-                self._silent = silence is not None
-                if silence is not None:
-                    log.warning("not ready: %s", silence)
-                else:
-                    log.info("ready again: the broker answers")
-
-    def _find_overruns(self) -> None:
-        """Report, once each, runs still going `cancel_grace_s` past their job timeout."""
-        late = time.monotonic() - self.settings.worker.cancel_grace_s
-        for key in [
-            k for k, entry in self._overrun.items() if entry.task is None or entry.task.done()
-        ]:
-            del self._overrun[key]
-        for entry in self._tasks.values():
-            context = entry.run.context
-            if context is None or context.deadline > late or id(entry.run) in self._overrun:
-                continue
-            self._overrun[id(entry.run)] = entry
-            log.error(
-                "job %s (%s) runs on past its timeout: its handler ignores cancellation; "
-                "it holds its slot and its offset stays uncommitted until it ends",
-                context.job_id,
-                entry.delivery.describe,
-            )
+        try:
+            await self._progress.watch()
+        except WorkerError as error:  # e.g. a lost consumer that cannot be re-created
+            self._fault = error
+            self._stopping.set()
 
     def _claim_lost(self, run: JobRun, reason: str) -> None:
         """The idempotency step found `run`'s claim lost (taken over, or not renewable for
