@@ -214,9 +214,11 @@ async def count_done(conn: psycopg.AsyncConnection, run: str) -> int:
 
 async def chaos(broker: str, jobs: int, kills: int) -> Result:
     home = RUN / broker
+    services = Services(broker, home)
+    if home.exists():
+        services.down()  # what an interrupted run left behind, before its pid files go
     shutil.rmtree(home, ignore_errors=True)
     home.mkdir(parents=True)
-    services = Services(broker, home)
     run = f"{broker}-{uuid.uuid4().hex[:8]}"
     store_url = f"postgresql://jobstream@127.0.0.1:{PORTS['postgres']}/postgres"
     env = worker_env(broker, run, store_url)
