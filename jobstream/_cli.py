@@ -8,7 +8,15 @@ from __future__ import annotations
 
 import typer
 
-from jobstream import _cli_dlq, _cli_ingress, _cli_publish, _cli_schemas, _cli_topics, _cli_worker
+from jobstream import (
+    _cli_dlq,
+    _cli_ingress,
+    _cli_publish,
+    _cli_schemas,
+    _cli_spool,
+    _cli_topics,
+    _cli_worker,
+)
 
 app = typer.Typer(
     name="jobstream",
@@ -24,6 +32,7 @@ _cli_topics.register(app)
 _cli_worker.register(app)
 _cli_dlq.register(app)
 _cli_ingress.register(app)
+_cli_spool.register(app)
 
 
 def main() -> None:

@@ -14,7 +14,7 @@ from consumer import Settings
 from consumer.stores import FINAL_STATES, JobState, MemoryStatusStore, StatusStore, open_status
 from consumer.telemetry import configure, configure_logging
 from jobstream._config import USAGE, fail, import_job_modules, load_settings, run
-from jobstream._ingress import create_app
+from jobstream._ingress import connect_early, create_app
 
 
 def _settings(**flags: object) -> Settings:
@@ -40,6 +40,7 @@ async def _serve(settings: Settings) -> None:
     status = await _with_status(settings)  # one event loop for the store and the server
     try:
         web = create_app(settings, status)
+        await connect_early(web)  # a spool owned by another process: one line, exit 1
         config = uvicorn.Config(
             web,
             host=settings.ingress.host,

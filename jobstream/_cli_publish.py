@@ -11,14 +11,15 @@ from __future__ import annotations
 
 import json
 import sys
+import uuid
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import typer
 
-from jobstream._config import USAGE, fail, import_job_modules, run, settings_for
-from producer import JobProducer, PublishRequest, Receipt
+from jobstream._config import RUNTIME, USAGE, fail, import_job_modules, run, settings_for
+from producer import JobProducer, PublishError, PublishRequest, Receipt
 from schemas import JobDecodeError
 
 STDIN_BATCH = 1000
@@ -93,8 +94,19 @@ def register(app: typer.Typer) -> None:
 async def _publish_one(
     producer: JobProducer, job: Any, key: str | None, job_id: str | None
 ) -> list[Receipt]:
-    async with producer:
-        return [await producer.publish(job, key=key, id=job_id)]
+    job_id = job_id or str(uuid.uuid4())  # known before the publish: an error can name it
+    try:
+        async with producer:
+            return [await producer.publish(job, key=key, id=job_id)]
+    except PublishError as error:
+        if not error.retriable:
+            raise
+        # Retriable (unreachable, busy, timed out): the job may be stored (a timeout is
+        # ambiguous); publishing it again under the same id is deduplicated.
+        message = " ".join(str(error).split())
+        raise fail(
+            f"{message}; job id {job_id}: publish again with --id {job_id}", RUNTIME
+        ) from None
 
 
 async def _publish_all(producer: JobProducer, requests: list[PublishRequest]) -> None:

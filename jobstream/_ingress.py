@@ -1,19 +1,24 @@
 """The HTTP ingress: submit jobs over HTTP, ask for their status, cancel them.
 
 ```
-POST /v1/jobs/{type}[?version=N&key=K]   validate, publish, 202 {job_id, status_url, trace_id}
+POST /v1/jobs/{type}[?version=N&key=K]   validate, publish, 202 {job_id, status_url, state,
+                                         trace_id, spooled}
 GET  /v1/jobs/{id}                       the job's status (pending, running, succeeded, ...)
 POST /v1/jobs/{id}/cancel                ask for cancellation, 202 {job_id, state}
 GET  /livez, /readyz                     probes (ready: the broker takes publishes)
 GET  /openapi.json, /docs                the API, one request body schema per job type
 ```
 
-Answers: 400 with field-level errors for an invalid payload (the same strict validation the
-worker applies), 404 for an unknown type or job, 413 over `max_body_bytes`, 401 without the
-configured bearer token, 503 with Retry-After when the broker is unavailable or
-`max_in_flight` requests are already publishing (no unbounded queue). An `Idempotency-Key`
-header binds the request to one job id: a retried request gets the same id back and
-publishes nothing. The request's span is the job's origin context.
+A 202 means the broker acknowledged the job (or, with `spooled: true`, that the producer's
+durable spool holds it until the broker is back). Limits come before the work they protect:
+a request takes one of `max_in_flight` slots before its body is read (503 with Retry-After
+when none is free), and the body is counted while it is read (413 past `max_body_bytes`,
+chunked or not). An `Idempotency-Key` is bound to one job id in the status store, visible
+to every replica (`consumer/stores/_keys.py`; IETF draft-ietf-httpapi-idempotency-key-header):
+a repeat gets 202 once the job is published, 409 while another request publishes it, 422
+when it comes with another request; after a failure the retry publishes the same job id.
+Publish failures are answered in `_ingress_answers.py`. The request's span is the job's
+origin context.
 """
 
 from __future__ import annotations
@@ -22,9 +27,7 @@ import asyncio
 import contextlib
 import hmac
 import json
-import uuid
 from collections.abc import AsyncIterator
-from datetime import UTC, datetime
 from typing import Any
 
 from fastapi import FastAPI, Request
@@ -33,55 +36,18 @@ from fastapi.responses import JSONResponse, Response
 from opentelemetry import propagate, trace
 
 from consumer import Settings
-from consumer.stores import FINAL_STATES, JobState, StatusStore, trace_id_now
-from producer import BrokerUnavailable, JobProducer, PublishTimeout
+from consumer.stores import FINAL_STATES, JobState, StatusStore
+from jobstream._ingress_answers import error as _error
+from jobstream._ingress_keys import publish_bound_s
+from jobstream._ingress_publish import ProducerHandle
+from jobstream._ingress_submit import Submissions, read_body
+from producer import BrokerUnavailable
 from schemas import (
-    InvalidPayload,
-    JobDecodeError,
     JobRegistry,
-    UnknownJobType,
-    UnsupportedVersion,
     default_registry,
-    validate_payload,
 )
 
 tracer = trace.get_tracer("jobstream.ingress")
-
-
-def _error(
-    status: int, message: str, headers: dict[str, str] | None = None, **extra: Any
-) -> JSONResponse:
-    return JSONResponse({"error": message, **extra}, status_code=status, headers=headers)
-
-
-class _Publisher:
-    """The producer, connected on first use and reconnected after an outage, so the ingress
-    starts (and answers 503) while the broker is down."""
-
-    def __init__(self, settings: Settings, registry: JobRegistry) -> None:
-        self._settings = settings
-        self._registry = registry
-        self._producer: JobProducer | None = None
-        self._lock = asyncio.Lock()
-
-    async def get(self) -> JobProducer:
-        async with self._lock:
-            if self._producer is None:
-                producer = JobProducer(self._settings, registry=self._registry)
-                await producer.start()
-                self._producer = producer
-            return self._producer
-
-    async def reset(self) -> None:
-        async with self._lock:
-            producer, self._producer = self._producer, None
-        if producer is not None:
-            with contextlib.suppress(Exception):
-                await producer.stop()
-
-    @property
-    def connected(self) -> bool:
-        return self._producer is not None
 
 
 class Ingress:
@@ -91,7 +57,8 @@ class Ingress:
         self.config = settings.ingress
         self.status = status
         self.registry = registry
-        self.publisher = _Publisher(settings, registry)
+        self.publisher = ProducerHandle(settings, registry, publish_bound_s(settings))
+        self.submissions = Submissions(settings, status, registry, self.publisher)
         self._slots = asyncio.Semaphore(self.config.max_in_flight)
         self._retry_after = {"Retry-After": str(self.config.retry_after_s)}
         token = self.config.auth_token
@@ -106,72 +73,52 @@ class Ingress:
                 )
             length = request.headers.get("content-length")
             if length is not None and length.isdigit() and int(length) > self.config.max_body_bytes:
-                return _error(413, f"body over {self.config.max_body_bytes} bytes")
+                return self._too_large()
         response: Response = await call_next(request)
         return response
 
     async def submit(self, request: Request, job_type: str) -> Response:
-        body = await request.body()
-        if len(body) > self.config.max_body_bytes:
-            return _error(413, f"body over {self.config.max_body_bytes} bytes")
+        """Take a slot, read the body within its limit, validate, publish (see the module)."""
         version = request.query_params.get("version")
         if version is not None and not version.isdigit():
             return _error(400, "version must be a positive integer")
-        if self._slots.locked():
+        idempotency_key = request.headers.get("idempotency-key")
+        if idempotency_key is not None and not idempotency_key.strip():
+            # Sent but empty: a client that failed to fill its key in would get a new job
+            # per retry (the IETF draft: a request with an invalid key is a 400).
+            return _error(400, "the Idempotency-Key header is empty: send a non-empty key")
+        if self._slots.locked():  # before any byte of the body is read
             return _error(503, "too many requests in flight; retry later", self._retry_after)
         async with self._slots:
+            try:
+                async with asyncio.timeout(self.config.body_timeout_s):
+                    body = await read_body(request, self.config.max_body_bytes)
+            except TimeoutError:
+                timeout_s = self.config.body_timeout_s
+                return _error(408, f"the body did not arrive within {timeout_s:g}s")
+            if body is None:
+                return self._too_large()
             parent = propagate.extract(dict(request.headers))
             with tracer.start_as_current_span(
                 f"POST /v1/jobs/{job_type}", context=parent, kind=trace.SpanKind.SERVER
             ) as span:
                 span.set_attribute("http.request.method", "POST")
                 span.set_attribute("jobstream.job.type", job_type)
-                return await self._publish(
-                    request, job_type, int(version) if version else None, body
+                return await self.submissions.submit(
+                    job_type,
+                    int(version) if version else None,
+                    body,
+                    key=request.query_params.get("key"),
+                    idempotency_key=idempotency_key,
                 )
 
-    async def _publish(
-        self, request: Request, job_type: str, version: int | None, body: bytes
-    ) -> Response:
-        try:
-            model = (
-                self.registry.latest(job_type)
-                if version is None
-                else self.registry.resolve(job_type, version)
-            )
-            job = validate_payload(model, body)
-        except (UnknownJobType, UnsupportedVersion) as error:
-            return _error(404, str(error), known_types=self.registry.job_types())
-        except InvalidPayload as error:
-            fields = [
-                {"field": ".".join(map(str, e.get("loc", ()))), "message": e.get("msg")}
-                for e in error.errors
-            ]
-            return _error(400, "invalid payload", fields=fields)
-        except JobDecodeError as error:
-            return _error(400, str(error))
-        job_id = str(uuid.uuid4())
-        key = request.headers.get("idempotency-key")
-        if key:
-            bound = await self.status.remember_key(f"{job_type}:{key}", job_id)
-            if bound != job_id:
-                return _accepted(bound, await self.status.get(bound))
-        try:
-            producer = await self.publisher.get()
-            await producer.publish(job, key=request.query_params.get("key"), id=job_id)
-        except (BrokerUnavailable, PublishTimeout) as error:
-            if key:
-                await self.status.forget_key(f"{job_type}:{key}")
-            await self.publisher.reset()
-            return _error(503, f"broker unavailable: {error}", self._retry_after)
-        recorded = await self.status.record(
-            job_id,
-            JobState.PENDING,
-            job_type=job_type,
-            created_at=datetime.now(UTC),
-            trace_id=trace_id_now(),
-        )
-        return _accepted(job_id, recorded)
+    async def close(self) -> None:
+        """Wait for the bindings still being settled, then stop the producer."""
+        await self.submissions.close()
+        await self.publisher.close()
+
+    def _too_large(self) -> Response:
+        return _error(413, f"body over {self.config.max_body_bytes} bytes (ingress.max_body_bytes)")
 
     async def job_status(self, job_id: str) -> Response:
         """The job's state, attempts, timestamps and last error."""
@@ -194,11 +141,9 @@ class Ingress:
         return Response("live\n")
 
     async def readyz(self) -> Response:
-        try:
-            await self.publisher.get()
-        except BrokerUnavailable:
-            return Response("not ready: broker unavailable\n", 503)
-        return Response("ready\n")
+        """200 while the broker answers (or, with a spool, while jobs can be spooled)."""
+        ready, detail = await self.publisher.ready()
+        return Response(f"{detail}\n", 200 if ready else 503)
 
     def openapi(self, app: FastAPI) -> dict[str, Any]:
         """FastAPI's document, with each job type's model as its request body schema."""
@@ -223,10 +168,9 @@ def create_app(
 
     @contextlib.asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
-        with contextlib.suppress(BrokerUnavailable):
-            await ingress.publisher.get()  # connect early when we can; requests retry otherwise
+        await connect_early(app)
         yield
-        await ingress.publisher.reset()
+        await ingress.close()
 
     app = FastAPI(
         title="jobstream ingress",
@@ -234,6 +178,7 @@ def create_app(
         lifespan=lifespan,
         description=(__doc__ or "").split("\n\n")[0],
     )
+    app.state.ingress = ingress
     app.middleware("http")(ingress.guard)
     for job_type in registry.job_types():
         model = registry.latest(job_type)
@@ -264,6 +209,14 @@ def create_app(
     return app
 
 
+async def connect_early(app: FastAPI) -> None:
+    """Connect the app's producer now if the broker answers (requests retry otherwise).
+    Raises what makes this replica unable to publish at all (a `SpoolLocked` spool): the
+    CLI calls it before serving, so that is one line and exit 1, not a failed lifespan."""
+    with contextlib.suppress(BrokerUnavailable):
+        await app.state.ingress.publisher.get()
+
+
 def _route(submit: Any, job_type: str) -> Any:
     async def endpoint(request: Request) -> Response:
         response: Response = await submit(request, job_type)
@@ -281,16 +234,6 @@ def _request_body(model: type[Any]) -> dict[str, Any]:
     """The OpenAPI request body of a job type: its model, from the document's components."""
     schema = {"$ref": f"#/components/schemas/{_schema_name(model)}"}
     return {"requestBody": {"required": True, "content": {"application/json": {"schema": schema}}}}
-
-
-def _accepted(job_id: str, recorded: Any) -> JSONResponse:
-    body = {
-        "job_id": job_id,
-        "status_url": f"/v1/jobs/{job_id}",
-        "state": recorded.state.value if recorded else JobState.PENDING.value,
-        "trace_id": recorded.trace_id if recorded else None,
-    }
-    return JSONResponse(body, 202, headers={"Location": f"/v1/jobs/{job_id}"})
 
 
 def _authorized(request: Request, token: bytes) -> bool:

@@ -9,13 +9,17 @@ from producer._errors import (
     BrokerBusy,
     BrokerUnavailable,
     DestinationMissing,
+    NotASpool,
     PublishError,
     PublishTimeout,
     RecordTooLarge,
+    SpoolFull,
+    SpoolLocked,
 )
-from producer._producer import JobProducer, PublishRequest
+from producer._producer import JobProducer
 from producer._provision import DestinationHook, plan_destinations
 from producer._publisher import Publisher, Receipt
+from producer._request import PublishRequest
 from producer._settings import (
     CONFIG_FILE_ENV,
     ENV_PREFIX,
@@ -23,8 +27,11 @@ from producer._settings import (
     NatsSettings,
     ProducerSettings,
     RoutingSettings,
+    SpoolSettings,
     Transport,
 )
+from producer._spool_status import SpoolStatus, read_spool_status
+from producer._sync import SyncJobProducer
 
 __all__ = [
     "CONFIG_FILE_ENV",
@@ -36,6 +43,7 @@ __all__ = [
     "JobProducer",
     "KafkaSettings",
     "NatsSettings",
+    "NotASpool",
     "ProducerSettings",
     "PublishError",
     "PublishRequest",
@@ -44,6 +52,12 @@ __all__ = [
     "Receipt",
     "RecordTooLarge",
     "RoutingSettings",
+    "SpoolFull",
+    "SpoolLocked",
+    "SpoolSettings",
+    "SpoolStatus",
+    "SyncJobProducer",
     "Transport",
     "plan_destinations",
+    "read_spool_status",
 ]

@@ -7,8 +7,16 @@
           │                              record right now (leader election, throttling)
           ├── PublishTimeout            publish-timeout (retriable): no acknowledgement in time
           ├── RecordTooLarge            record-too-large: over the broker's size limit
-          └── DestinationMissing        destination-missing: the topic or stream does not
-                                         exist; run `jobstream topics ensure`
+          ├── DestinationMissing        destination-missing: the topic or stream does not
+          │                              exist; run `jobstream topics ensure`
+          └── SpoolFull                 spool-full (retriable): the broker could not take
+                                         the job and the spool is at its bound
+     SpoolLocked                        spool-locked: other processes own every slot file
+     NotASpool                          not-a-spool: the spool path is something else
+
+`job_id`: an error raised by `JobProducer.publish` carries the id of the job it was
+publishing (None when raised elsewhere, e.g. by `publish_many`), so an ambiguous
+`PublishTimeout` keeps the id to publish it again under.
 
 `retriable` is the classification the worker acts on: a retriable (transient) error is
 retried with backoff, any other (permanent) error changes course (a retry record that is
@@ -33,9 +41,12 @@ __all__ = [
     "BrokerBusy",
     "BrokerUnavailable",
     "DestinationMissing",
+    "NotASpool",
     "PublishError",
     "PublishTimeout",
     "RecordTooLarge",
+    "SpoolFull",
+    "SpoolLocked",
 ]
 
 
@@ -44,6 +55,8 @@ class PublishError(JobstreamError):
 
     retriable = False
     reason = "publish-error"
+    job_id: str | None = None
+    """The id of the job `JobProducer.publish` was publishing (set by it), else None."""
 
 
 _ADDRESS_SETTING = {
@@ -155,3 +168,69 @@ class DestinationMissing(PublishError):
 
     def __reduce__(self) -> tuple[Any, ...]:
         return (type(self), (self.transport, self.destination))
+
+
+class SpoolFull(PublishError):
+    """The broker could not take a job (the error is the `__cause__`, if any) and the spool
+    holds `spool.max_jobs` jobs or `spool.max_bytes` bytes already: nothing was stored."""
+
+    retriable = True
+    reason = "spool-full"
+
+    def __init__(self, path: str, detail: str) -> None:
+        self.path = path
+        self.detail = detail
+        super().__init__(
+            f"the spool {path} is full ({detail}) and the broker cannot take the job; wait "
+            "for the broker (the spool drains by itself) or raise JOBSTREAM_SPOOL__MAX_JOBS / "
+            "JOBSTREAM_SPOOL__MAX_BYTES"
+        )
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (type(self), (self.path, self.detail))
+
+
+class SpoolLocked(JobstreamError):
+    """Every slot file of the spool path is owned by another process (or, for one slot
+    file, that one is)."""
+
+    retriable = False
+    reason = "spool-locked"
+
+    def __init__(self, path: str, slots: int = 1) -> None:
+        self.path = path
+        self.slots = slots
+        if slots > 1:
+            what = (
+                f"all {slots} slots of the spool {path} ({path}, {path}.1, ...) are in use by "
+                "other processes; raise JOBSTREAM_SPOOL__MAX_PROCESSES (spool.max_processes) "
+                "or stop one of them"
+            )
+        else:
+            what = (
+                f"the spool {path} is in use by another process; stop it, or let that "
+                "process publish what the spool holds"
+            )
+        super().__init__(what)
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (type(self), (self.path, self.slots))
+
+
+class NotASpool(JobstreamError):
+    """The spool path names something that is not a jobstream spool (a directory, a text
+    file, another application's SQLite database): it is left untouched."""
+
+    retriable = False
+    reason = "not-a-spool"
+
+    def __init__(self, path: str, detail: str) -> None:
+        self.path = path
+        self.detail = detail
+        super().__init__(
+            f"{path} is not a jobstream spool ({detail}); point JOBSTREAM_SPOOL__PATH "
+            "(or --path) at a file of its own, e.g. /var/lib/<app>/spool.db"
+        )
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (type(self), (self.path, self.detail))

@@ -19,6 +19,10 @@ Guarantees:
   caller's context (if any) travels as both.
 - Nothing is created implicitly unless `create_missing=True`: then each destination is
   ensured once per producer, before its first publish.
+- With a spool (`settings.spool.path`), a job the broker cannot take now (a retriable
+  error) is stored durably on local disk and published when the broker is back: the
+  receipt says `spooled=True` (`producer._spooling`). Without one, the error raises.
+- A `PublishError` raised by `publish` carries the job's id (`error.job_id`).
 - `publish_many` is pipelined (no round trip per job), returns receipts in input order, and
   holds at most `MAX_BATCH` encoded jobs at once. It is not atomic: if it raises, jobs
   before the failing one may be stored. Publishing them again with the same ids is safe.
@@ -26,9 +30,9 @@ Guarantees:
 
 from __future__ import annotations
 
-import dataclasses
 from collections.abc import Iterable, Mapping
-from datetime import datetime
+from datetime import datetime, timedelta
+from pathlib import Path
 from types import TracebackType
 from typing import Any, Self
 
@@ -37,8 +41,12 @@ from opentelemetry.trace import Span, SpanKind, Tracer, TracerProvider
 
 from producer import tracecontext as otel
 from producer._backends import make_publisher
+from producer._errors import PublishError
 from producer._publisher import Publisher, Receipt
+from producer._request import PublishRequest, due
 from producer._settings import ProducerSettings
+from producer._spool_status import SpoolStatus
+from producer._spooling import SpoolingSender
 from producer.tracecontext import TraceHeaders, current_trace_headers, traceparent_of
 from schemas import Job, JobMessage, JobRegistry, default_registry, encode, validate_payload
 
@@ -46,24 +54,6 @@ __all__ = ["MAX_BATCH", "JobProducer", "PublishRequest"]
 
 MAX_BATCH = 10_000
 """Most jobs `publish_many` encodes and hands to the publisher at once."""
-
-
-@dataclasses.dataclass(frozen=True, slots=True)
-class PublishRequest:
-    """One job for `publish_many`, with the options `publish` takes as keywords."""
-
-    job: Job
-    """The job payload."""
-    key: str | None = None
-    """Ordering key: jobs with the same key are processed one at a time, in order."""
-    id: str | None = None
-    """Job id (default: a random UUID). Reuse it to publish the same job again safely."""
-    idempotency_key: str | None = None
-    """Deduplication key for the workers (default: the job id)."""
-    not_before: datetime | None = None
-    """Do not start the job before this (timezone-aware) time."""
-    subject: str | None = None
-    """CloudEvents `subject`: what the job is about, e.g. `user/42`."""
 
 
 class JobProducer:
@@ -89,6 +79,12 @@ class JobProducer:
         provider = tracer_provider if tracer_provider is not None else trace.get_tracer_provider()
         self._tracer_provider = provider
         self._tracer: Tracer = provider.get_tracer("jobstream.producer")
+        spool = self._settings.spool
+        self._spooling = (
+            SpoolingSender(self._publisher, spool, self._ensure_missing)
+            if spool.path is not None
+            else None
+        )
 
     @property
     def settings(self) -> ProducerSettings:
@@ -99,14 +95,62 @@ class JobProducer:
         return self._publisher
 
     async def start(self) -> None:
-        """Connect to the broker; `BrokerUnavailable` if it cannot within the timeout."""
-        await self._publisher.start()
+        """Connect to the broker; `BrokerUnavailable` if it cannot within the timeout.
+
+        With a spool: lock and open it first (`SpoolLocked` if another process owns it),
+        then try the broker once; if it cannot be reached, start anyway (jobs are spooled
+        and a background drainer connects with backoff)."""
+        if self._spooling is not None:
+            await self._spooling.open()
+        else:
+            await self._publisher.start()
         self._started = True
 
     async def stop(self) -> None:
-        """Wait for jobs already handed to the client, then disconnect. Idempotent."""
+        """Wait for jobs already handed to the client, then disconnect. Idempotent.
+
+        With a spool: first publish what it holds, for up to `spool.stop_drain_s`; the rest
+        stays on disk for the next producer on that path."""
         self._started = False
+        if self._spooling is not None:
+            await self._spooling.close()
         await self._publisher.stop()
+
+    async def spool_status(self) -> SpoolStatus:
+        """What the spool holds now: jobs, bytes, the oldest one's age, per destination.
+        `RuntimeError` without a spool or before `start()`."""
+        return await self._spool().status()
+
+    async def flush_spool(self) -> int:
+        """Publish every spooled job now; returns how many jobs were published from the
+        spool meanwhile (by this call or the background drainer). Raises the first error
+        (`BrokerUnavailable` if the broker cannot be reached). `RuntimeError` without a
+        spool or before `start()`."""
+        return await self._spool().flush()
+
+    async def flush_spool_slots(self) -> tuple[int, list[Path]]:
+        """Without `start()` (`jobstream spool flush`): publish what every slot file of the
+        spool path holds that no process owns, then disconnect. Returns the jobs published
+        and the slot files that running producers own (they drain those themselves).
+        Raises as `flush_spool`, and `NotASpool` if a slot file is not a spool (it is left
+        untouched). `RuntimeError` without a spool or once started."""
+        if self._spooling is None:
+            msg = "this producer has no spool: set spool.path (JOBSTREAM_SPOOL__PATH)"
+            raise RuntimeError(msg)
+        if self._started:
+            msg = "flush_spool_slots is for a producer that is not started: use flush_spool"
+            raise RuntimeError(msg)
+        try:
+            return await self._spooling.flush_every_slot()
+        finally:
+            await self._publisher.stop()
+
+    def _spool(self) -> SpoolingSender:
+        if self._spooling is None:
+            msg = "this producer has no spool: set spool.path (JOBSTREAM_SPOOL__PATH)"
+            raise RuntimeError(msg)
+        self._check_started()
+        return self._spooling
 
     async def __aenter__(self) -> Self:
         await self.start()
@@ -133,15 +177,16 @@ class JobProducer:
         idempotency_key: str | None = None,
         not_before: datetime | None = None,
         subject: str | None = None,
+        delay: float | timedelta | None = None,
     ) -> Receipt:
-        """Publish one job; returns when the broker acknowledged it."""
-        request = PublishRequest(job, key, id, idempotency_key, not_before, subject)
+        """Publish one job; returns when the broker acknowledged it. `delay` (seconds or a
+        `timedelta`) is a shorthand for `not_before=now + delay` (`ValueError` with both)."""
+        request = PublishRequest(job, key, id, idempotency_key, not_before, subject, delay)
         origin = current_trace_headers()
         job_type = getattr(type(job), "job_type", None)
         if job_type is None or not self._traced():  # (`encode` rejects a non-concrete type)
             destination, message = self._encode(request, origin, origin)
-            await self._prepare([destination])
-            return await self._publisher.send(destination, message)
+            return await self._send(destination, message)
         destination = self.destination(str(job_type))
         with self._tracer.start_as_current_span(
             f"send {destination}",
@@ -150,8 +195,7 @@ class JobProducer:
         ) as span:
             _, message = self._encode(request, current_trace_headers(), origin)
             _describe_job(span, message)
-            await self._prepare([destination])
-            receipt = await self._publisher.send(destination, message)
+            receipt = await self._send(destination, message)
             _describe_receipt(span, receipt)
             return receipt
 
@@ -244,7 +288,7 @@ class JobProducer:
             id=request.id,
             key=request.key,
             idempotency_key=request.idempotency_key,
-            not_before=request.not_before,
+            not_before=due(request),
             subject=request.subject,
             traceparent=trace[0],
             tracestate=trace[1],
@@ -263,16 +307,34 @@ class JobProducer:
         if len(destinations) > 1:
             del attributes[otel.DESTINATION]
         if not self._traced():
-            await self._prepare(destinations)
-            return await self._publisher.send_many(batch)
+            return await self._send_many(destinations, batch)
         with self._tracer.start_as_current_span(
             name, kind=SpanKind.CLIENT, attributes={**attributes, otel.BATCH_COUNT: len(batch)}
         ):
-            await self._prepare(destinations)
-            return await self._publisher.send_many(batch)
+            return await self._send_many(destinations, batch)
 
-    async def _prepare(self, destinations: list[str]) -> None:
+    async def _send(self, destination: str, message: JobMessage) -> Receipt:
         self._check_started()
+        try:
+            if self._spooling is not None:
+                return await self._spooling.send(destination, message)
+            await self._ensure_missing([destination])
+            return await self._publisher.send(destination, message)
+        except PublishError as error:
+            error.job_id = message.attributes.id  # an ambiguous timeout keeps its job id
+            raise
+
+    async def _send_many(
+        self, destinations: list[str], batch: list[tuple[str, JobMessage]]
+    ) -> list[Receipt]:
+        self._check_started()
+        if self._spooling is not None:
+            return await self._spooling.send_many(batch)
+        await self._ensure_missing(destinations)
+        return await self._publisher.send_many(batch)
+
+    async def _ensure_missing(self, destinations: list[str]) -> None:
+        """With `create_missing`: create each destination once, before its first publish."""
         if self._settings.create_missing:
             missing = [d for d in destinations if d not in self._ensured]
             if missing:

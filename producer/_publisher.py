@@ -41,6 +41,11 @@ class Receipt(NamedTuple):
     duplicate: bool = False
     """True when JetStream dropped the publish as a repeat of the same job id (NATS only);
     `offset` is then the sequence of the message stored first."""
+    spooled: bool = False
+    """True when the broker was unavailable and the job was written to the producer's
+    durable spool instead (see docs/producer.md, "Spool"): it is stored on local disk and
+    published, with this job id, when the broker is back. `partition` is then None and
+    `offset` -1."""
 
 
 class Publisher(Protocol):
@@ -58,6 +63,11 @@ class Publisher(Protocol):
 
     async def stop(self) -> None:
         """Wait for messages already handed over, then disconnect. Idempotent."""
+        ...
+
+    async def ping(self, timeout_s: float) -> None:
+        """One round trip to the broker (Kafka: a metadata request; NATS: PING/PONG),
+        within `timeout_s`; `BrokerUnavailable` if it does not answer. For readiness."""
         ...
 
     async def send(self, destination: str, message: JobMessage) -> Receipt:

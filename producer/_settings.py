@@ -148,6 +148,34 @@ class RoutingSettings(_Frozen):
         return self.subject(job_type) if transport == "nats" else self.topic(job_type)
 
 
+class SpoolSettings(_Frozen):
+    """The producer's durable spool for outages (docs/producer.md, "The spool"): off unless
+    `path` is set."""
+
+    path: Path | None = None
+    """SQLite file that keeps the jobs the broker could not take (None: no spool, a publish
+    that fails raises). It names a set of slot files, `<path>`, `<path>.1`, ... : each
+    process owns the first free one (an exclusive `flock` on the file itself), so the
+    workers of one server (gunicorn, uWSGI, a fork) can share the setting."""
+    max_processes: int = Field(default=16, ge=1, le=1000)
+    """Slot files of `path` (processes that can own a spool on it at once); one more raises
+    `SpoolLocked`."""
+    max_jobs: int = Field(default=100_000, ge=1)
+    """Most jobs the spool holds; a publish that would go past it raises `SpoolFull`."""
+    max_bytes: int = Field(default=256 * 1024 * 1024, ge=1024)
+    """Most bytes of encoded jobs (headers + body) the spool holds; past it, `SpoolFull`."""
+    drain_batch: int = Field(default=500, ge=1)
+    """Jobs the drainer publishes per `send_many` while it empties the spool."""
+    retry_initial_s: float = Field(default=0.5, gt=0)
+    """First wait before the drainer tries the broker again after a failure, in seconds;
+    each later wait doubles (jittered 0.5x to 1.5x) up to `retry_max_s`."""
+    retry_max_s: float = Field(default=10.0, gt=0)
+    """Longest wait between the drainer's attempts, in seconds."""
+    stop_drain_s: float = Field(default=10.0, ge=0)
+    """How long `stop()` keeps draining before it leaves the rest on disk for the next
+    producer on this path, in seconds."""
+
+
 class ProducerSettings(BaseSettings):
     """Everything a service needs to publish jobs."""
 
@@ -170,6 +198,8 @@ class ProducerSettings(BaseSettings):
     """How to reach NATS JetStream (`JOBSTREAM_NATS__*`)."""
     routing: RoutingSettings = Field(default_factory=RoutingSettings)
     """Topic, subject and stream names, and how `topics ensure` creates them."""
+    spool: SpoolSettings = Field(default_factory=SpoolSettings)
+    """The durable spool for outages (`JOBSTREAM_SPOOL__*`); off by default."""
 
     def destination(self, job_type: str) -> str:
         """Where jobs of `job_type` go: its subject on NATS, its topic on Kafka and memory."""

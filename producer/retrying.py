@@ -68,7 +68,8 @@ class Backoff:
     """The longest wait, in seconds (the doubling stops there)."""
     jitter: bool = False
     """Multiply each wait by a random factor in [0.5, 1.5), so that workers that lost a
-    broker together do not all come back at the same moment."""
+    broker together do not all come back at the same moment; the result is capped at
+    `max_s` (never a longer wait than the longest one configured)."""
 
     def nominal(self, retry: int) -> float:
         """The wait before retry number `retry` (from 1), without jitter."""
@@ -77,9 +78,12 @@ class Backoff:
         return min(self.initial_s * 2.0 ** min(retry - 1, _MAX_DOUBLINGS), self.max_s)
 
     def wait(self, retry: int) -> float:
-        """The wait before retry number `retry` (from 1), with jitter if asked for."""
+        """The wait before retry number `retry` (from 1), with jitter if asked for, at most
+        `max_s` (the cap comes after the jitter)."""
         nominal = self.nominal(retry)
-        return nominal * (0.5 + random.random()) if self.jitter else nominal
+        if not self.jitter:
+            return nominal
+        return min(nominal * (0.5 + random.random()), max(self.max_s, nominal))
 
 
 async def retry(

@@ -4,12 +4,14 @@ services that `make up` started (other tests use those at the same time).
 `PrivateKafka` runs `scripts/services.py` with its own run folder and ports (Kafka on
 `JOBSTREAM_TEST_PRIVATE_KAFKA_PORT`, default 19292, its controller on the next port). It
 takes several seconds to start: a module-scoped fixture should own one
-(`private_kafka_for_module`). A NATS server of a test's own is `OwnServer` in
-`tests/integration/test_nats_worker.py`.
+(`private_kafka_for_module`). A NATS server of a test's own is `OwnServer`: a
+`nats-server` with JetStream on a free port and its own store, started in well under a
+second, so a test can own one.
 """
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import os
 import signal
@@ -18,11 +20,12 @@ import sys
 from collections.abc import Iterator
 from pathlib import Path
 
+import nats
 from aiokafka import AIOKafkaProducer, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 
 from schemas import Job, encode, to_kafka
-from tests.support import ROOT
+from tests.support import ROOT, free_port
 
 PRIVATE_KAFKA_PORT = int(os.environ.get("JOBSTREAM_TEST_PRIVATE_KAFKA_PORT", "19292"))
 
@@ -124,3 +127,56 @@ def private_kafka_for_module(run_dir: Path) -> Iterator[PrivateKafka]:
         yield kafka
     finally:
         kafka.down()
+
+
+class OwnServer:
+    """A nats-server with JetStream on its own port and store, for tests that stop it."""
+
+    def __init__(self, store: Path) -> None:
+        self.port = free_port()
+        self.store = store
+        self.url = f"nats://127.0.0.1:{self.port}"
+        self.process: subprocess.Popen[bytes] | None = None
+
+    def launch(self) -> None:
+        binary = Path(sys.executable).parent / "nats-server"
+        address = ["-a", "127.0.0.1", "-p", str(self.port)]
+        command = [str(binary), *address, "-js", "-sd", str(self.store)]
+        with (self.store.parent / "nats-server.log").open("ab") as log:
+            self.process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT)
+
+    async def start(self) -> None:
+        self.launch()
+        for _ in range(100):
+            with contextlib.suppress(Exception):
+                client = await nats.connect(
+                    self.url, connect_timeout=1, max_reconnect_attempts=0, error_cb=_quiet
+                )
+                try:
+                    await client.jetstream().account_info()
+                    return
+                finally:
+                    await client.close()
+            await asyncio.sleep(0.1)  # the server is starting
+        raise AssertionError(f"nats-server on port {self.port} did not start")
+
+    def stop(self, sig: int = signal.SIGTERM) -> None:
+        if sig != signal.SIGKILL:
+            self.resume()  # a stopped process cannot handle its signal (SIGKILL needs none)
+        if self.process is not None and self.process.poll() is None:
+            self.process.send_signal(sig)
+            self.process.wait(30)
+        self.process = None
+
+    def pause(self) -> None:
+        """SIGSTOP the server: connections stay open, nothing answers (a hung server)."""
+        if self.process is not None:
+            self.process.send_signal(signal.SIGSTOP)
+
+    def resume(self) -> None:
+        if self.process is not None and self.process.poll() is None:
+            self.process.send_signal(signal.SIGCONT)
+
+
+async def _quiet(error: Exception) -> None:
+    """Connection attempts to a server that is still starting fail: expected."""

@@ -12,6 +12,13 @@ from consumer.core._dead_letters import (
     ReplayResult,
     replay_headers,
 )
+from consumer.core._delays import (
+    MAX_DELAY_S,
+    DelayPlan,
+    DelayTooLong,
+    plan_delay,
+    remaining_s,
+)
 from consumer.core._errors import DeadLetter, JobTimeout, MaxDeliveries, Retry, WorkerError
 from consumer.core._failures import (
     ERROR,
@@ -47,6 +54,7 @@ __all__ = [
     "ERROR",
     "FAILURE_EXTENSIONS",
     "FIRST_FAILURE",
+    "MAX_DELAY_S",
     "REASON",
     "REPLAY_OF",
     "SOURCE_TOPIC",
@@ -56,6 +64,8 @@ __all__ = [
     "DeadLetterFilter",
     "DeadLetterRecord",
     "Decision",
+    "DelayPlan",
+    "DelayTooLong",
     "Delivery",
     "FailureRouter",
     "Features",
@@ -85,7 +95,9 @@ __all__ = [
     "failure_details",
     "first_failure_stamp",
     "main_destinations",
+    "plan_delay",
     "reduced_dead_letter",
+    "remaining_s",
     "replay_headers",
     "unescape",
     "utc_now",

@@ -4,7 +4,8 @@
 JobstreamError (schemas)                    root of every jobstream error
 ├── JobDecodeError (schemas)                dead-letter: the record cannot become a job
 │   ├── InvalidAttributes, UndecodableBody, UnknownJobType,
-│   └── UnsupportedVersion, InvalidPayload
+│   ├── UnsupportedVersion, InvalidPayload
+│   └── DelayTooLong (consumer.core._delays) `not_before` beyond the maximum delay
 ├── PublishError (producer)                 the broker did not take a record
 ├── Retry(delay_s=None)                     raised by a handler: retry, optionally after delay_s
 ├── DeadLetter(reason)                      raised by a handler: do not retry, dead-letter now

@@ -341,6 +341,9 @@ class IngressSettings(_Frozen):
     """Requests publishing at once; beyond it the ingress answers 503 with Retry-After."""
     max_body_bytes: int = Field(default=1024 * 1024, ge=1)
     """Largest request body; larger ones get 413."""
+    body_timeout_s: float = Field(default=30.0, gt=0)
+    """Longest a request body may take to arrive once its slot is taken; a slower client
+    gets 408 and frees the slot (a trickling upload cannot hold `max_in_flight` slots)."""
     retry_after_s: int = Field(default=5, ge=1)
     """Retry-After (seconds) sent with 503 answers."""
     auth_token: SecretStr | None = None

@@ -1,8 +1,9 @@
 """Kafka as a `Source`: consumer-group membership, batched commits after settle.
 
-The source reads the main topics and their retry tier topics in one consumer. A tier
-record that is not due yet waits in its partition, paused and rewound to it, or is
-appended again to the tail of its tier (`_tiers.py`: `RetryTiers`, issue 13, K9). A record
+The source reads the main topics and their retry tier topics in one consumer. A record
+that is not due yet (a retry, or a delayed job's `not_before`) waits in its tier
+partition, paused and rewound to it, is appended to a tier, or is held in memory for its
+last stretch (`_tiers.py`: `RetryTiers`, issue 13, K9; issue 15). A record
 aiokafka cannot parse is found and handed out as an `UnreadableRecord`, to be
 dead-lettered, and its partition resumes after it (`_unreadable.py`: `UnreadableFinder`,
 K1). Records that arrive beyond what the worker asked for wait in hand (`fetch`), and a
@@ -170,8 +171,11 @@ class KafkaSource:
         if self._paused or len(self._held) >= max(max_records, 1):
             await self._consumer.getmany(_NO_PARTITION, timeout_ms=0)
         else:
-            # With records already in hand, only top up what is ready: never wait for more.
-            wait_ms = 0 if self._held else int(timeout_s * 1000)
+            # With records already in hand, only top up what is ready: never wait for more,
+            # nor past the next delayed job held in memory.
+            soon = self._tiers.next_due_in()
+            wait_s = 0.0 if self._held else min(timeout_s, timeout_s if soon is None else soon)
+            wait_ms = int(wait_s * 1000)
             try:
                 batches = await self._consumer.getmany(
                     timeout_ms=wait_ms, max_records=self._fetch_max
@@ -183,18 +187,17 @@ class KafkaSource:
                 batches = {}
             for tp, records in batches.items():
                 self._receive(tp, records)
-        deliveries: list[Delivery] = []
+        deliveries = self._tiers.due(max_records)
         while self._held and len(deliveries) < max_records:
             tp, record = self._held.popleft()
             if tp not in self._assignment or self._tiers.is_waiting(tp) or tp in self._full:
                 continue  # revoked (the new owner reads it again) or rewound (read again)
             delivery = _delivery(tp, record)
-            if (
-                tp.topic in self._tiers.topics
-                and isinstance(record, ConsumerRecord)
-                and self._tiers.hold_until_due(tp, record, delivery)
-            ):
-                continue
+            if isinstance(record, ConsumerRecord):
+                admitted = self._tiers.admit(tp, record, delivery)
+                if admitted is None:
+                    continue  # waits in its tier, copied to a tier, or held until due
+                delivery = admitted
             if self._tracker.held(tp) >= self._max_held:
                 self._rewind(tp, record.offset)
                 self._full.add(tp)

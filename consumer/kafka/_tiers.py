@@ -1,29 +1,50 @@
-"""Retry tier records held until due, and requeued past their tier's delay (issue 13, K9).
+"""Records that are not due yet: retry tier records held until due (issue 13, K9), and
+delayed jobs (`not_before`, issue 15) moved through the tiers to their time.
 
-A tier record that is not due yet (`jobnotbefore` in the future) is not handed out: its
-partition is paused and rewound to it, and resumed when it is due, so a waiting retry
-blocks neither other partitions nor the main topics, and holds no memory while it waits.
-A tier record holds its partition at most the tier's own delay after it was appended: one
-due later (`Retry(delay_s=86400)` on the last tier) is then appended again to the tail of
-the tier, unchanged (same job id, attempt and due time), and its offset settled once the
-broker acknowledged the copy, so the retries behind it that are due sooner are not held
-for a day. Each such record is appended at most once per tier delay: no busy loop.
+Where each record waits is decided by `consumer.core.plan_delay` (docs/scheduling.md):
 
-`RetryTiers` owns the timers of the waiting partitions and the requeue tasks; the
-`KafkaSource` owns the partitions, and is called back to rewind, resume and settle them.
+- A tier record that is not due yet is not handed out: its partition is paused and rewound
+  to it, and resumed when it is due, or when the tier's delay after its append has passed
+  (its release), so a waiting record blocks neither other partitions nor the main topics
+  and holds no memory while it waits.
+- A main-topic record due later (a delayed job), or a tier record released before it is
+  due, is appended unchanged (same key, job id, attempt, headers and due time) to the
+  largest tier whose delay is at most its remaining time, and its offset settled once the
+  broker acknowledged the copy (`until_acknowledged`): never lost; a crash between the
+  copy and the commit leaves two copies, the idempotency store skips the second. Release
+  times within a tier then grow in append order: no head-of-line blocking.
+- The last stretch (less than the first tier's delay) is held in memory, its offset
+  unsettled, and handed out when due; `worker.max_held_offsets` bounds it per partition.
+- A main-topic record due more than `MAX_DELAY_S` ahead is handed out with `DelayTooLong`:
+  the runtime dead-letters it (`delay-too-long`).
+
+`RetryTiers` owns the timers of the waiting partitions, the copies under way and the
+records held until due; the `KafkaSource` owns the partitions, and is called back to
+rewind, resume and settle them.
 """
 
 from __future__ import annotations
 
 import asyncio
+import heapq
+import itertools
 import logging
 import time
 from collections.abc import Callable, Sequence, Set
+from dataclasses import replace
 from datetime import UTC, datetime
 
 from aiokafka import ConsumerRecord, TopicPartition
 
-from consumer.core import Delivery, Settings, WorkerError
+from consumer.core import (
+    MAX_DELAY_S,
+    DelayTooLong,
+    Delivery,
+    Settings,
+    WorkerError,
+    plan_delay,
+    remaining_s,
+)
 from consumer.runtime import OffsetTracker, RecordPublisher, until_acknowledged
 
 log = logging.getLogger("jobstream.kafka")
@@ -33,7 +54,8 @@ OffsetCall = Callable[[TopicPartition, int], None]
 
 
 class RetryTiers:
-    """The tier topics of `topics`, and the tier partitions waiting for a due record."""
+    """The tier topics of `topics`, the tier partitions waiting for a due record, and the
+    records held in memory for their last stretch."""
 
     def __init__(
         self,
@@ -46,20 +68,24 @@ class RetryTiers:
         resume: PartitionCall,
         settle: OffsetCall,
     ) -> None:
-        """`requeue`: appends a record due past its tier's delay to the tail of the tier;
-        without it such a record holds its partition until it is due. `tracker`: the
-        source's; `rewind`, `resume` and `settle`: the source's own, for a partition that
-        waits, that is due, and a record appended again."""
+        """`requeue`: appends a record to a tier; without it a tier record holds its
+        partition until due and a delayed job is held in memory. `tracker`: the source's;
+        `rewind`, `resume` and `settle`: the source's own, for a partition that waits,
+        that is due, and a record copied to a tier."""
         retry_settings = settings.retry
-        self._tier_delays = {
-            tier: delay_s
-            for topic in topics
-            for tier, delay_s in zip(
-                retry_settings.tier_topics(topic), retry_settings.tiers_s, strict=True
-            )
-        }
-        self.topics: frozenset[str] = frozenset(self._tier_delays)
+        self._tiers_s = list(retry_settings.tiers_s)
+        self._tier_of: dict[str, tuple[float, list[str]]] = {}
+        for topic in topics:
+            names = retry_settings.tier_topics(topic)
+            self._tier_of[topic] = (0.0, names)
+            for name, delay_s in zip(names, retry_settings.tiers_s, strict=True):
+                self._tier_of[name] = (delay_s, names)
+        self.topics: frozenset[str] = frozenset(
+            name for name, (delay_s, _) in self._tier_of.items() if delay_s > 0
+        )
         """The tier topics of every main topic."""
+        # With in-place retries the tier topics are not provisioned: delays stay in memory.
+        self._move_tiers = [] if retry_settings.in_place or requeue is None else self._tiers_s
         self._requeue = requeue
         self._hand_off_timeout_s = retry_settings.hand_off_timeout_s
         self._tracker = tracker
@@ -70,61 +96,82 @@ class RetryTiers:
         self._requeuing: dict[asyncio.Task[None], TopicPartition] = {}
         self._requeue_failed: BaseException | None = None
         self._waiting: dict[TopicPartition, asyncio.TimerHandle] = {}
+        self._soon: list[tuple[float, int, Delivery]] = []  # (due, monotonic), in memory
+        self._order = itertools.count()
 
     def is_waiting(self, tp: TopicPartition) -> bool:
         """True while `tp` is paused until its first record is due."""
         return tp in self._waiting
 
     def raise_if_failed(self) -> None:
-        """Raise `WorkerError` once a requeue failed (its hand-off timed out)."""
+        """Raise `WorkerError` once a copy to a tier failed (its hand-off timed out)."""
         if self._requeue_failed is not None:
             error = self._requeue_failed
-            msg = f"a retry record could not be appended to its tier again: {error}"
+            msg = f"a record could not be appended to a retry tier: {error}"
             raise WorkerError(msg) from error
 
-    def hold_until_due(
+    def admit(
         self, tp: TopicPartition, record: ConsumerRecord[bytes, bytes], delivery: Delivery
-    ) -> bool:
-        """True if the tier record is not handed out now: its partition waits (rewound to
-        it), or the record is being appended to the tail of the tier (requeued)."""
-        due = delivery.attributes.not_before if delivery.attributes is not None else None
-        wait = (due - datetime.now(UTC)).total_seconds() if due is not None else 0.0
-        if wait <= 0:
-            return False
-        if self._requeue is not None:
-            # Hold no longer than the tier's delay after the record was appended; a record
-            # appended at T comes back at T + tier delay, so each is requeued at most once
-            # per tier delay. A timestamp in the future still holds at most one tier delay.
-            tier_s = self._tier_delays[tp.topic]
+    ) -> Delivery | None:
+        """The delivery to hand out now, or None: its partition waits (rewound to it), it
+        is being copied to a tier, or it is held in memory until due."""
+        remaining = remaining_s(delivery.attributes, datetime.now(UTC))
+        if remaining <= 0:
+            return delivery
+        tier_s = self._tier_of[tp.topic][0]
+        released_in: float | None = None
+        if tier_s > 0:  # a tier record: released a tier's delay after it was appended
             released = record.timestamp / 1000 + tier_s - time.time()
-            if released <= 0:
-                if self._tracker.held(tp) >= self._max_held:
-                    return False  # the caller pauses the partition until offsets settle
-                self._requeue_record(tp, record)
-                return True
-            wait = min(wait, released, tier_s)
-        self._rewind(tp, delivery.offset)
-        loop = asyncio.get_running_loop()
-        self._waiting[tp] = loop.call_later(wait, self._due, tp)
-        return True
-
-    def _requeue_record(self, tp: TopicPartition, record: ConsumerRecord[bytes, bytes]) -> None:
+            released_in = min(released, tier_s) if self._move_tiers else remaining
+        plan = plan_delay(remaining, self._move_tiers, released_in=released_in)
+        if plan.action == "too-long":
+            too_long = DelayTooLong(remaining, MAX_DELAY_S)
+            return replace(delivery, attributes=None, error=too_long)
+        if plan.action == "wait":
+            self._rewind(tp, delivery.offset)
+            loop = asyncio.get_running_loop()
+            self._waiting[tp] = loop.call_later(plan.seconds, self._due, tp)
+            return None
+        if self._tracker.held(tp) >= self._max_held:
+            return delivery  # the caller pauses the partition until offsets settle
         self._tracker.track(tp, record.offset)
-        task = asyncio.create_task(self._append_again(tp, record))
+        if plan.action == "hold":
+            due = time.monotonic() + plan.seconds
+            heapq.heappush(self._soon, (due, next(self._order), delivery))
+        else:
+            self._copy(tp, record, self._tier_of[tp.topic][1][plan.tier])
+        return None
+
+    def due(self, max_records: int) -> list[Delivery]:
+        """Up to `max_records` of the records held in memory that are due now."""
+        now = time.monotonic()
+        found: list[Delivery] = []
+        while self._soon and self._soon[0][0] <= now and len(found) < max_records:
+            found.append(heapq.heappop(self._soon)[2])
+        return found
+
+    def next_due_in(self) -> float | None:
+        """Seconds until the next record held in memory is due (None: none is held)."""
+        return max(0.0, self._soon[0][0] - time.monotonic()) if self._soon else None
+
+    def _copy(self, tp: TopicPartition, record: ConsumerRecord[bytes, bytes], tier: str) -> None:
+        task = asyncio.create_task(self._append(tp, record, tier))
         self._requeuing[task] = tp
         task.add_done_callback(self._requeued)
 
-    async def _append_again(self, tp: TopicPartition, record: ConsumerRecord[bytes, bytes]) -> None:
+    async def _append(
+        self, tp: TopicPartition, record: ConsumerRecord[bytes, bytes], tier: str
+    ) -> None:
         publisher = self._requeue
         assert publisher is not None
         headers = [(name, b"" if value is None else value) for name, value in record.headers]
         where = f"{tp.topic}[{tp.partition}]@{record.offset}"
         await until_acknowledged(
-            lambda: publisher.send_record(tp.topic, record.key, headers, record.value or b""),
+            lambda: publisher.send_record(tier, record.key, headers, record.value or b""),
             self._hand_off_timeout_s,
             where,
         )
-        log.debug("%s is due past its tier's delay: appended again to %s", where, tp.topic)
+        log.debug("%s is not due yet: appended to %s", where, tier)
         self._settle(tp, record.offset)
 
     def _requeued(self, task: asyncio.Task[None]) -> None:
@@ -137,20 +184,25 @@ class RetryTiers:
         self._resume(tp)
 
     async def finish_requeues(self, revoked: Set[TopicPartition], timeout_s: float) -> None:
-        """Wait, `timeout_s` at most, for the requeues of `revoked` partitions; the rest is
-        read (and requeued) again by the partition's next owner."""
+        """Wait, `timeout_s` at most, for the copies of `revoked` partitions; the rest is
+        read (and copied) again by the partition's next owner."""
         requeuing = [task for task, tp in self._requeuing.items() if tp in revoked]
         if requeuing:
             await asyncio.wait(requeuing, timeout=timeout_s)
 
     def forget(self, revoked: Set[TopicPartition]) -> None:
-        """Stop waiting for the `revoked` partitions."""
+        """Stop waiting for the `revoked` partitions; drop their records held in memory
+        (unsettled: the next owner reads them again)."""
         for tp in revoked & self._waiting.keys():
             self._waiting.pop(tp).cancel()
+        kept = [item for item in self._soon if item[2].partition not in revoked]
+        if len(kept) != len(self._soon):
+            heapq.heapify(kept)
+            self._soon = kept
 
     async def stop(self) -> None:
-        """Cancel the requeues still running. One cut off here leaves its record
-        unsettled: it is read (and requeued) again after the restart."""
+        """Cancel the copies still running. One cut off here leaves its record unsettled:
+        it is read (and copied) again after the restart."""
         for task in list(self._requeuing):
             task.cancel()
         await asyncio.gather(*self._requeuing, return_exceptions=True)

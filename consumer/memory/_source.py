@@ -11,11 +11,13 @@ its new ones from the group's committed offsets as soon as their previous owner 
 A delivery carries the assignment it was fetched under, so a late result of an earlier
 assignment never settles (`owns` is False for it).
 
-A tier record that is not due yet (`jobnotbefore` in the future) is not handed out: its
-partition waits, at that record, until it is due, while the other partitions flow. As on
-Kafka, it waits at most its tier's delay after it was appended: one due later (an explicit
-`Retry(delay_s=...)` longer than the last tier) is appended again to the tail of the tier,
-unchanged, and its offset settled once the broker stored the copy (issue 13, K9).
+A record that is not due yet (`jobnotbefore` in the future) is not handed out, as on
+Kafka (`consumer.core.plan_delay`, docs/scheduling.md): a tier record's partition waits,
+at that record, until it is due, at most its tier's delay after it was appended, while the
+other partitions flow; a delayed job on a main topic, or a tier record released before it
+is due, is appended unchanged to the largest tier at most its remaining time, its offset
+settled once the broker stored the copy (issue 13, K9; issue 15); its last stretch, under
+the first tier's delay, is held in memory with its offset unsettled.
 
 Every fetched record is tracked by the `OffsetTracker`; settled records advance the
 commit position, and `commit` (batched by the runtime, on revoke, on shutdown) is the only
@@ -30,13 +32,25 @@ busy loop: `fetch(n, timeout_s)` returns as soon as there is something to hand o
 from __future__ import annotations
 
 import asyncio
+import heapq
 import itertools
 import logging
 from collections.abc import Callable, Sequence
+from dataclasses import replace
 from datetime import UTC, datetime
-from typing import Literal
 
-from consumer.core import Delivery, Outcome, RevokeCallback, Settings, WorkerError
+from consumer.core import (
+    MAX_DELAY_S,
+    DelayPlan,
+    DelayTooLong,
+    Delivery,
+    Outcome,
+    RevokeCallback,
+    Settings,
+    WorkerError,
+    plan_delay,
+    remaining_s,
+)
 from consumer.runtime import OffsetTracker, until_acknowledged
 from consumer.telemetry import Backlog
 from producer.memory import (
@@ -51,6 +65,7 @@ from schemas import JobDecodeError, from_kafka
 __all__ = ["MemorySource", "SettleListener"]
 
 log = logging.getLogger("jobstream.memory")
+_RUN_NOW = DelayPlan("run")
 
 SettleListener = Callable[[Delivery, Outcome], None]
 """Called with every delivery a source settles, and its outcome (the test harness)."""
@@ -78,6 +93,13 @@ class MemorySource:
             for tier, delay_s in zip(retry.tier_topics(topic), retry.tiers_s, strict=True)
         }
         self._tiers = set(self._tier_delays)
+        self._tier_topics = {
+            name: retry.tier_topics(topic)
+            for topic in topics
+            for name in (topic, *retry.tier_topics(topic))
+        }
+        self._soon: list[tuple[float, int, Delivery]] = []  # held in memory: (due, loop time)
+        self._order = itertools.count()
         self._requeuing: set[asyncio.Task[None]] = set()
         self._requeue_failed: BaseException | None = None
         self._topics = sorted({*topics, *self._tiers})
@@ -144,8 +166,11 @@ class MemorySource:
             remaining = deadline - loop.time()
             if remaining <= 0:
                 return []
-            if self._waiting:  # wake up when the first held retry is due
-                remaining = min(remaining, max(0.0, min(self._waiting.values()) - loop.time()))
+            dues = list(self._waiting.values())
+            if self._soon:
+                dues.append(self._soon[0][0])
+            if dues:  # wake up when the first waiting retry or delayed job is due
+                remaining = min(remaining, max(0.0, min(dues) - loop.time()))
             await self._broker.wait_until(self._has_news, remaining)
         await asyncio.sleep(timeout_s)  # stopped or crashed: nothing comes, but no busy loop
         return []
@@ -262,6 +287,10 @@ class MemorySource:
             self._owned.pop(tp, None)
             self._positions.pop(tp, None)
             self._waiting.pop(tp, None)
+        kept = [item for item in self._soon if item[2].partition not in partitions]
+        if len(kept) != len(self._soon):
+            heapq.heapify(kept)
+            self._soon = kept
         self._tracker.forget(partitions)
 
     def _has_news(self) -> bool:
@@ -290,7 +319,8 @@ class MemorySource:
             del self._waiting[tp]
         owned = sorted(self._owned)
         self._turn = (self._turn + 1) % max(len(owned), 1)
-        deliveries: list[Delivery] = []
+        wall = datetime.now(UTC)  # with `now`: a delay held in memory ends on time
+        deliveries = self._due(max_records, now)
         for tp in owned[self._turn :] + owned[: self._turn]:
             room = max_records - len(deliveries)
             if room <= 0:
@@ -303,47 +333,59 @@ class MemorySource:
                 continue
             for record in self._broker.read(tp.topic, tp.partition, self._positions[tp], room):
                 delivery = _delivery(tp, record, self._owned[tp])
-                hold = self._hold_until_due(tp, record, delivery, now)
-                if hold == "wait":
+                plan = self._plan(tp, record, delivery, wall)
+                if plan.action == "wait":
+                    self._waiting[tp] = now + plan.seconds
                     break
                 self._tracker.track(tp, record.offset)
                 self._positions[tp] = record.offset + 1
-                if hold == "requeue":
-                    self._requeue(tp, record)
+                if plan.action == "move":
+                    self._copy(tp, record, self._tier_topics[tp.topic][plan.tier])
+                elif plan.action == "hold":
+                    heapq.heappush(self._soon, (now + plan.seconds, next(self._order), delivery))
+                elif plan.action == "too-long":
+                    too_long = DelayTooLong(plan.seconds, MAX_DELAY_S)
+                    deliveries.append(replace(delivery, attributes=None, error=too_long))
                 else:
                     deliveries.append(delivery)
         return deliveries
 
-    def _hold_until_due(
-        self, tp: TopicPartition, record: MemoryRecord, delivery: Delivery, now: float
-    ) -> Literal["run", "wait", "requeue"]:
-        """What to do with a record now: run it, wait at it (a tier record not due yet,
-        for at most its tier's delay after it was appended), or append it to the tail of
-        its tier again (due past that)."""
-        due = delivery.attributes.not_before if delivery.attributes is not None else None
-        if tp.topic not in self._tiers or due is None:
-            return "run"
-        wall = datetime.now(UTC)
-        wait = (due - wall).total_seconds()
-        if wait <= 0:
-            return "run"
-        tier_s = self._tier_delays[tp.topic]
-        released = (record.timestamp - wall).total_seconds() + tier_s
-        if released <= 0:
-            return "requeue"
-        self._waiting[tp] = now + min(wait, released)
-        return "wait"
+    def _due(self, max_records: int, now: float) -> list[Delivery]:
+        """Up to `max_records` of the records held in memory that are due at `now`."""
+        found: list[Delivery] = []
+        while self._soon and self._soon[0][0] <= now and len(found) < max_records:
+            found.append(heapq.heappop(self._soon)[2])
+        return found
 
-    def _requeue(self, tp: TopicPartition, record: MemoryRecord) -> None:
-        task = asyncio.create_task(self._append_again(tp, record, self._owned[tp]))
+    def _plan(
+        self, tp: TopicPartition, record: MemoryRecord, delivery: Delivery, wall: datetime
+    ) -> DelayPlan:
+        """Where a record waits (`consumer.core.plan_delay`): a tier record in its
+        partition until due, at most its tier's delay after it was appended; past that, or
+        a main-topic record due later, in the largest tier at most its remaining time,
+        or in memory for its last stretch."""
+        remaining = remaining_s(delivery.attributes, wall)
+        if remaining <= 0:
+            return _RUN_NOW
+        tier_s = self._tier_delays.get(tp.topic)
+        released_in = None
+        if tier_s is not None:
+            released_in = min((record.timestamp - wall).total_seconds() + tier_s, tier_s)
+        tiers = [] if self._settings.retry.in_place else self._settings.retry.tiers_s
+        return plan_delay(remaining, tiers, released_in=released_in)
+
+    def _copy(self, tp: TopicPartition, record: MemoryRecord, tier: str) -> None:
+        task = asyncio.create_task(self._append(tp, record, tier, self._owned[tp]))
         self._requeuing.add(task)
         task.add_done_callback(self._requeued)
 
-    async def _append_again(self, tp: TopicPartition, record: MemoryRecord, epoch: int) -> None:
+    async def _append(
+        self, tp: TopicPartition, record: MemoryRecord, tier: str, epoch: int
+    ) -> None:
         publisher = MemoryPublisher(self._broker)
         where = f"{tp.topic}[{tp.partition}]@{record.offset}"
         await until_acknowledged(
-            lambda: publisher.send_record(tp.topic, record.key, list(record.headers), record.value),
+            lambda: publisher.send_record(tier, record.key, list(record.headers), record.value),
             self._settings.retry.hand_off_timeout_s,
             where,
         )

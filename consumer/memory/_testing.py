@@ -20,7 +20,7 @@ import asyncio
 import contextlib
 from collections.abc import Iterable
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import datetime, timedelta
 from types import TracebackType
 from typing import ClassVar, NamedTuple, Self
 
@@ -171,11 +171,17 @@ class TestApp:
         id: str | None = None,  # named after the CloudEvents attribute, shadowing is fine
         idempotency_key: str | None = None,
         not_before: datetime | None = None,
+        delay: float | timedelta | None = None,
     ) -> Receipt:
         """Publish `job` to its topic (`JobProducer.publish`); the receipt names its
         partition and offset. Raises what the broker's faults inject."""
         return await self.producer.publish(
-            job, key=key, id=id, idempotency_key=idempotency_key, not_before=not_before
+            job,
+            key=key,
+            id=id,
+            idempotency_key=idempotency_key,
+            not_before=not_before,
+            delay=delay,
         )
 
     async def publish_many(self, jobs: Iterable[Job | PublishRequest]) -> list[Receipt]:

@@ -31,6 +31,7 @@ from consumer.nats._provision import (
     ensure_replay_ledger,
 )
 from consumer.nats._routing import NatsFailureRouter
+from consumer.nats._schedules import schedule_subjects
 from consumer.nats._source import NatsSource
 from consumer.runtime import until_reachable
 from consumer.stores import IdempotencyStore
@@ -64,6 +65,7 @@ class NatsBackend:
             await publisher.check(dead_letter_subjects(settings, subjects))
         router = NatsFailureRouter(settings, publisher, source, tracer)
         source.on_last_delivery(router.dead_letter_last_delivery)
+        source.schedule_with(publisher.send_raw)
         return source, router
 
     async def open_idempotency_store(self, settings: Settings) -> IdempotencyStore:
@@ -78,7 +80,10 @@ class NatsBackend:
         def partitions(job_type: str, main: str) -> list[str]:
             return [f"{main}.*"] if settings.jetstream.key_partitions else []
 
-        destinations = plan_destinations(settings, job_types, [partitions])
+        def scheduled(job_type: str, main: str) -> list[str]:
+            return schedule_subjects([main])
+
+        destinations = plan_destinations(settings, job_types, [partitions, scheduled])
         subjects = [settings.routing.subject(job_type) for job_type in job_types]
         jet, routing = settings.jetstream, settings.routing
         client = await connect_nats(settings.nats)

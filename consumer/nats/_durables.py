@@ -151,3 +151,10 @@ class DurableConsumers:
                 "and run `jobstream topics ensure --transport nats`"
             )
             raise WorkerError(msg)
+        if not info.config.allow_msg_schedules:
+            log.warning(
+                "stream %r does not allow message schedules: delayed jobs are handed back "
+                "with nak(delay) instead, spending a delivery; run `jobstream topics ensure "
+                "--transport nats` (nats-server 2.12 or later)",
+                stream,
+            )

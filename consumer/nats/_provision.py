@@ -14,6 +14,7 @@ from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy, KeyValueConfig
 from nats.js.errors import APIError, BucketNotFoundError
 
 from consumer.core import Settings, WorkerError
+from consumer.nats._schedules import schedule_subjects
 from producer.nats import KEY_PARTITIONS_METADATA, ensure_nats_stream
 
 log = logging.getLogger("jobstream.nats")
@@ -60,9 +61,10 @@ def consumer_plan(settings: Settings, subjects: Sequence[str]) -> list[ConsumerC
 
 
 def stream_destinations(settings: Settings, subjects: Sequence[str]) -> list[str]:
-    """What the stream must capture: the subjects and, with key partitions, `<subject>.*`."""
+    """What the stream must capture: the subjects, their schedule messages
+    (`<subject>._scheduled.>`) and, with key partitions, `<subject>.*`."""
     partitions = [f"{s}.*" for s in subjects] if settings.jetstream.key_partitions else []
-    return [*subjects, *partitions]
+    return [*subjects, *partitions, *schedule_subjects(list(subjects))]
 
 
 async def ensure_key_partitions(js: JetStreamContext, settings: Settings) -> None:

@@ -18,6 +18,8 @@ sequence) from their arrival to their settlement, and composes the parts that ow
   deliveries; a redelivered job's retry budget counts from its first failure.
 - `_last_deliveries.LastDeliveries`: the last delivery (`max_deliver`) is not run but
   dead-lettered (`max-deliveries`) and terminated (issue 13, K10).
+- `_schedules.Schedules`: a delayed job (`not_before` ahead) is not run early but handed
+  to JetStream's message scheduler, and acked once the schedule message was stored.
 - `_durables.DurableConsumers`: the stream checked at start; a durable consumer deleted on
   the server is re-created by the next `fetch` (`WorkerError` if JetStream refuses).
 
@@ -51,6 +53,7 @@ from consumer.nats._held import Held, Puller
 from consumer.nats._last_deliveries import LastDeliveries
 from consumer.nats._provision import consumer_plan, max_deliver
 from consumer.nats._pulls import PullRequests
+from consumer.nats._schedules import Publish, Schedules
 from consumer.runtime import until_reachable
 from consumer.telemetry import Backlog
 from producer.nats import connect_nats
@@ -85,6 +88,7 @@ class NatsSource:
         self._first_failures = FirstFailures(settings)
         self._reader = DeliveryReader(self._first_failures)
         self._last_deliveries = LastDeliveries(max_deliver(settings), self.settle)
+        self._schedules = Schedules(settings, self.main_subject, self.settle, self.nak)
 
     # -- Source ------------------------------------------------------------------------
 
@@ -140,8 +144,11 @@ class NatsSource:
                 taken.append(held)
         deliveries: list[Delivery] = []
         for delivery in await self._reader.read(taken):
-            if not self._last_deliveries.take(delivery):
-                deliveries.append(delivery)
+            if self._last_deliveries.take(delivery):
+                continue
+            due = self._schedules.take(delivery)
+            if due is not None:
+                deliveries.append(due)
         if taken:
             await self._top_up(max_records - len(deliveries))
         return deliveries
@@ -206,6 +213,7 @@ class NatsSource:
 
     async def stop(self) -> None:
         await self._last_deliveries.drain(self._settings.worker.drain_timeout_s)
+        await self._schedules.drain(self._settings.worker.drain_timeout_s)
         self._stopping = True
         await self._heartbeats.stop()
         await self._confirmations.stop()
@@ -237,6 +245,11 @@ class NatsSource:
         instead of handing it out; the source terminates it once that returned."""
         self._last_deliveries.route(dead_letter)
 
+    def schedule_with(self, publish: Publish) -> None:
+        """Let JetStream's scheduler hold each delayed job (`not_before` ahead), published
+        with `publish`, instead of handing it out early (`_schedules.Schedules`)."""
+        self._schedules.publish_with(publish)
+
     async def nak(self, delivery: Delivery, delay_s: float) -> bool:
         """Hand the message back for a redelivery in `delay_s` (confirmed). False if it
         could not be confirmed: then the ack wait brings it back."""
@@ -258,6 +271,7 @@ class NatsSource:
 
     def _raise_if_lost(self) -> None:
         self._last_deliveries.raise_if_failed()
+        self._schedules.raise_if_failed()
         client = self._client
         if client is not None and client.is_closed and not self._stopping:
             nats_settings = self._settings.nats

@@ -1,6 +1,7 @@
 """Where the worker remembers things between deliveries: idempotency claims (memory,
 Redis, PostgreSQL; the NATS KV store is the NATS backend's) and job status with
-cancellation requests (memory, Redis). No broker client is imported here."""
+cancellation requests and the ingress's `Idempotency-Key` bindings (memory, Redis). No
+broker client is imported here."""
 
 from consumer.stores._idempotency import (
     HOLD_LEASES,
@@ -8,6 +9,7 @@ from consumer.stores._idempotency import (
     IdempotencyStore,
     MemoryIdempotencyStore,
 )
+from consumer.stores._keys import KeyBinding, KeyReservation, KeyState
 from consumer.stores._open import open_status, open_store
 from consumer.stores._status import (
     FINAL_STATES,
@@ -26,6 +28,9 @@ __all__ = [
     "IdempotencyStore",
     "JobState",
     "JobStatus",
+    "KeyBinding",
+    "KeyReservation",
+    "KeyState",
     "MemoryIdempotencyStore",
     "MemoryStatusStore",
     "StatusStore",

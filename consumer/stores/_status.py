@@ -10,29 +10,49 @@ pending --(a worker starts it)--> running --> succeeded
    +-------(cancel before start)---> cancelled <--(cancel while running)--+
 ```
 
-`pending` is written by the ingress when it publishes; jobs published elsewhere appear at
-`running`. Each record expires `retention_s` after its last change (the store stays
-bounded). Status is an observation, written after the fact: the broker and the
-dead-letter topic remain the source of truth, and a status write that fails is logged,
-never allowed to fail or block the job.
+`pending` is written by the ingress after its publish returned, never before (a job id the
+broker never took must not look submitted); a worker may have written `running` or a final
+state by then, and `_merge` keeps it. Jobs published elsewhere appear at `running`. Each
+record expires `retention_s` after its last change (the store stays bounded). Status is an
+observation, written after the fact: the broker and the dead-letter topic remain the source
+of truth, and a status write that fails is logged, never allowed to fail or block the job.
 
 Cancellation requests live in the same store (`cancel:<job id>`), so a request made before
-the job arrives is seen when it does.
+the job arrives is seen when it does. So do the ingress's `Idempotency-Key` bindings
+(`idemkey:<name>`, the state machine of `_keys.py`), expiring `retention_s` after their last
+change.
 """
 
 from __future__ import annotations
 
 import enum
 import logging
-from collections.abc import Awaitable, Iterable
+from collections.abc import Awaitable, Callable, Iterable
 from datetime import UTC, datetime
-from typing import Any, Protocol, cast
+from typing import Any, Protocol, TypeVar, cast
 
 import redis.asyncio as redis
 from opentelemetry import trace
 from pydantic import BaseModel, ConfigDict
 
+from consumer.stores._keys import (
+    KeyBinding,
+    KeyReservation,
+    KeyState,
+    reserve_binding,
+    settle_binding,
+)
+
 log = logging.getLogger("jobstream.status")
+
+T = TypeVar("T")
+
+_WATCH_ATTEMPTS = 100
+"""Most times one status or key update is computed again after losing a WATCH race."""
+
+
+class WatchConflict(RuntimeError):
+    """A Redis key kept changing under every attempt to update it (`_WATCH_ATTEMPTS`)."""
 
 
 class JobState(enum.StrEnum):
@@ -71,8 +91,18 @@ class StatusStore(Protocol):
     async def record(self, job_id: str, state: JobState, **fields: Any) -> JobStatus: ...
     async def request_cancel(self, job_id: str) -> None: ...
     async def cancelled(self, job_ids: Iterable[str]) -> set[str]: ...
-    async def remember_key(self, key: str, job_id: str) -> str: ...
-    async def forget_key(self, key: str) -> None: ...
+    async def reserve_key(
+        self, name: str, job_id: str, fingerprint: str, lease_s: float
+    ) -> KeyReservation:
+        """Reserve the `Idempotency-Key` binding `name` for `lease_s` seconds, atomically
+        (`_keys.reserve_binding`); `job_id` is bound if the key is new."""
+
+    async def settle_key(
+        self, name: str, holder: str, state: KeyState, *, spooled: bool = False
+    ) -> None:
+        """Settle the reservation `holder` of binding `name` as `published` or `failed`
+        (`_keys.settle_binding`)."""
+
     async def close(self) -> None: ...
 
 
@@ -102,7 +132,7 @@ class MemoryStatusStore:
     def __init__(self) -> None:
         self._jobs: dict[str, JobStatus] = {}
         self._cancel: set[str] = set()
-        self._keys: dict[str, str] = {}
+        self._keys: dict[str, KeyBinding] = {}
 
     async def get(self, job_id: str) -> JobStatus | None:
         return self._jobs.get(job_id)
@@ -118,11 +148,19 @@ class MemoryStatusStore:
     async def cancelled(self, job_ids: Iterable[str]) -> set[str]:
         return set(job_ids) & self._cancel
 
-    async def remember_key(self, key: str, job_id: str) -> str:
-        return self._keys.setdefault(key, job_id)
+    async def reserve_key(
+        self, name: str, job_id: str, fingerprint: str, lease_s: float
+    ) -> KeyReservation:
+        reservation = reserve_binding(self._keys.get(name), job_id, fingerprint, lease_s)
+        self._keys[name] = reservation.binding
+        return reservation
 
-    async def forget_key(self, key: str) -> None:
-        self._keys.pop(key, None)
+    async def settle_key(
+        self, name: str, holder: str, state: KeyState, *, spooled: bool = False
+    ) -> None:
+        settled = settle_binding(self._keys.get(name), holder, state, spooled=spooled)
+        if settled is not None:
+            self._keys[name] = settled
 
     async def close(self) -> None:
         return None
@@ -154,20 +192,34 @@ class RedisStatusStore:
         return JobStatus.model_validate_json(raw) if raw else None
 
     async def record(self, job_id: str, state: JobState, **fields: Any) -> JobStatus:
-        key = self._key("status", job_id)
+        def change(raw: str | None) -> tuple[str | None, JobStatus]:
+            previous = JobStatus.model_validate_json(raw) if raw else None
+            status = _merge(previous, job_id, state, fields)
+            return status.model_dump_json(), status
+
+        return await self._transact(self._key("status", job_id), change)
+
+    async def _transact(self, key: str, change: Callable[[str | None], tuple[str | None, T]]) -> T:
+        """Read `key`, compute `change(value)` -> (new value or None to keep it, result),
+        and write it back under WATCH, so concurrent writers (workers, ingress replicas)
+        never lose each other's change. A write that lost a race is computed again, at
+        most `_WATCH_ATTEMPTS` times: then `WatchConflict` (every loop is bounded)."""
         async with self._client.pipeline(transaction=True) as pipe:
-            while True:
+            for _ in range(_WATCH_ATTEMPTS):
                 try:
                     await pipe.watch(key)
-                    raw = await pipe.get(key)
-                    previous = JobStatus.model_validate_json(raw) if raw else None
-                    status = _merge(previous, job_id, state, fields)
+                    value, result = change(await pipe.get(key))
+                    if value is None:
+                        await pipe.unwatch()  # type: ignore[no-untyped-call]
+                        return result
                     pipe.multi()  # type: ignore[no-untyped-call]
-                    pipe.set(key, status.model_dump_json(), px=self._ttl_ms)
+                    pipe.set(key, value, px=self._ttl_ms)
                     await pipe.execute()
-                    return status
+                    return result
                 except redis.WatchError:
                     continue
+        msg = f"{key} kept changing under {_WATCH_ATTEMPTS} attempts to update it"
+        raise WatchConflict(msg)
 
     async def request_cancel(self, job_id: str) -> None:
         await self._client.set(self._key("cancel", job_id), "1", px=self._ttl_ms)
@@ -179,16 +231,29 @@ class RedisStatusStore:
         flags = await self._client.mget([self._key("cancel", job_id) for job_id in ids])
         return {job_id for job_id, flag in zip(ids, flags, strict=True) if flag}
 
-    async def remember_key(self, key: str, job_id: str) -> str:
-        """Bind an Idempotency-Key to `job_id` unless bound already; returns the bound id."""
-        name = self._key("idemkey", key)
-        if await self._client.set(name, job_id, nx=True, px=self._ttl_ms):
-            return job_id
-        existing = await self._client.get(name)
-        return str(existing) if existing else job_id
+    async def reserve_key(
+        self, name: str, job_id: str, fingerprint: str, lease_s: float
+    ) -> KeyReservation:
+        """Apply `reserve_binding` under WATCH: two replicas reserving one key at once
+        cannot both hold it."""
 
-    async def forget_key(self, key: str) -> None:
-        await self._client.delete(self._key("idemkey", key))
+        def change(raw: str | None) -> tuple[str | None, KeyReservation]:
+            current = KeyBinding.model_validate_json(raw) if raw else None
+            reservation = reserve_binding(current, job_id, fingerprint, lease_s)
+            value = reservation.binding.model_dump_json() if reservation.held else None
+            return value, reservation
+
+        return await self._transact(self._key("idemkey", name), change)
+
+    async def settle_key(
+        self, name: str, holder: str, state: KeyState, *, spooled: bool = False
+    ) -> None:
+        def change(raw: str | None) -> tuple[str | None, None]:
+            current = KeyBinding.model_validate_json(raw) if raw else None
+            settled = settle_binding(current, holder, state, spooled=spooled)
+            return (settled.model_dump_json() if settled is not None else None), None
+
+        await self._transact(self._key("idemkey", name), change)
 
     async def close(self) -> None:
         await self._client.aclose()

@@ -5,8 +5,13 @@ Guarantees:
 - A receipt means every in-sync replica has the record (`acks=all`); the idempotent
   producer keeps per-partition order and drops its own retried duplicates.
 - Nothing waits forever: `start()` gives up after `connect_timeout_s`; each publish after
-  `publish_timeout_s` (the client's request timeout is capped to it, so a record that was
-  not delivered in time expires inside the client instead of being sent later).
+  `publish_timeout_s` (the client's request timeout is capped to it, so a record the client
+  still holds expires there instead of being retried long after). A timeout stays
+  ambiguous: the broker may have stored the record and lost its answer.
+- An idempotent session the broker no longer accepts (`OutOfOrderSequenceNumber` after
+  batches expired in an outage, `InvalidProducerEpoch`) fails the publish as `BrokerBusy`
+  (retriable) and the next publish runs on a new client (a new producer id): without this,
+  every publish after such an outage would fail for good.
 - A topic that does not exist fails fast with `DestinationMissing`, checked once per topic
   with a metadata request, instead of waiting for the client's metadata timeout.
 """
@@ -23,10 +28,13 @@ from typing import Any
 from aiokafka import AIOKafkaProducer
 from aiokafka.admin import AIOKafkaAdminClient
 from aiokafka.errors import (
+    InvalidProducerEpoch,
     KafkaConnectionError,
     KafkaError,
     KafkaTimeoutError,
     MessageSizeTooLargeError,
+    OutOfOrderSequenceNumber,
+    ProducerFenced,
     RecordListTooLargeError,
     RecordTooLargeError,
     UnknownTopicOrPartitionError,
@@ -57,6 +65,8 @@ _TOO_LARGE = (MessageSizeTooLargeError, RecordListTooLargeError, RecordTooLargeE
 _PARTITIONER = DefaultPartitioner()
 _CONNECT_ERRORS = (KafkaError, OSError, TimeoutError)
 _CONNECT_BACKOFF = Backoff(initial_s=0.1, max_s=2.0)
+# The broker no longer accepts this client's idempotent session: only a new client helps.
+_STALE_SESSION = (OutOfOrderSequenceNumber, InvalidProducerEpoch, ProducerFenced)
 
 
 def kafka_client_options(settings: KafkaSettings) -> dict[str, Any]:
@@ -99,6 +109,8 @@ class KafkaPublisher:
         self._timeout = settings.publish_timeout_s
         self._producer: Any = None
         self._known_topics: set[str] = set()
+        self._stale = False  # the session was refused: replace the client before the next send
+        self._renewing = asyncio.Lock()
 
     @property
     def transport(self) -> Transport:
@@ -140,6 +152,7 @@ class KafkaPublisher:
             await producer.stop()
 
     async def send(self, destination: str, message: JobMessage) -> Receipt:
+        await self._renew_if_stale()
         key, headers = to_kafka(message.attributes)
         future = await self._enqueue(destination, key, headers, message.body)
         async with self._deadline(destination):
@@ -149,6 +162,7 @@ class KafkaPublisher:
         # Build record batches per partition ourselves and hand each over whole: about four
         # times cheaper per record than `send()`, and the partition of a key is the one
         # `send()` picks (aiokafka's default partitioner), so `send` and `send_many` agree.
+        await self._renew_if_stale()
         producer = self._running()
         layout: dict[str, tuple[list[int], list[int]]] = {}  # topic -> (all, available)
         for topic in dict.fromkeys(topic for topic, _ in items):
@@ -194,9 +208,20 @@ class KafkaPublisher:
         job_id = next(
             ((v or b"").decode(errors="replace") for n, v in headers if n == _ID_HEADER), ""
         )
+        await self._renew_if_stale()
         future = await self._enqueue(topic, key, headers, value)
         async with self._deadline(topic):
             return await self._receipt(job_id, topic, future)
+
+    async def ping(self, timeout_s: float) -> None:
+        """A metadata request to the cluster within `timeout_s` (`BrokerUnavailable`)."""
+        producer = self._running()
+        try:
+            async with asyncio.timeout(timeout_s):
+                await producer.client.fetch_all_metadata()
+        except (KafkaError, OSError, TimeoutError) as error:
+            address = self._settings.bootstrap_servers
+            raise BrokerUnavailable("kafka", address, _describe(error)) from error
 
     async def check(self, destinations: Sequence[str]) -> None:
         """Raise `DestinationMissing` naming every topic in `destinations` that does not
@@ -244,6 +269,24 @@ class KafkaPublisher:
             max_batch_size=settings.max_batch_bytes,
             compression_type=None if settings.compression == "none" else settings.compression,
         )
+
+    async def _renew_if_stale(self) -> None:
+        """Replace a client whose idempotent session the broker refused (`_STALE_SESSION`):
+        stop it (bounded by the connect timeout; what it still holds is dropped, and was
+        reported failed to its callers) and connect a new one."""
+        if not self._stale:
+            return
+        async with self._renewing:
+            if not self._stale:
+                return
+            old, self._producer = self._producer, None
+            if old is not None:
+                with contextlib.suppress(Exception):
+                    async with asyncio.timeout(self._settings.connect_timeout_s):
+                        await old.stop()
+            log.warning("kafka: the broker refused the idempotent session; reconnecting")
+            await self.start()
+            self._stale = False
 
     def _running(self) -> Any:
         if self._producer is None:
@@ -333,8 +376,11 @@ class KafkaPublisher:
         if isinstance(error, KafkaConnectionError):
             address = self._settings.bootstrap_servers
             return BrokerUnavailable("kafka", address, _describe(error))
-        if error.retriable:
-            return BrokerBusy("kafka", topic, _describe(error))
+        stale = isinstance(error, _STALE_SESSION)
+        self._stale = self._stale or stale
+        if error.retriable or stale:
+            detail = _describe(error) + ("; reconnecting" if stale else "")
+            return BrokerBusy("kafka", topic, detail)
         return PublishError(f"kafka refused the publish to {topic!r}: {_describe(error)}")
 
 

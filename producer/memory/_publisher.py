@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from producer._errors import DestinationMissing
+from producer._errors import BrokerUnavailable, DestinationMissing
 from producer._publisher import Receipt
 from producer._settings import Transport
 from producer.memory._broker import MemoryBroker
@@ -33,6 +33,11 @@ class MemoryPublisher:
 
     async def stop(self) -> None:
         pass
+
+    async def ping(self, timeout_s: float) -> None:
+        """`BrokerUnavailable` while the broker's faults keep it disconnected."""
+        if not self.broker.faults.connected:
+            raise BrokerUnavailable("memory", "the in-memory broker", "disconnected (faults)")
 
     async def send(self, destination: str, message: JobMessage) -> Receipt:
         key, headers = to_kafka(message.attributes)

@@ -1,6 +1,7 @@
 """Creating the JetStream stream: one stream (`RoutingSettings.stream`) capturing
-`<subject_prefix>>` plus any routed subject outside that prefix. An existing stream gets the
-missing subjects and the configured limits; its storage type is never changed."""
+`<subject_prefix>>` plus any routed subject outside that prefix, with message schedules
+allowed (delayed jobs). An existing stream gets the missing subjects and the configured
+limits; its storage type is never changed."""
 
 from __future__ import annotations
 
@@ -35,6 +36,8 @@ async def ensure_nats_stream(
         "max_bytes": routing.stream_max_bytes,
         "duplicate_window": routing.duplicate_window_s,
         "num_replicas": routing.replication_factor,
+        # Delayed jobs wait in JetStream's message scheduler (nats-server 2.12+, ADR-51).
+        "allow_msg_schedules": True,
     }
     try:
         info = await js.stream_info(routing.stream)

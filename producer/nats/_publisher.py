@@ -21,6 +21,7 @@ import importlib.util
 import itertools
 import json
 import logging
+import math
 import ssl
 from collections.abc import AsyncIterator, Sequence
 from typing import Any
@@ -184,6 +185,18 @@ class NatsPublisher:
         """Publish a raw message as-is: the worker's path to retry and dead-letter subjects."""
         [receipt] = await self._publish([(subject, headers, body)])
         return receipt
+
+    async def ping(self, timeout_s: float) -> None:
+        """PING/PONG with the server within `timeout_s` (`BrokerUnavailable`)."""
+        servers = ", ".join(self._settings.servers)
+        client = self.client
+        if not client.is_connected:
+            raise BrokerUnavailable("nats", servers, "not connected (reconnecting)")
+        try:
+            async with asyncio.timeout(timeout_s):
+                await client.flush(timeout=math.ceil(timeout_s))
+        except (nats.errors.Error, OSError, TimeoutError) as error:
+            raise BrokerUnavailable("nats", servers, _describe(error)) from error
 
     async def check(self, destinations: Sequence[str]) -> None:
         """Raise `DestinationMissing` naming every subject no stream captures."""

@@ -40,7 +40,7 @@ INGRESS = f"{RELEASE}-jobstream-ingress"
 CRD_KINDS = frozenset({"ScaledObject", "TriggerAuthentication", "ServiceMonitor"})
 
 # Settings the chart sets itself rather than through `config`.
-CHART_OWNED = frozenset({"health.host"})
+CHART_OWNED = frozenset({"health.host", "spool.path"})  # spool.path: ingress.spool
 
 # Where the chart's schema is deliberately narrower than the settings model.
 SCHEMA_NARROWER = {
@@ -681,7 +681,7 @@ def test_values_schema_matches_the_settings_model() -> None:
     assert actual == expected, f"values.schema.json `config` differs from the model. {fix}"
     _, formats = _settings_schema()
     secret = {path for path, fmt in formats.items() if fmt == "password"}
-    files = {path for path, fmt in formats.items() if fmt == "path"}
+    files = {path for path, fmt in formats.items() if fmt == "path"} - CHART_OWNED
     assert _leaf_paths(chart["secrets"]["properties"]["values"]) == secret
     assert _leaf_paths(chart["secretFiles"]["properties"]["settings"]) == files
 
@@ -832,3 +832,37 @@ def test_lint_rejects_bad_values(helm: str, case: str) -> None:
     output = rejection(helm, "lint", values)
     for message in messages:
         assert message in output
+
+
+def test_the_ingress_spool_mounts_its_volume_and_sets_the_spool_path(helm: str) -> None:
+    base = {
+        "config": {"status": {"backend": "redis"}},
+        "secrets": {"values": {"status": {"url": "redis://redis:6379/0"}}},
+    }
+    claim = {"persistentVolumeClaim": {"claimName": "jobstream-spool"}}
+    spool = {"enabled": True, "mountPath": "/spool/", "volume": claim}
+    docs = render(helm, {**base, "ingress": {"enabled": True, "spool": spool}})
+    ingress = next(c for name, c in containers(docs) if name == INGRESS)
+    env, _ = container_env(docs, ingress)
+    assert env["JOBSTREAM_SPOOL__PATH"] == "/spool/ingress.db"
+    pod = only(docs, "Deployment", INGRESS)["spec"]["template"]["spec"]
+    [mount] = [m for m in ingress["volumeMounts"] if m["name"] == "spool"]
+    assert mount["mountPath"] == "/spool/"
+    [volume] = [v for v in pod["volumes"] if v["name"] == "spool"]
+    assert volume == {"name": "spool", **claim}
+    worker = next(c for name, c in containers(docs) if name == WORKER)
+    assert "JOBSTREAM_SPOOL__PATH" not in container_env(docs, worker)[0]  # workers never spool
+    default = render(helm, {**base, "ingress": {"enabled": True, "spool": {"enabled": True}}})
+    [own] = [
+        v
+        for v in only(default, "Deployment", INGRESS)["spec"]["template"]["spec"]["volumes"]
+        if v["name"] == "spool"
+    ]
+    assert own == {"name": "spool", "emptyDir": {"sizeLimit": "1Gi"}}
+    off = render(helm, {**base, "ingress": {"enabled": True}})
+    ingress_off = next(c for name, c in containers(off) if name == INGRESS)
+    assert "JOBSTREAM_SPOOL__PATH" not in container_env(off, ingress_off)[0]
+    assert all(
+        v["name"] != "spool"
+        for v in only(off, "Deployment", INGRESS)["spec"]["template"]["spec"]["volumes"]
+    )

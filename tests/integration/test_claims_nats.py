@@ -20,7 +20,8 @@ import pytest
 
 from consumer import Settings
 from tests.apps.recorder import RecordJob
-from tests.integration.test_nats_worker import OwnServer, names, provision
+from tests.integration.test_nats_worker import names, provision
+from tests.own_services import OwnServer
 from tests.support import (
     nats_env,
     publish_nats,

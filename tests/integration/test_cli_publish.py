@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -69,6 +70,7 @@ async def test_publish_prints_one_json_receipt(new_topic) -> None:
         "partition": 0,
         "offset": 0,
         "duplicate": False,
+        "spooled": False,
     }
     assert await count(topic) == 1
 
@@ -150,6 +152,8 @@ def test_unreachable_broker_exits_1_with_one_line() -> None:
     line = one_error_line(result)
     assert f"127.0.0.1:{port}" in line
     assert "make up" in line
+    # The job id is chosen before the publish, so the error names it for a safe repeat.
+    assert re.search(r"job id ([0-9a-f-]{36}): publish again with --id \1", line), line
 
 
 def test_missing_topic_says_to_run_topics_ensure() -> None:

@@ -13,7 +13,6 @@ test_contract.py):
 
 from __future__ import annotations
 
-import asyncio
 import collections
 import contextlib
 import os
@@ -39,6 +38,7 @@ from producer import JobProducer, PublishRequest
 from producer.nats import ensure_nats_stream
 from tests.apps.recorder import RecordJob, app
 from tests.conftest import NATS_URL
+from tests.own_services import OwnServer
 from tests.support import (
     ROOT,
     fnv1a_partition,
@@ -114,48 +114,6 @@ async def test_a_job_longer_than_the_ack_wait_is_not_redelivered(
 
 
 # -- a server of our own: restarts and outages ---------------------------------------------------
-
-
-class OwnServer:
-    """A nats-server with JetStream on its own port and store, for tests that stop it."""
-
-    def __init__(self, store: Path) -> None:
-        self.port = free_port()
-        self.store = store
-        self.url = f"nats://127.0.0.1:{self.port}"
-        self.process: subprocess.Popen[bytes] | None = None
-
-    def launch(self) -> None:
-        binary = Path(sys.executable).parent / "nats-server"
-        address = ["-a", "127.0.0.1", "-p", str(self.port)]
-        command = [str(binary), *address, "-js", "-sd", str(self.store)]
-        with (self.store.parent / "nats-server.log").open("ab") as log:
-            self.process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT)
-
-    async def start(self) -> None:
-        self.launch()
-        for _ in range(100):
-            with contextlib.suppress(Exception):
-                client = await nats.connect(
-                    self.url, connect_timeout=1, max_reconnect_attempts=0, error_cb=_quiet
-                )
-                try:
-                    await client.jetstream().account_info()
-                    return
-                finally:
-                    await client.close()
-            await asyncio.sleep(0.1)  # the server is starting
-        raise AssertionError(f"nats-server on port {self.port} did not start")
-
-    def stop(self, sig: int = signal.SIGTERM) -> None:
-        if self.process is not None and self.process.poll() is None:
-            self.process.send_signal(sig)
-            self.process.wait(30)
-        self.process = None
-
-
-async def _quiet(error: Exception) -> None:
-    """Connection attempts to a server that is still starting fail: expected."""
 
 
 @pytest.fixture

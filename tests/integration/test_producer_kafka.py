@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import socket
+import threading
 import time
 from pathlib import Path
 
@@ -20,6 +22,7 @@ from producer import (
     ProducerSettings,
     PublishRequest,
     RoutingSettings,
+    SyncJobProducer,
 )
 from producer.kafka import KafkaPublisher
 from schemas import InvalidPayload
@@ -208,3 +211,28 @@ async def test_check_names_missing_topics_without_creating_them(new_topic, kafka
     finally:
         await publisher.stop()
     assert missing not in await kafka_admin.list_topics()
+
+
+async def test_sync_producer_from_four_threads_stores_each_job_once(new_topic) -> None:
+    topic = await new_topic(partitions=3)
+    ids = [[f"sync-{t}-{n}" for n in range(250)] for t in range(4)]
+    report = GenerateReport(account_id="acct-1", month="2025-01")
+
+    def publish(thread: int) -> None:
+        for n, job_id in enumerate(ids[thread]):
+            producer.publish(report, key=f"k{thread}", id=job_id, subject=str(n))
+
+    producer = SyncJobProducer(settings_for(topic))
+    try:
+        await asyncio.to_thread(producer.start)
+        threads = [threading.Thread(target=publish, args=(t,)) for t in range(4)]
+        for thread in threads:
+            thread.start()
+        await asyncio.to_thread(lambda: [thread.join(60) for thread in threads])
+    finally:
+        await asyncio.to_thread(producer.stop)
+    records = await read_all(topic, 3, 1000)
+    stored = [dict(r.headers)["ce_id"].decode() for r in records]
+    assert sorted(stored) == sorted(i for thread in ids for i in thread)
+    for t in range(4):  # each key's jobs in publish order (one partition per key)
+        assert [i for i in stored if i.startswith(f"sync-{t}-")] == ids[t]

@@ -7,6 +7,7 @@ import json
 import socket
 import subprocess
 import sys
+import threading
 import time
 import uuid
 from collections.abc import Callable, Iterator
@@ -28,6 +29,7 @@ from producer import (
     ProducerSettings,
     PublishRequest,
     RoutingSettings,
+    SyncJobProducer,
 )
 from producer.nats import NatsPublisher
 from schemas import InvalidPayload
@@ -297,3 +299,29 @@ async def test_check_names_subjects_no_stream_captures(new_stream) -> None:
             await publisher.check([f"{prefix}.a", "nowhere.a", "nowhere.b"])
     finally:
         await publisher.stop()
+
+
+async def test_sync_producer_from_four_threads_stores_each_job_once(new_stream, jetstream) -> None:
+    stream, prefix = await new_stream()
+    ids = [[f"sync-{t}-{n}" for n in range(250)] for t in range(4)]
+
+    def publish(thread: int) -> None:
+        for job_id in ids[thread]:
+            producer.publish(REPORT, key=f"k{thread}", id=job_id)
+
+    producer = SyncJobProducer(settings_for(stream, prefix))
+    try:
+        await asyncio.to_thread(producer.start)
+        threads = [threading.Thread(target=publish, args=(t,)) for t in range(4)]
+        for thread in threads:
+            thread.start()
+        await asyncio.to_thread(lambda: [thread.join(60) for thread in threads])
+        again = await asyncio.to_thread(producer.publish, REPORT, id="sync-0-0")
+    finally:
+        await asyncio.to_thread(producer.stop)
+    assert again.duplicate  # JetStream dropped the repeat of the id
+    messages = await read_all(jetstream, stream, 1000)
+    stored = [m.headers["ce-id"] for m in messages if m.headers]
+    assert sorted(stored) == sorted(i for thread in ids for i in thread)
+    for t in range(4):
+        assert [i for i in stored if i.startswith(f"sync-{t}-")] == ids[t]

@@ -28,6 +28,9 @@ from producer import (
     Receipt,
     RecordTooLarge,
     RoutingSettings,
+    SpoolFull,
+    SpoolLocked,
+    SpoolSettings,
     plan_destinations,
 )
 from producer.nats import stream_subjects
@@ -46,6 +49,7 @@ EXPECTED = {
     "JobProducer",
     "KafkaSettings",
     "NatsSettings",
+    "NotASpool",
     "ProducerSettings",
     "PublishError",
     "PublishRequest",
@@ -54,8 +58,14 @@ EXPECTED = {
     "Publisher",
     "Receipt",
     "RoutingSettings",
+    "SpoolFull",
+    "SpoolLocked",
+    "SpoolSettings",
+    "SpoolStatus",
+    "SyncJobProducer",
     "Transport",
     "plan_destinations",
+    "read_spool_status",
 }
 BACKENDS = {
     "producer.kafka": {
@@ -118,6 +128,7 @@ def test_public_signatures_are_typed() -> None:
         (DestinationMissing("kafka", "jobs.x"), False, "destination-missing"),
         (BrokerBusy("kafka", "jobs.x", "NotLeaderForPartitionError"), True, "broker-busy"),
         (RecordTooLarge("nats", "jobs.x", "maximum payload exceeded"), False, "record-too-large"),
+        (SpoolFull("/var/spool.db", "3 of 3 jobs"), True, "spool-full"),
     ],
 )
 def test_errors_carry_behaviour_and_pickle(
@@ -127,6 +138,13 @@ def test_errors_carry_behaviour_and_pickle(
     assert (error.retriable, error.reason) == (retriable, reason)
     copy = pickle.loads(pickle.dumps(error))
     assert (type(copy), str(copy)) == (type(error), str(error))
+
+
+def test_spool_locked_names_the_path_and_pickles() -> None:
+    error = SpoolLocked("/var/spool.db")
+    assert (error.retriable, error.reason) == (False, "spool-locked")
+    assert "/var/spool.db" in str(error)
+    assert str(pickle.loads(pickle.dumps(error))) == str(error)
 
 
 def test_error_messages_say_what_to_do() -> None:
@@ -172,6 +190,7 @@ SECTIONS: list[tuple[str, type[BaseModel]]] = [
     ("KAFKA__", KafkaSettings),
     ("NATS__", NatsSettings),
     ("ROUTING__", RoutingSettings),
+    ("SPOOL__", SpoolSettings),
 ]
 
 

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 
 import pytest
 
@@ -189,3 +189,30 @@ async def test_a_custom_publisher_only_needs_the_protocol() -> None:
     async with JobProducer(settings(), publisher=Recording()) as producer:
         await producer.publish(REPORT, id="r1")
     assert [(d, m.attributes.id) for d, m in sent] == [("jobs.report.generate", "r1")]
+
+
+async def test_delay_is_a_shorthand_for_not_before() -> None:
+    producer, broker = await provisioned()
+    before = datetime.now(UTC)
+    receipt = await producer.publish(REPORT, delay=timedelta(seconds=90))
+    many = await producer.publish_many([PublishRequest(REPORT, delay=30.0)])
+    after = datetime.now(UTC)
+    records = [
+        r
+        for p in range(3)
+        for r in broker.read("jobs.report.generate", p, 0)
+        if r.offset in {receipt.offset, many[0].offset}
+    ]
+    due = {
+        from_kafka(r.key, r.headers).id: from_kafka(r.key, r.headers).not_before for r in records
+    }
+    first, second = due[receipt.job_id], due[many[0].job_id]
+    assert first is not None and second is not None
+    assert before + timedelta(seconds=90) <= first <= after + timedelta(seconds=90)
+    assert before + timedelta(seconds=30) <= second <= after + timedelta(seconds=30)
+    for bad in (-1.0, float("nan"), float("inf")):
+        with pytest.raises(ValueError, match="delay must be"):
+            await producer.publish(REPORT, delay=bad)
+    with pytest.raises(ValueError, match="not both"):
+        await producer.publish(REPORT, delay=1, not_before=after)
+    await producer.stop()

@@ -91,11 +91,15 @@ def test_backoff_doubles_from_the_first_wait_up_to_the_cap() -> None:
     assert [Backoff(0.05, 0.02).nominal(n) for n in (1, 2, 3)] == [0.05, 0.02, 0.02]
 
 
-def test_jitter_is_half_to_one_and_a_half_times_the_wait() -> None:
-    backoff = Backoff(initial_s=1.0, max_s=1.0, jitter=True)
+def test_jitter_is_half_to_one_and_a_half_times_the_wait_but_never_past_the_cap() -> None:
+    backoff = Backoff(initial_s=1.0, max_s=4.0, jitter=True)
     waits = [backoff.wait(1) for _ in range(500)]
     assert all(0.5 <= wait < 1.5 for wait in waits)
     assert len(set(waits)) > 1
+    # At the cap the jitter may only shorten the wait: the longest wait is `max_s`.
+    capped = [backoff.wait(n) for n in (3, 4, 10) for _ in range(300)]
+    assert all(wait <= 4.0 for wait in capped)
+    assert min(capped) < 3.0
     assert Backoff(initial_s=1.0, max_s=1.0).wait(3) == 1.0
 
 
