@@ -11,7 +11,7 @@ import typer
 import uvicorn
 
 from consumer import Settings
-from consumer.stores import FINAL_STATES, JobState, MemoryStatusStore, StatusStore, open_status
+from consumer.stores import MemoryStatusStore, StatusStore, cancel_job, open_status
 from consumer.telemetry import configure, configure_logging
 from jobstream._config import USAGE, fail, import_job_modules, load_settings, run
 from jobstream._ingress import connect_early, create_app
@@ -107,19 +107,15 @@ def register(app: typer.Typer) -> None:
 
     @jobs.command("cancel")
     def cancel(job_id: Annotated[str, typer.Argument(help="The job id.")]) -> None:
-        """Cancel a job: skipped if it has not started, told to stop if it runs."""
+        """Cancel a job: skipped if it has not started (pending or scheduled), told to stop
+        if it runs."""
         settings = _settings()
 
         async def body() -> str:
             store = await _with_status(settings)
             try:
-                current = await store.get(job_id)
-                if current is not None and current.state in FINAL_STATES:
-                    return f"already {current.state.value}"
-                await store.request_cancel(job_id)
-                if current is None or current.state is JobState.PENDING:
-                    current = await store.record(job_id, JobState.CANCELLED)
-                return current.state.value
+                asked, current = await cancel_job(store, job_id)
+                return current.state.value if asked else f"already {current.state.value}"
             finally:
                 await store.close()
 

@@ -2,8 +2,8 @@
 
 ```
 POST /v1/jobs/{type}[?version=N&key=K]   validate, publish, 202 {job_id, status_url, state,
-                                         trace_id, spooled}
-GET  /v1/jobs/{id}                       the job's status (pending, running, succeeded, ...)
+     [&delay=S | &not_before=ISO]        trace_id, spooled}; a delayed job is `scheduled`
+GET  /v1/jobs/{id}                       the job's status (pending, scheduled, running, ...)
 POST /v1/jobs/{id}/cancel                ask for cancellation, 202 {job_id, state}
 GET  /livez, /readyz                     probes (ready: the broker takes publishes)
 GET  /openapi.json, /docs                the API, one request body schema per job type
@@ -27,7 +27,7 @@ import asyncio
 import contextlib
 import hmac
 import json
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Mapping
 from typing import Any
 
 from fastapi import FastAPI, Request
@@ -36,11 +36,13 @@ from fastapi.responses import JSONResponse, Response
 from opentelemetry import propagate, trace
 
 from consumer import Settings
-from consumer.stores import FINAL_STATES, JobState, StatusStore
+from consumer.core import MAX_DELAY_S
+from consumer.stores import StatusStore, cancel_job
 from jobstream._ingress_answers import error as _error
 from jobstream._ingress_keys import publish_bound_s
 from jobstream._ingress_publish import ProducerHandle
 from jobstream._ingress_submit import Submissions, read_body
+from jobstream._schedule import Schedule, parse_schedule
 from producer import BrokerUnavailable
 from schemas import (
     JobRegistry,
@@ -79,9 +81,11 @@ class Ingress:
 
     async def submit(self, request: Request, job_type: str) -> Response:
         """Take a slot, read the body within its limit, validate, publish (see the module)."""
-        version = request.query_params.get("version")
-        if version is not None and not version.isdigit():
-            return _error(400, "version must be a positive integer")
+        query = request.query_params
+        options = _query_options(query)
+        if isinstance(options, Response):
+            return options
+        version, schedule = options
         idempotency_key = request.headers.get("idempotency-key")
         if idempotency_key is not None and not idempotency_key.strip():
             # Sent but empty: a client that failed to fill its key in would get a new job
@@ -106,10 +110,11 @@ class Ingress:
                 span.set_attribute("jobstream.job.type", job_type)
                 return await self.submissions.submit(
                     job_type,
-                    int(version) if version else None,
+                    version,
                     body,
-                    key=request.query_params.get("key"),
+                    key=query.get("key"),
                     idempotency_key=idempotency_key,
+                    schedule=schedule,
                 )
 
     async def close(self) -> None:
@@ -128,13 +133,11 @@ class Ingress:
         return JSONResponse(found.model_dump(mode="json"))
 
     async def cancel(self, job_id: str) -> Response:
-        """Cancel a job: skipped if it has not started, told to stop if it runs."""
-        current = await self.status.get(job_id)
-        if current is not None and current.state in FINAL_STATES:
+        """Cancel a job: skipped if it has not started (pending or scheduled), told to stop
+        if it runs."""
+        asked, current = await cancel_job(self.status, job_id)
+        if not asked:
             return _error(409, f"job {job_id} is already {current.state.value}")
-        await self.status.request_cancel(job_id)
-        if current is None or current.state is JobState.PENDING:
-            current = await self.status.record(job_id, JobState.CANCELLED)
         return JSONResponse({"job_id": job_id, "state": current.state.value}, 202)
 
     async def livez(self) -> Response:
@@ -189,7 +192,7 @@ def create_app(
             status_code=202,
             tags=["jobs"],
             summary=f"Submit a {job_type} job (v{model.job_version}; ?version=N for others)",
-            openapi_extra=_request_body(model),
+            openapi_extra=_submit_operation(model),
         )
     # Any other type: answered by `submit` too, with 404 and the list of known types.
     app.add_api_route(
@@ -217,6 +220,18 @@ async def connect_early(app: FastAPI) -> None:
         await app.state.ingress.publisher.get()
 
 
+def _query_options(query: Mapping[str, str]) -> tuple[int | None, Schedule | None] | Response:
+    """`?version=` and `?delay=` or `?not_before=` (`jobstream._schedule`), or the 400."""
+    version = query.get("version")
+    if version is not None and not version.isdigit():
+        return _error(400, "version must be a positive integer")
+    try:
+        schedule = parse_schedule(query.get("delay"), query.get("not_before"))
+    except ValueError as failure:
+        return _error(400, str(failure))
+    return (int(version) if version else None), schedule
+
+
 def _route(submit: Any, job_type: str) -> Any:
     async def endpoint(request: Request) -> Response:
         response: Response = await submit(request, job_type)
@@ -230,10 +245,56 @@ def _schema_name(model: type[Any]) -> str:
     return f"{model.job_type.replace('.', '_')}_v{model.job_version}"
 
 
-def _request_body(model: type[Any]) -> dict[str, Any]:
-    """The OpenAPI request body of a job type: its model, from the document's components."""
+_MAX_DAYS = f"{MAX_DELAY_S / 86400:g} days"
+_SUBMIT_PARAMETERS = [
+    (
+        "query",
+        "version",
+        {"type": "integer", "minimum": 1},
+        "Schema version (default: the latest).",
+    ),
+    (
+        "query",
+        "key",
+        {"type": "string", "minLength": 1},
+        "Ordering key: jobs with the same key run one at a time, in order.",
+    ),
+    (
+        "query",
+        "delay",
+        {"type": "number", "minimum": 0},
+        f"Do not start the job before this many seconds from now (at most {_MAX_DAYS}); not "
+        "with not_before. The job's state is `scheduled` until it starts.",
+    ),
+    (
+        "query",
+        "not_before",
+        {"type": "string", "format": "date-time"},
+        f"Do not start the job before this time: ISO 8601 with a timezone, at most {_MAX_DAYS} "
+        "ahead; not with delay.",
+    ),
+    (
+        "header",
+        "Idempotency-Key",
+        {"type": "string", "minLength": 1},
+        "Makes retries safe: bound to one job id and to this request (docs/http-api.md).",
+    ),
+]
+
+
+def _submit_operation(model: type[Any]) -> dict[str, Any]:
+    """The OpenAPI parameters and request body of a job type's submit route: its model,
+    from the document's components. (The endpoint reads them itself, to answer each
+    limit before the body is read, so FastAPI cannot derive them.)"""
     schema = {"$ref": f"#/components/schemas/{_schema_name(model)}"}
-    return {"requestBody": {"required": True, "content": {"application/json": {"schema": schema}}}}
+    parameters = [
+        {"in": where, "name": name, "required": False, "schema": kind, "description": text}
+        for where, name, kind, text in _SUBMIT_PARAMETERS
+    ]
+    return {
+        "parameters": parameters,
+        "requestBody": {"required": True, "content": {"application/json": {"schema": schema}}},
+    }
 
 
 def _authorized(request: Request, token: bytes) -> bool:

@@ -40,13 +40,19 @@ def error(
 
 
 def accepted(
-    job_id: str, recorded: JobStatus | None, *, spooled: bool, trace_id: str | None = None
+    job_id: str,
+    recorded: JobStatus | None,
+    *,
+    spooled: bool,
+    trace_id: str | None = None,
+    state: JobState = JobState.PENDING,
 ) -> JSONResponse:
-    """202 `{job_id, status_url, state, trace_id, spooled}` with `Location: status_url`."""
+    """202 `{job_id, status_url, state, trace_id, spooled}` with `Location: status_url`;
+    `state` when nothing was recorded (the status store did not answer)."""
     body = {
         "job_id": job_id,
         "status_url": f"/v1/jobs/{job_id}",
-        "state": recorded.state.value if recorded else JobState.PENDING.value,
+        "state": recorded.state.value if recorded else state.value,
         "trace_id": recorded.trace_id if recorded and recorded.trace_id else trace_id,
         "spooled": spooled,
     }

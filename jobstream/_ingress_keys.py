@@ -1,8 +1,9 @@
 """What the ingress checks and derives before it reserves an `Idempotency-Key`.
 
 - `fingerprint`: the request a key is bound to (IETF draft-ietf-httpapi-idempotency-key-header,
-  "Idempotency Fingerprint"): SHA-256 over the job type, the resolved version, the `?key=`
-  and the raw body bytes. The same key with another fingerprint is answered 422.
+  "Idempotency Fingerprint"): SHA-256 over the job type, the resolved version, the `?key=`,
+  the raw body bytes and the `?delay=`/`?not_before=` as given (normalized). The same key
+  with another fingerprint is answered 422.
 - `binding_name`: where the binding lives in the status store: per job type, the key hashed
   (any length of header costs 64 hex digits in Redis).
 - `check_attributes`: the job's attributes as the wire codec will encode them, so a `?key=`
@@ -15,6 +16,7 @@
 from __future__ import annotations
 
 import hashlib
+from datetime import datetime
 
 from consumer import Settings
 from producer.tracecontext import current_trace_headers
@@ -34,11 +36,18 @@ LEASE_MARGIN_S = 5.0
 the clock skew tolerated between ingress replicas."""
 
 
-def fingerprint(job_type: str, version: int, key: str | None, body: bytes) -> str:
-    """Hex SHA-256 of the request's job type, version, `?key=` (absent and empty differ)
-    and body; each part length-prefixed, so no two requests share one by concatenation."""
+def fingerprint(
+    job_type: str, version: int, key: str | None, body: bytes, schedule: str | None = None
+) -> str:
+    """Hex SHA-256 of the request's job type, version, `?key=` (absent and empty differ),
+    body and `schedule` (`Schedule.canonical`); each part length-prefixed, so no two
+    requests share one by concatenation. Without a schedule the digest is the one of
+    earlier versions, so bindings made before an upgrade keep their fingerprint."""
     digest = hashlib.sha256()
-    for part in (job_type.encode(), str(version).encode(), key, body):
+    parts = [job_type.encode(), str(version).encode(), key, body]
+    if schedule is not None:
+        parts.append(schedule)
+    for part in parts:
         if part is None:
             digest.update(b"-")
             continue
@@ -53,13 +62,21 @@ def binding_name(job_type: str, idempotency_key: str) -> str:
     return f"{job_type}:{hashlib.sha256(idempotency_key.encode()).hexdigest()}"
 
 
-def check_attributes(job: Job, *, key: str | None, job_id: str, source: str) -> None:
+def check_attributes(
+    job: Job, *, key: str | None, job_id: str, source: str, not_before: datetime | None = None
+) -> None:
     """Raise `InvalidAttributes` (the publish's own error) if `job` with ordering key `key`
     cannot be encoded: an empty key, control characters, or headers over
     `MAX_HEADER_BYTES` (the current trace context counted as the publish will add it)."""
     traceparent, tracestate = current_trace_headers()
     message = encode(
-        job, source=source, id=job_id, key=key, traceparent=traceparent, tracestate=tracestate
+        job,
+        source=source,
+        id=job_id,
+        key=key,
+        not_before=not_before,
+        traceparent=traceparent,
+        tracestate=tracestate,
     )
     size = header_bytes(message.attributes)
     if size > MAX_HEADER_BYTES:

@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from datetime import datetime
 
 from consumer import Settings
 from producer import BrokerUnavailable, JobProducer, PublishError, PublishTimeout, Receipt
@@ -53,15 +54,18 @@ class ProducerHandle:
                 self._producer = producer
             return self._producer
 
-    async def send(self, job: Job, *, key: str | None, job_id: str) -> Receipt:
-        """Publish `job` as `job_id` within the bound. Past it: `BrokerUnavailable` while
-        still connecting (nothing was sent), `PublishTimeout` once sending (the job may be
-        stored). Either drops the producer; the next request connects anew."""
+    async def send(
+        self, job: Job, *, key: str | None, job_id: str, not_before: datetime | None = None
+    ) -> Receipt:
+        """Publish `job` as `job_id` (not to start before `not_before`) within the bound.
+        Past it: `BrokerUnavailable` while still connecting (nothing was sent),
+        `PublishTimeout` once sending (the job may be stored). Either drops the producer;
+        the next request connects anew."""
         producer: JobProducer | None = None
         try:
             async with asyncio.timeout(self._bound_s):
                 producer = await self.get()
-                return await producer.publish(job, key=key, id=job_id)
+                return await producer.publish(job, key=key, id=job_id, not_before=not_before)
         except TimeoutError:
             self.drop(producer)
             if producer is None:

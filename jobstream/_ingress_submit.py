@@ -1,5 +1,6 @@
 """`POST /v1/jobs/{type}` after its slot was taken and its body read: validate, check the
-attributes, reserve the `Idempotency-Key`, publish, settle the binding, record `pending`.
+attributes, reserve the `Idempotency-Key`, publish, settle the binding, record `pending`
+(`scheduled`, with its `not_before`, for a job due later: `?delay=`, `?not_before=`).
 
 Order, and why: the binding is reserved only once the request could be published (valid
 payload, attributes within the wire limit), so a request refused with 4xx never binds a
@@ -7,7 +8,8 @@ key. It is settled in `finally`, in a task of its own, so no error and no cancel
 client went away) leaves it `reserved` beyond its lease. `pending` is written after the
 publish, never before: a job id the broker never took must not look submitted; a worker
 that already wrote `running` (or a final state) keeps it (`consumer/stores/_status.py`
-`_merge`).
+`_merge`). Workers never write `scheduled` (a delayed job waits below their step chain):
+the ingress's `scheduled` is what a waiting job shows until a worker starts it.
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ from consumer.stores import JobState, KeyBinding, KeyState, StatusStore, trace_i
 from jobstream._ingress_answers import accepted, error, publish_failure
 from jobstream._ingress_keys import binding_name, check_attributes, fingerprint, lease_s
 from jobstream._ingress_publish import ProducerHandle
+from jobstream._schedule import Schedule
 from producer import PublishError
 from schemas import (
     InvalidAttributes,
@@ -70,20 +73,26 @@ class Submissions:
         *,
         key: str | None,
         idempotency_key: str | None,
+        schedule: Schedule | None = None,
     ) -> Response:
-        """The answer to one submission (docs/http-api.md lists them)."""
+        """The answer to one submission (docs/http-api.md lists them). `schedule`: the
+        parsed `?delay=` or `?not_before=`."""
         job = self._validate(job_type, version, body)
         if isinstance(job, Response):
             return job
         job_id = str(uuid.uuid4())
+        not_before = schedule.not_before if schedule is not None else None
         try:
-            check_attributes(job, key=key, job_id=job_id, source=self._source)
+            check_attributes(
+                job, key=key, job_id=job_id, source=self._source, not_before=not_before
+            )
         except InvalidAttributes as failure:
             return error(400, f"the job's attributes cannot be published: {failure}")
         if idempotency_key is None:
-            return await self._publish(job, key, job_id, None)
+            return await self._publish(job, key, job_id, None, not_before)
         name = binding_name(job_type, idempotency_key)
-        request_print = fingerprint(job_type, job.job_version, key, body)
+        canonical = schedule.canonical if schedule is not None else None
+        request_print = fingerprint(job_type, job.job_version, key, body, canonical)
         try:
             reservation = await self.status.reserve_key(name, job_id, request_print, self._lease_s)
         except Exception:
@@ -92,7 +101,7 @@ class Submissions:
         binding = reservation.binding
         if not reservation.held:
             return await self._repeat(binding, request_print)
-        return await self._publish(job, key, binding.job_id, (name, binding.holder))
+        return await self._publish(job, key, binding.job_id, (name, binding.holder), not_before)
 
     def _validate(self, job_type: str, version: int | None, body: bytes) -> Job | Response:
         try:
@@ -119,7 +128,7 @@ class Submissions:
             return error(
                 422,
                 "this Idempotency-Key was used with a different request (job type, version, "
-                "?key= or body); use a new key for a new request",
+                "?key=, ?delay=, ?not_before= or body); use a new key for a new request",
             )
         if binding.state is KeyState.PUBLISHED:
             recorded = await self.status.get(binding.job_id)
@@ -131,14 +140,21 @@ class Submissions:
         )
 
     async def _publish(
-        self, job: Job, key: str | None, job_id: str, hold: tuple[str, str] | None
+        self,
+        job: Job,
+        key: str | None,
+        job_id: str,
+        hold: tuple[str, str] | None,
+        not_before: datetime | None,
     ) -> Response:
         """Publish `job_id`; with `hold` (binding name, holder), settle the binding whatever
         happens: `published`, or `failed` on any error or cancellation (keeping the id)."""
         state, spooled = KeyState.FAILED, False
         try:
             try:
-                receipt = await self.publisher.send(job, key=key, job_id=job_id)
+                receipt = await self.publisher.send(
+                    job, key=key, job_id=job_id, not_before=not_before
+                )
             except (PublishError, InvalidAttributes) as failure:
                 retry_after_s = self._retry_after_s
                 return publish_failure(
@@ -148,18 +164,23 @@ class Submissions:
         finally:
             if hold is not None:
                 await self._settle(*hold, state, spooled=spooled)
+        now = datetime.now(UTC)
+        waiting = (
+            JobState.SCHEDULED if not_before is not None and not_before > now else JobState.PENDING
+        )
         try:
             recorded = await self.status.record(
                 job_id,
-                JobState.PENDING,
+                waiting,
                 job_type=job.job_type,
-                created_at=datetime.now(UTC),
+                created_at=now,
                 trace_id=trace_id_now(),
+                not_before=not_before,
             )
         except Exception:  # status is an observation: the job is published all the same
-            log.warning("could not record job %s as pending", job_id, exc_info=True)
+            log.warning("could not record job %s as %s", job_id, waiting.value, exc_info=True)
             recorded = None
-        return accepted(job_id, recorded, spooled=spooled, trace_id=trace_id_now())
+        return accepted(job_id, recorded, spooled=spooled, trace_id=trace_id_now(), state=waiting)
 
     async def _settle(self, name: str, holder: str, state: KeyState, *, spooled: bool) -> None:
         """Settle the binding in a task of its own: a cancelled request (client gone) still

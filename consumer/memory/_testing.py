@@ -122,6 +122,12 @@ class TestApp:
         self._status: StatusStore | None = None
 
     @property
+    def status(self) -> StatusStore | None:
+        """The status store the workers share (None with `status.backend = "none"`); an
+        ingress built on it (`jobstream._ingress.create_app`) sees what they record."""
+        return self._status
+
+    @property
     def workers(self) -> list[Worker]:
         """Every worker started, in start order (stopped and crashed ones included)."""
         return [member.worker for member in self._members]

@@ -13,10 +13,12 @@ from consumer.stores._keys import KeyBinding, KeyReservation, KeyState
 from consumer.stores._open import open_status, open_store
 from consumer.stores._status import (
     FINAL_STATES,
+    WAITING_STATES,
     JobState,
     JobStatus,
     MemoryStatusStore,
     StatusStore,
+    cancel_job,
     open_status_store,
     trace_id_now,
 )
@@ -24,6 +26,7 @@ from consumer.stores._status import (
 __all__ = [
     "FINAL_STATES",
     "HOLD_LEASES",
+    "WAITING_STATES",
     "ClaimState",
     "IdempotencyStore",
     "JobState",
@@ -34,6 +37,7 @@ __all__ = [
     "MemoryIdempotencyStore",
     "MemoryStatusStore",
     "StatusStore",
+    "cancel_job",
     "open_status",
     "open_status_store",
     "open_store",

@@ -3,19 +3,23 @@
 States and who sets them:
 
 ```
-pending --(a worker starts it)--> running --> succeeded
-   |                                 |------> retrying --(next attempt)--> running
-   |                                 |------> dead_lettered
-   |                                 |------> failed        (no retry routing configured)
-   +-------(cancel before start)---> cancelled <--(cancel while running)--+
+pending ------------(a worker starts it)--> running --> succeeded
+scheduled --(due, a worker starts it)--^     |-------> retrying --(next attempt)--> running
+   |  (either, cancelled before start)       |-------> dead_lettered
+   |                                         |-------> failed   (no retry routing configured)
+   +--------------------------------------> cancelled <--(cancel while running)--+
 ```
 
-`pending` is written by the ingress after its publish returned, never before (a job id the
-broker never took must not look submitted); a worker may have written `running` or a final
-state by then, and `_merge` keeps it. Jobs published elsewhere appear at `running`. Each
-record expires `retention_s` after its last change (the store stays bounded). Status is an
-observation, written after the fact: the broker and the dead-letter topic remain the source
-of truth, and a status write that fails is logged, never allowed to fail or block the job.
+`pending` (or `scheduled`, with its `not_before`, for a job due later) is written by the
+ingress after its publish returned, never before (a job id the broker never took must not
+look submitted); a worker may have written `running` or a final state by then, and
+`_merge` keeps it: a waiting state never replaces another state. Workers do not write
+`scheduled`: a delayed job waits in the broker (tiers, server schedules) below the step
+chain, where no status is written, so a job published without the ingress appears at
+`running`, delayed or not. Each record expires `retention_s` after its last change (the
+store stays bounded). Status is an observation, written after the fact: the broker and the
+dead-letter topic remain the source of truth, and a status write that fails is logged,
+never allowed to fail or block the job.
 
 Cancellation requests live in the same store (`cancel:<job id>`), so a request made before
 the job arrives is seen when it does. So do the ingress's `Idempotency-Key` bindings
@@ -57,6 +61,7 @@ class WatchConflict(RuntimeError):
 
 class JobState(enum.StrEnum):
     PENDING = "pending"
+    SCHEDULED = "scheduled"
     RUNNING = "running"
     SUCCEEDED = "succeeded"
     RETRYING = "retrying"
@@ -68,6 +73,9 @@ class JobState(enum.StrEnum):
 FINAL_STATES = frozenset(
     {JobState.SUCCEEDED, JobState.DEAD_LETTERED, JobState.FAILED, JobState.CANCELLED}
 )
+WAITING_STATES = frozenset({JobState.PENDING, JobState.SCHEDULED})
+"""Published, not started: the ingress writes them, they replace no other state, and a
+cancellation settles them at once."""
 
 
 class JobStatus(BaseModel):
@@ -84,6 +92,8 @@ class JobStatus(BaseModel):
     last_error: str | None = None
     reason: str | None = None
     trace_id: str | None = None
+    not_before: datetime | None = None
+    """When the job was due to start (a delayed job); None: at once."""
 
 
 class StatusStore(Protocol):
@@ -110,9 +120,10 @@ def _merge(
     previous: JobStatus | None, job_id: str, state: JobState, fields: dict[str, Any]
 ) -> JobStatus:
     base = previous.model_dump() if previous is not None else {"job_id": job_id}
-    if previous is not None and state is JobState.PENDING:
-        # `pending` is written by the ingress after its publish returned; a fast worker may
-        # have started (or finished) the job by then: keep its state, add what it lacks.
+    if previous is not None and state in WAITING_STATES:
+        # `pending` and `scheduled` are written by the ingress after its publish returned;
+        # a fast worker may have started (or finished) the job by then, or a cancel come
+        # first: keep its state, add what it lacks.
         known = {k: v for k, v in base.items() if v is not None}
         return JobStatus.model_validate(
             {**{k: v for k, v in fields.items() if v is not None}, **known}
@@ -257,6 +268,21 @@ class RedisStatusStore:
 
     async def close(self) -> None:
         await self._client.aclose()
+
+
+async def cancel_job(store: StatusStore, job_id: str) -> tuple[bool, JobStatus]:
+    """Ask for `job_id` to be cancelled (`POST /v1/jobs/{id}/cancel`, `jobstream jobs
+    cancel`). Returns (False, its status) if it already ended; else (True, its status):
+    `cancelled` at once if it had not started (pending, scheduled or not seen yet; the
+    worker skips it when it arrives or comes due), unchanged if it runs (the worker tells
+    its handler to stop)."""
+    current = await store.get(job_id)
+    if current is not None and current.state in FINAL_STATES:
+        return False, current
+    await store.request_cancel(job_id)
+    if current is None or current.state in WAITING_STATES:
+        current = await store.record(job_id, JobState.CANCELLED)
+    return True, current
 
 
 async def open_status_store(
