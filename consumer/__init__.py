@@ -15,7 +15,16 @@ one package per backend (`kafka`, `nats`, `memory`), chosen by `backend_for`.
 
 from consumer._backends import Backend, backend_for
 from consumer._run import open_worker, run_worker
-from consumer.core import App, DeadLetter, JobContext, JobTimeout, Retry, Settings, WorkerError
+from consumer.core import (
+    App,
+    CronSchedule,
+    DeadLetter,
+    JobContext,
+    JobTimeout,
+    Retry,
+    Settings,
+    WorkerError,
+)
 from consumer.runtime import Worker
 from consumer.stores import ClaimState, IdempotencyStore, MemoryIdempotencyStore
 
@@ -23,6 +32,7 @@ __all__ = [
     "App",
     "Backend",
     "ClaimState",
+    "CronSchedule",
     "DeadLetter",
     "IdempotencyStore",
     "JobContext",

@@ -27,6 +27,7 @@ from consumer.core import (
     Source,
 )
 from consumer.stores import IdempotencyStore, open_store
+from producer import Publisher
 
 __all__ = ["Backend", "backend_for", "open_idempotency_store"]
 
@@ -45,6 +46,10 @@ class Backend(Protocol):
         """A source for `app`'s destinations and the router of its failures, connected
         (retrying an unreachable broker for `worker.broker_wait_s`, then `WorkerError`);
         their clean-up is pushed on `stack`. `tracer` records hand-off spans (or None)."""
+        ...
+
+    def publisher(self, settings: Settings) -> Publisher:
+        """A publisher to this broker, not started (the cron ticks' producer uses it)."""
         ...
 
     async def open_idempotency_store(self, settings: Settings) -> IdempotencyStore:

@@ -21,9 +21,10 @@ from typing import TypeVar
 
 from consumer._backends import Backend, backend_for, open_idempotency_store
 from consumer.core import App, Settings, WorkerError
-from consumer.runtime import HealthServer, Worker
+from consumer.runtime import HealthServer, Worker, until_reachable
 from consumer.stores import IdempotencyStore, open_status
 from consumer.telemetry import Telemetry, configure
+from producer import JobProducer, SpoolSettings
 from producer.retrying import Backoff, retry
 
 log = logging.getLogger("jobstream.worker")
@@ -58,19 +59,71 @@ async def open_worker(
             )
             stack.push_async_callback(store.close)
         source, router = await backend.open(app, settings, stack, tracer)
+        producer = None
+        if app.schedules:  # the ticks' producer; a tick it cannot publish is retried
+            unspooled = settings.model_copy(update={"spool": SpoolSettings()})
+            publisher = backend.publisher(settings)
+            producer = JobProducer(unspooled, publisher=publisher, registry=app.registry)
+            await until_reachable(settings, producer.start)
+            stack.push_async_callback(producer.stop)
         yield Worker(
-            app, settings, source, router=router, status=status, store=store, telemetry=telemetry
+            app,
+            settings,
+            source,
+            router=router,
+            status=status,
+            store=store,
+            telemetry=telemetry,
+            producer=producer,
         )
 
 
 async def run_worker(app: App, settings: Settings) -> Worker:
     """Run until SIGTERM/SIGINT (or `worker.stop()`), drain, and return the worker."""
     telemetry = configure(f"jobstream-{app.name}")
+    built: list[Worker] = []
     try:
-        async with open_worker(app, settings, telemetry=telemetry) as worker:
-            return await _run(worker)
+        # The health endpoint first: a port in use is a setting error, said at once and
+        # whether or not the stores and the broker answer (it answers "not ready" meanwhile).
+        health = await _start_health(settings, telemetry, built)
+        try:
+            async with open_worker(app, settings, telemetry=telemetry) as worker:
+                built.append(worker)
+                return await _run(worker)
+        finally:
+            if health is not None:
+                await health.stop()
     finally:
         await asyncio.to_thread(telemetry.shutdown)  # exports what is still queued
+
+
+async def _start_health(
+    settings: Settings, telemetry: Telemetry, built: list[Worker]
+) -> HealthServer | None:
+    """The health endpoint of the worker `built` will hold (live, not ready, before)."""
+    if not settings.health.port:
+        return None
+
+    def live() -> str | None:
+        return built[0].not_live() if built else None
+
+    def ready() -> str | None:
+        return built[0].not_ready() if built else "starting: waiting for the stores and broker"
+
+    health = HealthServer(settings.health.host, settings.health.port, live=live, ready=ready)
+    if telemetry.prometheus is not None:
+        health.route("/metrics", lambda: (200, telemetry.prometheus_text()))
+    try:
+        await health.start()
+    except OSError as error:
+        msg = (
+            f"the health endpoint cannot listen on {settings.health.host}:"
+            f"{settings.health.port}: {error.strerror or error}; set "
+            "JOBSTREAM_HEALTH__PORT / --health-port to a free port (0 turns it off) "
+            "and JOBSTREAM_HEALTH__HOST to an address of this host"
+        )
+        raise WorkerError(msg) from error
+    return health
 
 
 async def _run(worker: Worker) -> Worker:
@@ -93,32 +146,9 @@ async def _run(worker: Worker) -> Worker:
 
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, on_signal, signum)
-    health = None
-    if settings.health.port:
-        health = HealthServer(
-            settings.health.host,
-            settings.health.port,
-            live=worker.not_live,
-            ready=worker.not_ready,
-        )
-        if worker.telemetry.prometheus is not None:
-            health.route("/metrics", lambda: (200, worker.telemetry.prometheus_text()))
-        try:
-            await health.start()
-        except OSError as error:
-            await worker.source.stop()  # built, never started: let go of its client
-            msg = (
-                f"the health endpoint cannot listen on {settings.health.host}:"
-                f"{settings.health.port}: {error.strerror or error}; set "
-                "JOBSTREAM_HEALTH__PORT / --health-port to a free port (0 turns it off) "
-                "and JOBSTREAM_HEALTH__HOST to an address of this host"
-            )
-            raise WorkerError(msg) from error
     try:
         await worker.run()
     finally:
-        if health is not None:
-            await health.stop()
         for signum in (signal.SIGTERM, signal.SIGINT):
             loop.remove_signal_handler(signum)
     return worker

@@ -3,6 +3,8 @@
 ```
 POST /v1/jobs/{type}[?version=N&key=K]   validate, publish, 202 {job_id, status_url, state,
      [&delay=S | &not_before=ISO]        trace_id, spooled}; a delayed job is `scheduled`
+     [&priority=high|normal|low]         (a unique key's repeat: the first job, with
+     [&unique_key=U&unique_for=S]        `duplicate: true`)
 GET  /v1/jobs/{id}                       the job's status (pending, scheduled, running, ...)
 POST /v1/jobs/{id}/cancel                ask for cancellation, 202 {job_id, state}
 GET  /livez, /readyz                     probes (ready: the broker takes publishes)
@@ -42,7 +44,7 @@ from jobstream._ingress_answers import error as _error
 from jobstream._ingress_keys import publish_bound_s
 from jobstream._ingress_publish import ProducerHandle
 from jobstream._ingress_submit import Submissions, read_body
-from jobstream._schedule import Schedule, parse_schedule
+from jobstream._job_options import JobOptions, parse_job_options
 from producer import BrokerUnavailable
 from schemas import (
     JobRegistry,
@@ -85,12 +87,11 @@ class Ingress:
         options = _query_options(query)
         if isinstance(options, Response):
             return options
-        version, schedule = options
+        version, job_options = options
         idempotency_key = request.headers.get("idempotency-key")
-        if idempotency_key is not None and not idempotency_key.strip():
-            # Sent but empty: a client that failed to fill its key in would get a new job
-            # per retry (the IETF draft: a request with an invalid key is a 400).
-            return _error(400, "the Idempotency-Key header is empty: send a non-empty key")
+        refused = _refused_key(idempotency_key, job_options)
+        if refused is not None:
+            return refused
         if self._slots.locked():  # before any byte of the body is read
             return _error(503, "too many requests in flight; retry later", self._retry_after)
         async with self._slots:
@@ -114,7 +115,7 @@ class Ingress:
                     body,
                     key=query.get("key"),
                     idempotency_key=idempotency_key,
-                    schedule=schedule,
+                    options=job_options,
                 )
 
     async def close(self) -> None:
@@ -220,16 +221,35 @@ async def connect_early(app: FastAPI) -> None:
         await app.state.ingress.publisher.get()
 
 
-def _query_options(query: Mapping[str, str]) -> tuple[int | None, Schedule | None] | Response:
-    """`?version=` and `?delay=` or `?not_before=` (`jobstream._schedule`), or the 400."""
+def _query_options(query: Mapping[str, str]) -> tuple[int | None, JobOptions] | Response:
+    """`?version=` and the job's options (`?delay=`, `?priority=`, `?unique_key=`, ...,
+    `jobstream._job_options`), or the 400."""
     version = query.get("version")
     if version is not None and not version.isdigit():
         return _error(400, "version must be a positive integer")
     try:
-        schedule = parse_schedule(query.get("delay"), query.get("not_before"))
+        options = parse_job_options(query.get)
     except ValueError as failure:
         return _error(400, str(failure))
-    return (int(version) if version else None), schedule
+    return (int(version) if version else None), options
+
+
+def _refused_key(idempotency_key: str | None, options: JobOptions) -> Response | None:
+    """The 400 for an `Idempotency-Key` that cannot be used, else None."""
+    if idempotency_key is None:
+        return None
+    if not idempotency_key.strip():
+        # Sent but empty: a client that failed to fill its key in would get a new job
+        # per retry (the IETF draft: a request with an invalid key is a 400).
+        return _error(400, "the Idempotency-Key header is empty: send a non-empty key")
+    if options.unique_key is not None:
+        # Both name the job a retry gets; two answers to one question could disagree.
+        return _error(
+            400,
+            "send an Idempotency-Key or ?unique_key=, not both: a unique key already "
+            "answers a repeat inside its window with the first job",
+        )
+    return None
 
 
 def _route(submit: Any, job_type: str) -> Any:
@@ -272,6 +292,25 @@ _SUBMIT_PARAMETERS = [
         {"type": "string", "format": "date-time"},
         f"Do not start the job before this time: ISO 8601 with a timezone, at most {_MAX_DAYS} "
         "ahead; not with delay.",
+    ),
+    (
+        "query",
+        "priority",
+        {"type": "string", "enum": ["high", "normal", "low"]},
+        "Priority level (default: normal); high and low need routing.priorities.",
+    ),
+    (
+        "query",
+        "unique_key",
+        {"type": "string", "minLength": 1},
+        "While a job submitted with this key is inside its unique_for window, answer with "
+        "that job instead of publishing (needs unique.url; not with an Idempotency-Key).",
+    ),
+    (
+        "query",
+        "unique_for",
+        {"type": "number", "exclusiveMinimum": 0},
+        "The unique_key's window in seconds, from the first publish.",
     ),
     (
         "header",

@@ -46,9 +46,11 @@ def accepted(
     spooled: bool,
     trace_id: str | None = None,
     state: JobState = JobState.PENDING,
+    duplicate: bool = False,
 ) -> JSONResponse:
     """202 `{job_id, status_url, state, trace_id, spooled}` with `Location: status_url`;
-    `state` when nothing was recorded (the status store did not answer)."""
+    `state` when nothing was recorded (the status store did not answer). `duplicate`: the
+    job is a unique key's earlier one (`"duplicate": true` is added)."""
     body = {
         "job_id": job_id,
         "status_url": f"/v1/jobs/{job_id}",
@@ -56,6 +58,8 @@ def accepted(
         "trace_id": recorded.trace_id if recorded and recorded.trace_id else trace_id,
         "spooled": spooled,
     }
+    if duplicate:
+        body["duplicate"] = True
     return JSONResponse(body, 202, headers={"Location": f"/v1/jobs/{job_id}"})
 
 

@@ -7,9 +7,9 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from datetime import datetime
 
 from consumer import Settings
+from jobstream._job_options import JobOptions
 from producer import BrokerUnavailable, JobProducer, PublishError, PublishTimeout, Receipt
 from schemas import Job, JobRegistry, JobstreamError
 
@@ -21,6 +21,7 @@ PING_EVERY_S = 1.0
 """`/readyz` asks the broker at most this often; answers in between repeat the last."""
 
 log = logging.getLogger("jobstream.ingress")
+_DEFAULTS = JobOptions()
 
 
 class ProducerHandle:
@@ -55,9 +56,10 @@ class ProducerHandle:
             return self._producer
 
     async def send(
-        self, job: Job, *, key: str | None, job_id: str, not_before: datetime | None = None
+        self, job: Job, *, key: str | None, job_id: str, options: JobOptions = _DEFAULTS
     ) -> Receipt:
-        """Publish `job` as `job_id` (not to start before `not_before`) within the bound.
+        """Publish `job` as `job_id` with `options` (`delay`, `priority`, ...) within the
+        bound; `ValueError` for an option a setting is missing for (the producer's).
         Past it: `BrokerUnavailable` while still connecting (nothing was sent),
         `PublishTimeout` once sending (the job may be stored). Either drops the producer;
         the next request connects anew."""
@@ -65,7 +67,9 @@ class ProducerHandle:
         try:
             async with asyncio.timeout(self._bound_s):
                 producer = await self.get()
-                return await producer.publish(job, key=key, id=job_id, not_before=not_before)
+                return await producer.publish(
+                    job, key=key, id=job_id, **options.publish_options(relative=False)
+                )
         except TimeoutError:
             self.drop(producer)
             if producer is None:

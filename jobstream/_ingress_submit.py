@@ -8,8 +8,10 @@ key. It is settled in `finally`, in a task of its own, so no error and no cancel
 client went away) leaves it `reserved` beyond its lease. `pending` is written after the
 publish, never before: a job id the broker never took must not look submitted; a worker
 that already wrote `running` (or a final state) keeps it (`consumer/stores/_status.py`
-`_merge`). Workers never write `scheduled` (a delayed job waits below their step chain):
-the ingress's `scheduled` is what a waiting job shows until a worker starts it.
+`_merge`). The ingress's `scheduled` is what a waiting job shows at once (a worker writes
+it too, later, when it sets the job aside: `consumer/runtime/_scheduled.py`). A
+`?unique_key=` whose window holds an earlier job is answered with that job (`duplicate:
+true`); nothing is published or recorded for the repeat.
 """
 
 from __future__ import annotations
@@ -24,11 +26,18 @@ from fastapi import Request
 from fastapi.responses import Response
 
 from consumer import Settings
-from consumer.stores import JobState, KeyBinding, KeyState, StatusStore, trace_id_now
+from consumer.stores import (
+    JobState,
+    JobStatus,
+    KeyBinding,
+    KeyState,
+    StatusStore,
+    trace_id_now,
+)
 from jobstream._ingress_answers import accepted, error, publish_failure
 from jobstream._ingress_keys import binding_name, check_attributes, fingerprint, lease_s
 from jobstream._ingress_publish import ProducerHandle
-from jobstream._schedule import Schedule
+from jobstream._job_options import JobOptions
 from producer import PublishError
 from schemas import (
     InvalidAttributes,
@@ -44,6 +53,7 @@ from schemas import (
 __all__ = ["Submissions", "read_body"]
 
 log = logging.getLogger("jobstream.ingress")
+_DEFAULTS = JobOptions()
 
 
 class Submissions:
@@ -73,14 +83,15 @@ class Submissions:
         *,
         key: str | None,
         idempotency_key: str | None,
-        schedule: Schedule | None = None,
+        options: JobOptions = _DEFAULTS,
     ) -> Response:
-        """The answer to one submission (docs/http-api.md lists them). `schedule`: the
-        parsed `?delay=` or `?not_before=`."""
+        """The answer to one submission (docs/http-api.md lists them). `options`: the
+        parsed `?delay=`, `?priority=`, `?unique_key=`, ... ."""
         job = self._validate(job_type, version, body)
         if isinstance(job, Response):
             return job
         job_id = str(uuid.uuid4())
+        schedule = options.schedule
         not_before = schedule.not_before if schedule is not None else None
         try:
             check_attributes(
@@ -89,10 +100,9 @@ class Submissions:
         except InvalidAttributes as failure:
             return error(400, f"the job's attributes cannot be published: {failure}")
         if idempotency_key is None:
-            return await self._publish(job, key, job_id, None, not_before)
+            return await self._publish(job, key, job_id, None, options)
         name = binding_name(job_type, idempotency_key)
-        canonical = schedule.canonical if schedule is not None else None
-        request_print = fingerprint(job_type, job.job_version, key, body, canonical)
+        request_print = fingerprint(job_type, job.job_version, key, body, options.canonical)
         try:
             reservation = await self.status.reserve_key(name, job_id, request_print, self._lease_s)
         except Exception:
@@ -101,7 +111,7 @@ class Submissions:
         binding = reservation.binding
         if not reservation.held:
             return await self._repeat(binding, request_print)
-        return await self._publish(job, key, binding.job_id, (name, binding.holder), not_before)
+        return await self._publish(job, key, binding.job_id, (name, binding.holder), options)
 
     def _validate(self, job_type: str, version: int | None, body: bytes) -> Job | Response:
         try:
@@ -128,7 +138,8 @@ class Submissions:
             return error(
                 422,
                 "this Idempotency-Key was used with a different request (job type, version, "
-                "?key=, ?delay=, ?not_before= or body); use a new key for a new request",
+                "?key=, ?delay=, ?not_before=, ?priority= or body); use a new key for a new "
+                "request",
             )
         if binding.state is KeyState.PUBLISHED:
             recorded = await self.status.get(binding.job_id)
@@ -145,25 +156,31 @@ class Submissions:
         key: str | None,
         job_id: str,
         hold: tuple[str, str] | None,
-        not_before: datetime | None,
+        options: JobOptions,
     ) -> Response:
         """Publish `job_id`; with `hold` (binding name, holder), settle the binding whatever
         happens: `published`, or `failed` on any error or cancellation (keeping the id)."""
         state, spooled = KeyState.FAILED, False
         try:
             try:
-                receipt = await self.publisher.send(
-                    job, key=key, job_id=job_id, not_before=not_before
-                )
+                receipt = await self.publisher.send(job, key=key, job_id=job_id, options=options)
             except (PublishError, InvalidAttributes) as failure:
                 retry_after_s = self._retry_after_s
                 return publish_failure(
                     failure, job_id, keyed=hold is not None, retry_after_s=retry_after_s
                 )
+            except ValueError as failure:  # a setting the option needs is off
+                return error(400, str(failure))
             state, spooled = KeyState.PUBLISHED, receipt.spooled
         finally:
             if hold is not None:
                 await self._settle(*hold, state, spooled=spooled)
+        if receipt.duplicate:  # a unique key's earlier job, recorded when it was published
+            recorded = await self._status_of(receipt.job_id)
+            return accepted(receipt.job_id, recorded, spooled=receipt.spooled, duplicate=True)
+        job_id = receipt.job_id  # a unique key taken over keeps the job id it was bound to
+        schedule = options.schedule
+        not_before = schedule.not_before if schedule is not None else None
         now = datetime.now(UTC)
         waiting = (
             JobState.SCHEDULED if not_before is not None and not_before > now else JobState.PENDING
@@ -181,6 +198,13 @@ class Submissions:
             log.warning("could not record job %s as %s", job_id, waiting.value, exc_info=True)
             recorded = None
         return accepted(job_id, recorded, spooled=spooled, trace_id=trace_id_now(), state=waiting)
+
+    async def _status_of(self, job_id: str) -> JobStatus | None:
+        try:
+            return await self.status.get(job_id)
+        except Exception:  # status is an observation: the answer names the job all the same
+            log.warning("could not read the status of job %s", job_id, exc_info=True)
+            return None
 
     async def _settle(self, name: str, holder: str, state: KeyState, *, spooled: bool) -> None:
         """Settle the binding in a task of its own: a cancelled request (client gone) still

@@ -18,7 +18,7 @@ from typing import NamedTuple
 
 from consumer.core import MAX_DELAY_S
 
-__all__ = ["Schedule", "parse_schedule"]
+__all__ = ["Schedule", "parse_schedule", "seconds_of"]
 
 
 class Schedule(NamedTuple):
@@ -66,7 +66,9 @@ def parse_schedule(
     return None
 
 
-def _seconds(value: object, name: str) -> float:
+def seconds_of(value: object, name: str, *, zero: bool = True) -> float:
+    """`value` (a number, or text from a flag or query) as a finite number of seconds,
+    `>= 0` (`> 0` without `zero`); `ValueError` naming `name` otherwise."""
     if isinstance(value, bool) or not isinstance(value, int | float | str):
         msg = f"{name} must be a number of seconds, got {value!r}"
         raise ValueError(msg)
@@ -75,9 +77,15 @@ def _seconds(value: object, name: str) -> float:
     except ValueError:
         msg = f"{name} must be a number of seconds (e.g. 30 or 2.5), got {value!r}"
         raise ValueError(msg) from None
-    if not math.isfinite(seconds) or seconds < 0:
-        msg = f"{name} must be a finite number of seconds >= 0, got {value!r}"
+    if not math.isfinite(seconds) or seconds < 0 or (seconds == 0 and not zero):
+        bound = ">= 0" if zero else "> 0"
+        msg = f"{name} must be a finite number of seconds {bound}, got {value!r}"
         raise ValueError(msg)
+    return seconds
+
+
+def _seconds(value: object, name: str) -> float:
+    seconds = seconds_of(value, name)
     if seconds > MAX_DELAY_S:
         msg = f"{name} {value} is longer than {_limit()}; {_advice()}"
         raise ValueError(msg)

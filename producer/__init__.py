@@ -15,6 +15,8 @@ from producer._errors import (
     RecordTooLarge,
     SpoolFull,
     SpoolLocked,
+    UniqueKeyBusy,
+    UniqueStoreUnavailable,
 )
 from producer._producer import JobProducer
 from producer._provision import DestinationHook, plan_destinations
@@ -23,27 +25,35 @@ from producer._request import PublishRequest
 from producer._settings import (
     CONFIG_FILE_ENV,
     ENV_PREFIX,
+    PRIORITIES,
     KafkaSettings,
     NatsSettings,
+    Priority,
     ProducerSettings,
     RoutingSettings,
     SpoolSettings,
     Transport,
+    UniqueSettings,
+    destination_level,
 )
 from producer._spool_status import SpoolStatus, read_spool_status
 from producer._sync import SyncJobProducer
+from producer._unique import MemoryUniqueStore, UniqueStore
 
 __all__ = [
     "CONFIG_FILE_ENV",
     "ENV_PREFIX",
+    "PRIORITIES",
     "BrokerBusy",
     "BrokerUnavailable",
     "DestinationHook",
     "DestinationMissing",
     "JobProducer",
     "KafkaSettings",
+    "MemoryUniqueStore",
     "NatsSettings",
     "NotASpool",
+    "Priority",
     "ProducerSettings",
     "PublishError",
     "PublishRequest",
@@ -58,6 +68,11 @@ __all__ = [
     "SpoolStatus",
     "SyncJobProducer",
     "Transport",
+    "UniqueKeyBusy",
+    "UniqueSettings",
+    "UniqueStore",
+    "UniqueStoreUnavailable",
+    "destination_level",
     "plan_destinations",
     "read_spool_status",
 ]

@@ -9,8 +9,12 @@
           ├── RecordTooLarge            record-too-large: over the broker's size limit
           ├── DestinationMissing        destination-missing: the topic or stream does not
           │                              exist; run `jobstream topics ensure`
-          └── SpoolFull                 spool-full (retriable): the broker could not take
-                                         the job and the spool is at its bound
+          ├── SpoolFull                 spool-full (retriable): the broker could not take
+          │                              the job and the spool is at its bound
+          ├── UniqueStoreUnavailable    unique-store-unavailable (retriable): the store of
+          │                              unique keys did not answer; nothing was published
+          └── UniqueKeyBusy             unique-key-busy (retriable): another publish held
+                                         the unique key for longer than it may
      SpoolLocked                        spool-locked: other processes own every slot file
      NotASpool                          not-a-spool: the spool path is something else
 
@@ -47,6 +51,8 @@ __all__ = [
     "RecordTooLarge",
     "SpoolFull",
     "SpoolLocked",
+    "UniqueKeyBusy",
+    "UniqueStoreUnavailable",
 ]
 
 
@@ -188,6 +194,46 @@ class SpoolFull(PublishError):
 
     def __reduce__(self) -> tuple[Any, ...]:
         return (type(self), (self.path, self.detail))
+
+
+class UniqueStoreUnavailable(PublishError):
+    """The store of unique keys (`unique.url`) did not answer within `unique.timeout_s`, or
+    refused the connection. Raised before anything is published: publishing again is safe."""
+
+    retriable = True
+    reason = "unique-store-unavailable"
+
+    def __init__(self, address: str, detail: str) -> None:
+        self.address = address
+        self.detail = detail
+        super().__init__(
+            f"the unique-key store at {address} is not reachable ({detail}); nothing was "
+            "published: publish again once it is back, and check that it runs and that "
+            "JOBSTREAM_UNIQUE__URL is right (locally: `make up`)"
+        )
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (type(self), (self.address, self.detail))
+
+
+class UniqueKeyBusy(PublishError):
+    """Another publish held the unique key (publishing its job) for longer than twice
+    `unique.lease_s` while this one waited. Nothing was published by this call."""
+
+    retriable = True
+    reason = "unique-key-busy"
+
+    def __init__(self, unique_key: str, waited_s: float) -> None:
+        self.unique_key = unique_key
+        self.waited_s = waited_s
+        super().__init__(
+            f"unique key {unique_key!r} stayed reserved by another publish for {waited_s:g}s; "
+            "publish again later (its job, if published, is returned then), or raise "
+            "JOBSTREAM_UNIQUE__LEASE_S above the broker's publish timeout"
+        )
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (type(self), (self.unique_key, self.waited_s))
 
 
 class SpoolLocked(JobstreamError):

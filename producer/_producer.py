@@ -26,10 +26,15 @@ Guarantees:
 - `publish_many` is pipelined (no round trip per job), returns receipts in input order, and
   holds at most `MAX_BATCH` encoded jobs at once. It is not atomic: if it raises, jobs
   before the failing one may be stored. Publishing them again with the same ids is safe.
+- A publish with a `unique_key` first claims the key in the shared store (`unique.url`,
+  `producer._unique_keys`): inside the key's window it returns the first job's receipt
+  (`duplicate=True`) and publishes nothing. Without a `unique_key` the store is never used.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import uuid
 from collections.abc import Iterable, Mapping
 from datetime import datetime, timedelta
 from pathlib import Path
@@ -44,9 +49,11 @@ from producer._backends import make_publisher
 from producer._errors import PublishError
 from producer._publisher import Publisher, Receipt
 from producer._request import PublishRequest, due
-from producer._settings import ProducerSettings
+from producer._settings import Priority, ProducerSettings
 from producer._spool_status import SpoolStatus
 from producer._spooling import SpoolingSender
+from producer._unique import UniqueStore, unique_window
+from producer._unique_keys import HeldClaims, Reservation, UniqueKeys, open_unique_keys
 from producer.tracecontext import TraceHeaders, current_trace_headers, traceparent_of
 from schemas import Job, JobMessage, JobRegistry, default_registry, encode, validate_payload
 
@@ -66,11 +73,14 @@ class JobProducer:
         publisher: Publisher | None = None,
         registry: JobRegistry | None = None,
         tracer_provider: TracerProvider | None = None,
+        unique_store: UniqueStore | None = None,
     ) -> None:
         """`settings` default to `ProducerSettings()` (environment and config file).
         `publisher` replaces the one `settings.transport` selects (e.g. a `MemoryPublisher`
         on a broker the test reads). `registry` resolves job types for `publish_data`.
-        `tracer_provider` records the publish spans (default: the global one)."""
+        `tracer_provider` records the publish spans (default: the global one).
+        `unique_store` replaces the store of unique keys `unique.url` names (e.g. one
+        `MemoryUniqueStore` shared by the producers of a test)."""
         self._settings = settings if settings is not None else ProducerSettings()
         self._publisher = publisher if publisher is not None else make_publisher(self._settings)
         self._registry = registry if registry is not None else default_registry
@@ -85,6 +95,7 @@ class JobProducer:
             if spool.path is not None
             else None
         )
+        self._unique: UniqueKeys | None = open_unique_keys(self._settings, unique_store)
 
     @property
     def settings(self) -> ProducerSettings:
@@ -115,6 +126,8 @@ class JobProducer:
         if self._spooling is not None:
             await self._spooling.close()
         await self._publisher.stop()
+        if self._unique is not None:
+            await self._unique.close()
 
     async def spool_status(self) -> SpoolStatus:
         """What the spool holds now: jobs, bytes, the oldest one's age, per destination.
@@ -164,9 +177,10 @@ class JobProducer:
     ) -> None:
         await self.stop()
 
-    def destination(self, job_type: str) -> str:
-        """Where jobs of `job_type` go: the topic (Kafka, memory) or subject (NATS)."""
-        return self._settings.routing.destination(self._publisher.transport, job_type)
+    def destination(self, job_type: str, priority: Priority = "normal") -> str:
+        """Where jobs of `job_type` go: the topic (Kafka, memory) or subject (NATS), at
+        `priority` (`ValueError` as `publish`)."""
+        return self._settings.routing.destination(self._publisher.transport, job_type, priority)
 
     async def publish(
         self,
@@ -178,16 +192,38 @@ class JobProducer:
         not_before: datetime | None = None,
         subject: str | None = None,
         delay: float | timedelta | None = None,
+        priority: Priority = "normal",
+        unique_key: str | None = None,
+        unique_for: float | timedelta | None = None,
     ) -> Receipt:
         """Publish one job; returns when the broker acknowledged it. `delay` (seconds or a
-        `timedelta`) is a shorthand for `not_before=now + delay` (`ValueError` with both)."""
-        request = PublishRequest(job, key, id, idempotency_key, not_before, subject, delay)
+        `timedelta`) is a shorthand for `not_before=now + delay` (`ValueError` with both).
+        `priority`: `high`, `normal` or `low` (`ValueError` for a level other than `normal`
+        unless `routing.priorities`). The options are `PublishRequest`'s fields.
+
+        `unique_key` with `unique_for` (seconds or a `timedelta`): while a job published
+        with the key is inside its window, return that job's receipt (`duplicate=True`)
+        and publish nothing (docs/scheduling.md, "Unique jobs"; needs `unique.url`)."""
+        request = PublishRequest(
+            job,
+            key,
+            id,
+            idempotency_key,
+            not_before,
+            subject,
+            delay,
+            priority,
+            unique_key,
+            unique_for,
+        )
+        if unique_key is not None or unique_for is not None:
+            return await self._publish_unique(request)
         origin = current_trace_headers()
         job_type = getattr(type(job), "job_type", None)
         if job_type is None or not self._traced():  # (`encode` rejects a non-concrete type)
             destination, message = self._encode(request, origin, origin)
             return await self._send(destination, message)
-        destination = self.destination(str(job_type))
+        destination = self.destination(str(job_type), priority)
         with self._tracer.start_as_current_span(
             f"send {destination}",
             kind=SpanKind.PRODUCER,
@@ -200,23 +236,112 @@ class JobProducer:
             return receipt
 
     async def publish_many(self, jobs: Iterable[Job | PublishRequest]) -> list[Receipt]:
-        """Publish many jobs, pipelined; receipts in input order."""
+        """Publish many jobs, pipelined; receipts in input order. A request with a
+        `unique_key` is claimed first (one store round trip each, in input order); a
+        duplicate gets the key's earlier receipt in its place and is not sent."""
         origin = current_trace_headers()  # one origin for the whole call
         traced = self._traced()
         receipts: list[Receipt] = []
         batch: list[tuple[str, JobMessage]] = []
-        for item in jobs:
-            request = item if isinstance(item, PublishRequest) else PublishRequest(item)
-            if traced:
-                batch.append(self._create(request, origin))
-            else:
-                batch.append(self._encode(request, origin, origin))
-            if len(batch) >= MAX_BATCH:
-                receipts += await self._send_batch(batch)
-                batch = []
-        if batch or not receipts:
-            receipts += await self._send_batch(batch)
+        held: HeldClaims | None = None  # the unique keys of this chunk, if any
+        chunk: HeldClaims | None
+        try:
+            for item in jobs:
+                request = item if isinstance(item, PublishRequest) else PublishRequest(item)
+                if request.unique_key is not None or request.unique_for is not None:
+                    if held is not None and request.unique_key in held.keys:
+                        chunk, held, sending, batch = held, None, batch, []
+                        receipts += await self._send_held(sending, chunk)  # it holds the key
+                    held = held or HeldClaims()
+                    claimed = await self._claim(request)
+                    held.add(claimed, len(batch))
+                    if isinstance(claimed, Receipt):
+                        continue
+                    request = dataclasses.replace(
+                        request, id=claimed.job_id, unique_key=None, unique_for=None
+                    )
+                if traced:
+                    batch.append(self._create(request, origin))
+                else:
+                    batch.append(self._encode(request, origin, origin))
+                if len(batch) >= MAX_BATCH:
+                    chunk, held, sending, batch = held, None, batch, []
+                    receipts += await self._send_held(sending, chunk)
+        except Exception:
+            if held is not None and self._unique is not None:
+                await self._unique.abandon_held(held)
+            raise
+        if batch or held is not None or not receipts:
+            receipts += await self._send_held(batch, held)
         return receipts
+
+    async def _send_held(
+        self, batch: list[tuple[str, JobMessage]], held: HeldClaims | None
+    ) -> list[Receipt]:
+        """`_send_batch`, then settle the chunk's unique keys (ending their leases if it
+        fails: the batch may be partly stored, so each keeps its job id)."""
+        if held is None or self._unique is None:
+            return await self._send_batch(batch)
+        try:
+            sent = await self._send_batch(batch)
+        except Exception:
+            await self._unique.abandon_held(held)
+            raise
+        await self._unique.settle_held(held, sent)
+        return held.receipts(sent)
+
+    async def _publish_unique(self, request: PublishRequest) -> Receipt:
+        """`publish` with a unique key: claim it, publish under its job id, settle it. A
+        cancelled publish (a `SyncJobProducer` timeout) leaves the key to its lease."""
+        claimed = await self._claim(request)
+        if isinstance(claimed, Receipt):
+            return claimed
+        unique = self._unique
+        assert unique is not None
+        try:
+            receipt = await self.publish(
+                request.job,
+                key=request.key,
+                id=claimed.job_id,
+                idempotency_key=request.idempotency_key,
+                not_before=request.not_before,
+                subject=request.subject,
+                delay=request.delay,
+                priority=request.priority,
+            )
+        except Exception as error:
+            await unique.failed(claimed, error)
+            raise
+        await unique.published(claimed, receipt)
+        return receipt
+
+    def check(self, request: PublishRequest) -> None:
+        """Raise the `ValueError` that publishing `request` would raise before anything is
+        sent or claimed: a bad `delay`, a `priority` the routing does not allow, a bad
+        `unique_key` or `unique_for`, or a unique key without a store (`unique.url`). For
+        callers that validate a whole batch first (the CLI)."""
+        due(request)
+        job_type = getattr(type(request.job), "job_type", None)
+        if job_type is not None:
+            self.destination(str(job_type), request.priority)
+        if request.unique_key is None and request.unique_for is None:
+            return
+        unique_window(request, self._settings.unique.max_for_s)
+        if self._unique is None:
+            msg = (
+                "unique_key needs the shared store of unique keys: set unique.url "
+                "(JOBSTREAM_UNIQUE__URL), e.g. redis://127.0.0.1:6379/0"
+            )
+            raise ValueError(msg)
+
+    async def _claim(self, request: PublishRequest) -> Reservation | Receipt:
+        """Validate a unique request, then hold its key (or get the key's receipt)."""
+        self.check(request)  # raises before the key is held
+        key, window_s = unique_window(request, self._settings.unique.max_for_s)
+        self._check_started()
+        assert self._unique is not None  # checked
+        job_id = request.id if request.id is not None else str(uuid.uuid4())
+        return await self._unique.reserve(key, job_id, window_s)
 
     async def publish_data(
         self,
@@ -243,7 +368,9 @@ class JobProducer:
 
     async def ensure(self, job_types: Iterable[str]) -> list[str]:
         """Create the topics or stream that `job_types` need; returns what was created."""
-        return await self._publisher.ensure([self.destination(t) for t in job_types])
+        routing = self._settings.routing
+        wanted = [d for t in job_types for d in routing.level_destinations(self.destination(t))]
+        return await self._publisher.ensure(wanted)
 
     def _traced(self) -> bool:
         """Whether an SDK records spans here: without one, per-job spans would only cost
@@ -255,7 +382,7 @@ class JobProducer:
         job_type = getattr(type(request.job), "job_type", None)
         if job_type is None:
             return self._encode(request, origin, origin)  # raises: not a concrete job type
-        destination = self.destination(str(job_type))
+        destination = self.destination(str(job_type), request.priority)
         span = self._tracer.start_span(
             f"create {destination}",
             kind=SpanKind.PRODUCER,
@@ -295,7 +422,7 @@ class JobProducer:
             origin_traceparent=origin[0],
             origin_tracestate=origin[1],
         )
-        return self.destination(message.attributes.type), message
+        return self.destination(message.attributes.type, request.priority), message
 
     async def _send_batch(self, batch: list[tuple[str, JobMessage]]) -> list[Receipt]:
         if not batch:

@@ -23,11 +23,12 @@ DestinationHook = Callable[[str, str], Iterable[str]]
 def plan_destinations(
     settings: ProducerSettings, job_types: Iterable[str], extra: Sequence[DestinationHook] = ()
 ) -> list[str]:
-    """Topics (Kafka, memory) or subjects (NATS) for `job_types`, without repeats."""
+    """Topics (Kafka, memory) or subjects (NATS) for `job_types`, without repeats: each main
+    one at every priority level (`routing.priorities`); the hooks get the normal level's."""
     planned: list[str] = []
     for job_type in job_types:
         main = settings.destination(job_type)
-        planned.append(main)
+        planned.extend(settings.routing.level_destinations(main))
         for hook in extra:
             planned.extend(hook(job_type, main))
     return list(dict.fromkeys(planned))

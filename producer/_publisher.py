@@ -39,8 +39,10 @@ class Receipt(NamedTuple):
     offset: int
     """The record's offset in its partition, or its JetStream stream sequence."""
     duplicate: bool = False
-    """True when JetStream dropped the publish as a repeat of the same job id (NATS only);
-    `offset` is then the sequence of the message stored first."""
+    """True when nothing new was stored: JetStream dropped the publish as a repeat of the
+    same job id (NATS; `offset` is then the sequence of the message stored first), or a
+    `unique_key`'s window holds an earlier job and this is that job's receipt, as it was
+    returned then (any transport; docs/scheduling.md, "Unique jobs")."""
     spooled: bool = False
     """True when the broker was unavailable and the job was written to the producer's
     durable spool instead (see docs/producer.md, "Spool"): it is stored on local disk and

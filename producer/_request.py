@@ -6,6 +6,7 @@ import dataclasses
 import math
 from datetime import UTC, datetime, timedelta
 
+from producer._settings import Priority
 from schemas import Job
 
 __all__ = ["PublishRequest", "due"]
@@ -30,6 +31,14 @@ class PublishRequest:
     delay: float | timedelta | None = None
     """Shorthand for `not_before = now + delay` (seconds, or a `timedelta`); not with
     `not_before`. docs/scheduling.md says how long a job may wait and how precisely."""
+    priority: Priority = "normal"
+    """`high`, `normal` or `low`: the level's own topic or subject (`routing.priorities`)."""
+    unique_key: str | None = None
+    """While a job published with this key is inside its `unique_for` window, a publish
+    with the same key returns that job's receipt instead of publishing (`unique.url`)."""
+    unique_for: float | timedelta | None = None
+    """The unique window (seconds, or a `timedelta`), from the first publish; needs
+    `unique_key`."""
 
 
 def due(request: PublishRequest) -> datetime | None:

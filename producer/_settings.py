@@ -9,6 +9,7 @@ appear in `repr`, logs or error messages. docs/configuration.md lists every sett
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
 from typing import Literal
 
@@ -21,6 +22,10 @@ from pydantic_settings import (
 )
 
 Transport = Literal["kafka", "nats", "memory"]
+Priority = Literal["high", "normal", "low"]
+PRIORITIES: tuple[Priority, ...] = ("high", "normal", "low")
+"""The priority levels, highest first (docs/scheduling.md, "Priorities")."""
+_LEVEL_SUFFIX = ".priority-"
 ENV_PREFIX = "JOBSTREAM_"
 CONFIG_FILE_ENV = "JOBSTREAM_CONFIG_FILE"
 
@@ -128,6 +133,11 @@ class RoutingSettings(_Frozen):
     """Partitions of topics created by `jobstream topics ensure`."""
     replication_factor: int = Field(default=1, ge=1)
     """Replication factor of topics created by `topics ensure` (and stream replicas)."""
+    priorities: bool = False
+    """Three priority levels (`high`, `normal`, `low`): a job published with `priority=`
+    `high` or `low` goes to `<destination>.priority-<level>` (a topic or subject of its own),
+    `normal` to the destination itself; workers read every level, weighted by
+    `worker.priority_weights`, and `topics ensure` creates them. Off: only `normal`."""
 
     @field_validator("topic_prefix", "subject_prefix")
     @classmethod
@@ -143,9 +153,43 @@ class RoutingSettings(_Frozen):
     def subject(self, job_type: str) -> str:
         return self.routes.get(job_type, f"{self.subject_prefix}{job_type}")
 
-    def destination(self, transport: Transport, job_type: str) -> str:
-        """The subject (NATS) or topic (Kafka, memory) of `job_type`."""
-        return self.subject(job_type) if transport == "nats" else self.topic(job_type)
+    def destination(
+        self, transport: Transport, job_type: str, priority: Priority = "normal"
+    ) -> str:
+        """The subject (NATS) or topic (Kafka, memory) of `job_type` at `priority`;
+        `ValueError` for a level other than `normal` while `priorities` is off."""
+        base = self.subject(job_type) if transport == "nats" else self.topic(job_type)
+        return self.level_destination(base, priority)
+
+    def level_destination(self, destination: str, priority: Priority) -> str:
+        """`destination` (a level's own, or the normal one) at `priority`."""
+        base = destination_level(destination)[0]
+        if priority == "normal":
+            return base
+        if priority not in PRIORITIES:
+            msg = f"priority must be one of {', '.join(PRIORITIES)}, got {priority!r}"
+            raise ValueError(msg)
+        if not self.priorities:
+            msg = (
+                f"priority {priority!r} needs routing.priorities on "
+                "(JOBSTREAM_ROUTING__PRIORITIES=true) in the producer and the workers"
+            )
+            raise ValueError(msg)
+        return f"{base}{_LEVEL_SUFFIX}{priority}"
+
+    def level_destinations(self, destination: str) -> list[str]:
+        """Every level of `destination`, highest first (only itself with `priorities` off)."""
+        if not self.priorities:
+            return [destination]
+        return [self.level_destination(destination, level) for level in PRIORITIES]
+
+
+def destination_level(destination: str) -> tuple[str, Priority]:
+    """(`normal` destination, level) of a topic or subject named by `level_destination`."""
+    base, _, level = destination.rpartition(_LEVEL_SUFFIX)
+    if base and level in ("high", "low"):
+        return base, "high" if level == "high" else "low"
+    return destination, "normal"
 
 
 class SpoolSettings(_Frozen):
@@ -176,6 +220,55 @@ class SpoolSettings(_Frozen):
     producer on this path, in seconds."""
 
 
+_UNIQUE_SCHEMES = ("redis://", "rediss://", "unix://", "postgresql://", "postgres://", "nats://")
+_UNIQUE_NAMESPACE = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+
+
+class UniqueSettings(_Frozen):
+    """The shared store of unique keys (`publish(unique_key=..., unique_for=...)`,
+    docs/scheduling.md, "Unique jobs"): off unless `url` is set."""
+
+    url: SecretStr | None = None
+    """Where unique keys live, shared by every producer that must see them: `redis://...`,
+    `postgresql://...` (psycopg; the `postgres` extra), `nats://` (a JetStream key-value
+    bucket over the `nats` connection settings; `nats://host:port` replaces their servers)
+    or `memory` (this producer only: tests, the memory transport). None: a publish with a
+    `unique_key` raises `ValueError`."""
+    namespace: str = "jobstream"
+    """Prefix of the keys (Redis: `<namespace>:unique:<key>`), table (PostgreSQL:
+    `<namespace>_unique`) or bucket (NATS: `<namespace>_unique`)."""
+    max_for_s: float = Field(default=7 * 24 * 3600.0, gt=0, le=366 * 24 * 3600.0)
+    """Longest `unique_for` a publish may ask for, in seconds, at most a year (also the
+    NATS bucket's `max_age`, plus `lease_s`)."""
+    lease_s: float = Field(default=30.0, gt=0)
+    """How long a publish holds a key it reserved while it publishes. Another publish of
+    the key waits for it (at most twice this), and takes the reservation over, with its job
+    id, once it ran out (its publisher died). Keep it above the publish timeout."""
+    timeout_s: float = Field(default=5.0, gt=0)
+    """Bound on each store operation; past it the publish raises `UniqueStoreUnavailable`."""
+
+    @field_validator("url")
+    @classmethod
+    def _url_scheme(cls, url: SecretStr | None) -> SecretStr | None:
+        value = url.get_secret_value() if url is not None else ""
+        conninfo = "://" not in value and "=" in value  # a PostgreSQL conninfo string
+        if url is None or value == "memory" or value.startswith(_UNIQUE_SCHEMES) or conninfo:
+            return url
+        msg = (
+            "unique.url must start with redis://, rediss://, postgresql://, nats:// or be "
+            f"memory (found {value.split('://')[0] + '://' if '://' in value else 'no scheme'})"
+        )
+        raise ValueError(msg)
+
+    @field_validator("namespace")
+    @classmethod
+    def _plain_namespace(cls, namespace: str) -> str:
+        if not _UNIQUE_NAMESPACE.fullmatch(namespace):
+            msg = f"unique.namespace {namespace!r} must be letters, digits and '_'"
+            raise ValueError(msg)
+        return namespace
+
+
 class ProducerSettings(BaseSettings):
     """Everything a service needs to publish jobs."""
 
@@ -200,6 +293,8 @@ class ProducerSettings(BaseSettings):
     """Topic, subject and stream names, and how `topics ensure` creates them."""
     spool: SpoolSettings = Field(default_factory=SpoolSettings)
     """The durable spool for outages (`JOBSTREAM_SPOOL__*`); off by default."""
+    unique: UniqueSettings = Field(default_factory=UniqueSettings)
+    """The shared store of unique keys (`JOBSTREAM_UNIQUE__*`); off by default."""
 
     def destination(self, job_type: str) -> str:
         """Where jobs of `job_type` go: its subject on NATS, its topic on Kafka and memory."""

@@ -49,7 +49,7 @@ from producer._errors import BrokerUnavailable, PublishTimeout
 from producer._producer import JobProducer
 from producer._publisher import Publisher, Receipt
 from producer._request import PublishRequest
-from producer._settings import ProducerSettings
+from producer._settings import Priority, ProducerSettings
 from producer._spool_status import SpoolStatus
 from schemas import Job, JobRegistry, default_registry, validate_payload
 
@@ -196,10 +196,26 @@ class SyncJobProducer:
         not_before: datetime | None = None,
         subject: str | None = None,
         delay: float | timedelta | None = None,
+        priority: Priority = "normal",
+        unique_key: str | None = None,
+        unique_for: float | timedelta | None = None,
     ) -> Receipt:
-        """Publish one job; returns when the broker acknowledged it (`JobProducer.publish`)."""
+        """Publish one job; returns when the broker acknowledged it (`JobProducer.publish`).
+        With a `unique_key`, a `PublishTimeout` of this call's own bound carries the id it
+        proposed, not necessarily the key's: publish again with the same `unique_key`."""
         job_id = id if id is not None else str(uuid.uuid4())
-        request = PublishRequest(job, key, job_id, idempotency_key, not_before, subject, delay)
+        request = PublishRequest(
+            job,
+            key,
+            job_id,
+            idempotency_key,
+            not_before,
+            subject,
+            delay,
+            priority,
+            unique_key,
+            unique_for,
+        )
         return self._call(
             lambda p: p.publish(
                 job,
@@ -209,6 +225,9 @@ class SyncJobProducer:
                 not_before=request.not_before,
                 subject=request.subject,
                 delay=request.delay,
+                priority=request.priority,
+                unique_key=request.unique_key,
+                unique_for=request.unique_for,
             ),
             job_id,
             self.destination(str(getattr(type(job), "job_type", "?"))),

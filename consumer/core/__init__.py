@@ -6,6 +6,7 @@ Nothing here imports a broker client; `make check` enforces it.
 """
 
 from consumer.core._app import App, CancellationSignal, HandlerSpec, JobContext, main_destinations
+from consumer.core._cron import MAX_CATCH_UP, CronSchedule, JobFactory
 from consumer.core._dead_letters import (
     DeadLetterFilter,
     DeadLetterRecord,
@@ -14,6 +15,7 @@ from consumer.core._dead_letters import (
 )
 from consumer.core._delays import (
     MAX_DELAY_S,
+    Deferrals,
     DelayPlan,
     DelayTooLong,
     plan_delay,
@@ -40,6 +42,7 @@ from consumer.core._outcome import Outcome
 from consumer.core._pipeline import Decision, FailureRouter, JobRun, Next, Step, compose
 from consumer.core._reduction import DEAD_LETTER_FORMS, reduced_dead_letter
 from consumer.core._settings import (
+    CronSettings,
     IdempotencySettings,
     LoggingSettings,
     OrderingMode,
@@ -54,16 +57,20 @@ __all__ = [
     "ERROR",
     "FAILURE_EXTENSIONS",
     "FIRST_FAILURE",
+    "MAX_CATCH_UP",
     "MAX_DELAY_S",
     "REASON",
     "REPLAY_OF",
     "SOURCE_TOPIC",
     "App",
     "CancellationSignal",
+    "CronSchedule",
+    "CronSettings",
     "DeadLetter",
     "DeadLetterFilter",
     "DeadLetterRecord",
     "Decision",
+    "Deferrals",
     "DelayPlan",
     "DelayTooLong",
     "Delivery",
@@ -72,6 +79,7 @@ __all__ = [
     "HandlerSpec",
     "IdempotencySettings",
     "JobContext",
+    "JobFactory",
     "JobRun",
     "JobTimeout",
     "LoggingSettings",

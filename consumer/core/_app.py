@@ -7,6 +7,10 @@ app = App("mail")
 async def send_welcome(job: SendWelcomeEmail, ctx: JobContext) -> None: ...
 ```
 
+`@app.cron("*/5 * * * *", tz="Europe/Paris")` above `@app.handler(Model)` also publishes
+that job at every tick (one replica publishes it; see `consumer/core/_cron.py`), and
+`app.schedule(CronSchedule(...))` does the same for any job type.
+
 Handlers are plain typed functions. Async handlers run on the event loop, sync handlers in
 a thread pool, and `cpu_bound=True` handlers in a process pool (they must be module-level
 functions and their jobs picklable). Handlers never touch offsets or acks.
@@ -23,10 +27,12 @@ from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
+from consumer.core._cron import CronSchedule, JobFactory
 from consumer.core._settings import Settings
 from schemas import Job, JobAttributes, JobRegistry
 
 J = TypeVar("J", bound=Job)
+F = TypeVar("F", bound=Callable[..., Any])
 Handler = Callable[[J, "JobContext"], Awaitable[None] | None]
 
 
@@ -109,6 +115,7 @@ class App:
     def __init__(self, name: str = "jobstream") -> None:
         self.name = name
         self._handlers: dict[tuple[str, int], HandlerSpec] = {}
+        self._schedules: dict[str, CronSchedule] = {}
         self.registry = JobRegistry()
 
     def handler(
@@ -134,6 +141,52 @@ class App:
 
         return register
 
+    def cron(
+        self,
+        expression: str,
+        *,
+        job: JobFactory | None = None,
+        tz: str = "UTC",
+        name: str = "",
+        catch_up: int = 0,
+        key: str | None = None,
+    ) -> Callable[[F], F]:
+        """Publish the job of the handler below at every tick of `expression` (read in
+        `tz`), once across all replicas. Goes above `@app.handler(Model)`; `job` defaults
+        to `Model()` (see `CronSchedule` for the rest)."""
+
+        def register(func: F) -> F:
+            specs = [spec for spec in self._handlers.values() if spec.func is func]
+            if not specs:
+                msg = (
+                    f"{getattr(func, '__qualname__', func)!r} is not a handler of this app: "
+                    "put @app.cron(...) above @app.handler(Model)"
+                )
+                raise TypeError(msg)
+            model = specs[0].model
+            factory: JobFactory = job if job is not None else model
+            self.schedule(CronSchedule(expression, factory, tz, name, catch_up, key))
+            return func
+
+        return register
+
+    def schedule(self, schedule: CronSchedule) -> CronSchedule:
+        """Add `schedule` (its job type needs no handler in this app); `ValueError` if the
+        app has one of the same name."""
+        if schedule.name in self._schedules:
+            msg = (
+                f"the app already has a cron schedule named {schedule.name!r}: "
+                "give the second one a name="
+            )
+            raise ValueError(msg)
+        self._schedules[schedule.name] = schedule
+        return schedule
+
+    @property
+    def schedules(self) -> list[CronSchedule]:
+        """The app's cron schedules, in the order they were added."""
+        return list(self._schedules.values())
+
     def spec_for(self, job_type: str, version: int) -> HandlerSpec:
         return self._handlers[(job_type, version)]
 
@@ -146,6 +199,8 @@ class App:
 
 def main_destinations(app: App, settings: Settings) -> list[str]:
     """The topics (Kafka, memory) or subjects (NATS) a worker of `app` consumes: those of
-    `worker.subscribe_types`, else of every job type the app has a handler for."""
+    `worker.subscribe_types`, else of every job type the app has a handler for; with
+    `routing.priorities`, each at every level (`<destination>.priority-high`, ...)."""
     types = settings.worker.subscribe_types or app.job_types()
-    return sorted({settings.destination(job_type) for job_type in types})
+    routing = settings.routing
+    return sorted({d for t in types for d in routing.level_destinations(settings.destination(t))})

@@ -20,6 +20,7 @@ follow the same rules as a delayed record.
 
 from __future__ import annotations
 
+from collections import deque
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime
@@ -89,3 +90,29 @@ def plan_delay(
         return DelayPlan("hold", remaining)
     tier = max(index for index, delay_s in enumerate(tiers_s) if delay_s <= remaining)
     return DelayPlan("move", remaining, tier)
+
+
+class Deferrals:
+    """Delayed jobs a source set aside on their first attempt (Kafka and memory: read from
+    a main topic and moved to a tier or held; NATS: handed to the scheduler), for the worker
+    to record as `scheduled` in the status store. Off (`add` does nothing) until the worker
+    enables it, which it does only with a status store. Bounded: at most `limit` wait to be
+    recorded, then the oldest are dropped (status is an observation; the job is not)."""
+
+    def __init__(self, limit: int = 10_000) -> None:
+        self._waiting: deque[JobAttributes] = deque(maxlen=limit)
+        self.enabled = False
+
+    def add(self, attributes: JobAttributes | None) -> None:
+        """Note a delayed job set aside; ignored when off, and for a retry (whose state is
+        `retrying` already) or a job without `not_before`."""
+        if not self.enabled or attributes is None or attributes.not_before is None:
+            return
+        if attributes.attempt == 1:
+            self._waiting.append(attributes)
+
+    def take(self) -> list[JobAttributes]:
+        """Every job noted since the last call, oldest first."""
+        taken = list(self._waiting)
+        self._waiting.clear()
+        return taken

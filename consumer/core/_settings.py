@@ -8,19 +8,20 @@ from __future__ import annotations
 
 import re
 from collections.abc import Iterable
-from typing import Literal, Self
+from typing import Annotated, Literal, Self
 
 from pydantic import (
     BaseModel,
     ConfigDict,
     Field,
     SecretStr,
+    StrictInt,
     ValidationInfo,
     field_validator,
     model_validator,
 )
 
-from producer import ProducerSettings
+from producer import PRIORITIES, Priority, ProducerSettings
 
 OrderingMode = Literal["partition", "key", "none"]
 _URL_SCHEMES = {
@@ -45,6 +46,10 @@ def _one_of(names: tuple[str, ...]) -> str:
 
 class _Frozen(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
+
+
+def _default_weights() -> dict[Priority, int]:
+    return {"high": 6, "normal": 3, "low": 1}
 
 
 class WorkerSettings(_Frozen):
@@ -92,6 +97,19 @@ class WorkerSettings(_Frozen):
     """Processes for CPU-bound handlers (`cpu_bound=True`); 0 uses the CPU count."""
     subscribe_types: list[str] = Field(default_factory=list)
     """Job types to consume (default: every type the app has a handler for)."""
+    priority_weights: dict[Priority, Annotated[StrictInt, Field(ge=1, le=1000)]] = Field(
+        default_factory=_default_weights
+    )
+    """With `routing.priorities`: the share of jobs each level gets while every level has
+    a backlog (weighted round robin: 6/3/1 runs 60% high, 30% normal, 10% low), so a low
+    job is never starved. A level left out keeps its default; a weight is 1 to 1000
+    (env: JSON object, `JOBSTREAM_WORKER__PRIORITY_WEIGHTS='{"high": 8}'`)."""
+
+    @field_validator("priority_weights")
+    @classmethod
+    def _every_level(cls, value: dict[Priority, int]) -> dict[Priority, int]:
+        defaults = _default_weights()
+        return {level: value.get(level, defaults[level]) for level in PRIORITIES}
 
 
 class IdempotencySettings(_Frozen):
@@ -367,6 +385,30 @@ class HealthSettings(_Frozen):
     `worker.max_poll_interval_s` (300 s), when Kafka takes a member for stuck."""
 
 
+class CronSettings(_Frozen):
+    """How the replicas of an app share its cron schedules (docs/scheduling.md#cron)."""
+
+    lease_s: float = Field(default=10.0, ge=0.1, le=300.0)
+    """The leading replica's lease in the idempotency store, renewed every third of it.
+    Another replica takes the lead once it saw the lease unchanged for this long, so a
+    leader that dies is replaced within about 1.4 leases."""
+    grace_s: float = Field(default=30.0, gt=0, le=86_400.0)
+    """A tick not yet published is still published this long after its time (a leader
+    died at the tick, the store or broker was away); older ones are missed, skipped unless
+    the schedule's `catch_up` says otherwise. At least twice `lease_s`, so a tick lost by a
+    dying leader is always within it."""
+
+    @model_validator(mode="after")
+    def _grace_covers_a_failover(self) -> Self:
+        if self.grace_s < 2 * self.lease_s:
+            msg = (
+                f"cron.grace_s ({self.grace_s:g}) must be at least twice cron.lease_s "
+                f"({self.lease_s:g}): a tick due while a leader dies must still be published"
+            )
+            raise ValueError(msg)
+        return self
+
+
 class LoggingSettings(_Frozen):
     level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
     """Log level of the `jobstream` loggers."""
@@ -389,6 +431,7 @@ class Settings(ProducerSettings):
 
     worker: WorkerSettings = Field(default_factory=WorkerSettings)
     idempotency: IdempotencySettings = Field(default_factory=IdempotencySettings)
+    cron: CronSettings = Field(default_factory=CronSettings)
     retry: RetrySettings = Field(default_factory=RetrySettings)
     jetstream: JetStreamSettings = Field(default_factory=JetStreamSettings)
     """NATS JetStream consumption (`JOBSTREAM_JETSTREAM__*`)."""

@@ -21,9 +21,9 @@ from consumer.core import (
 )
 from consumer.kafka._dead_letters import ReplayLedger, list_dead_letters, replay
 from consumer.kafka._source import KafkaSource
-from consumer.runtime import RecordFailureRouter, until_reachable
+from consumer.runtime import RecordFailureRouter, normal_topics, until_reachable
 from consumer.stores import IdempotencyStore
-from producer import plan_destinations
+from producer import Publisher, destination_level, plan_destinations
 from producer.kafka import KafkaPublisher
 
 
@@ -45,13 +45,18 @@ class KafkaBackend:
         await until_reachable(settings, publisher.start)
         stack.push_async_callback(publisher.stop)
         topics = main_destinations(app, settings)
-        needed = settings.retry.failure_topics(topics)
+        needed = settings.retry.failure_topics(normal_topics(topics))
+        # A priority level's topic too (not a main topic: a missing one may come later).
+        needed += [t for t in topics if destination_level(t)[1] != "normal"]
         if settings.create_missing:
             await publisher.ensure(needed)
         else:
             await publisher.check(needed)
         source = KafkaSource(settings, topics, requeue=publisher)
         return source, RecordFailureRouter(settings, publisher, tracer)
+
+    def publisher(self, settings: Settings) -> Publisher:
+        return KafkaPublisher(settings.kafka, settings.routing)
 
     async def open_idempotency_store(self, settings: Settings) -> IdempotencyStore:
         msg = "Kafka keeps no idempotency store: use memory, redis, postgres or nats-kv"

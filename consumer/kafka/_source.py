@@ -10,6 +10,14 @@ K1). Records that arrive beyond what the worker asked for wait in hand (`fetch`)
 partition holding `max_held_offsets` records behind its oldest unsettled one is paused
 until it settles (K7).
 
+With `routing.priorities` the topics come in three levels (`<topic>.priority-high`, the
+topic, `<topic>.priority-low`; tier topics count as normal) and the hand is one FIFO per
+level: `fetch` hands out by weighted round robin among the levels holding records
+(`consumer.runtime.PriorityLevels`, `worker.priority_weights`), and while some levels'
+hands are full it still polls the partitions of the others, so a high record that arrives
+behind a backlog of low ones is taken at the next free slot (docs/scheduling.md,
+"Priorities"). Without priorities there is one level and one FIFO, as before.
+
 Auto-commit is off. Every fetched record is tracked by the `OffsetTracker`; settled records
 advance the commit position, and commits happen in batches (`commit_every` settled records
 or `commit_interval_s`, whichever first), on revoke (after the runtime drained the revoked
@@ -21,7 +29,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections import Counter, deque
 from collections.abc import Sequence
 
 from aiokafka import AIOKafkaConsumer, ConsumerRecord, TopicPartition
@@ -30,9 +37,10 @@ from aiokafka.errors import CommitFailedError, IllegalStateError, KafkaError
 from aiokafka.structs import OffsetAndMetadata
 
 from consumer.core import Delivery, Outcome, RevokeCallback, Settings, WorkerError
+from consumer.kafka._hand import Hand
 from consumer.kafka._tiers import RetryTiers
 from consumer.kafka._unreadable import Unreadable, UnreadableFinder, unparsable
-from consumer.runtime import OffsetTracker, RecordPublisher
+from consumer.runtime import OffsetTracker, PriorityLevels, RecordPublisher
 from consumer.telemetry import Backlog
 from producer.kafka import kafka_client_options
 from producer.retrying import Backoff, retry
@@ -85,6 +93,7 @@ class KafkaSource:
             settle=self._settle_offset,
         )
         self._topics = sorted({*topics, *self._tiers.topics})
+        self.deferrals = self._tiers.deferrals
         self._settings = settings
         self._consumer = AIOKafkaConsumer(
             **kafka_client_options(settings.kafka),
@@ -105,9 +114,7 @@ class KafkaSource:
         self._paused = False
         self._commit_lock = asyncio.Lock()
         self._fetch_max = worker.fetch_max_records
-        self._held: deque[tuple[TopicPartition, ConsumerRecord[bytes, bytes] | Unreadable]] = (
-            deque()
-        )
+        self._held = Hand(PriorityLevels(settings, self._topics))
         self._next: dict[TopicPartition, int] = {}  # after the last record received
         self._unreadable = UnreadableFinder(self._consumer, self._fetch_max, self._receive)
         self._full: set[TopicPartition] = set()  # paused: too many records held (K7)
@@ -164,60 +171,82 @@ class KafkaSource:
         self._consumer.subscribe(self._topics, listener=_Listener(self))
 
     async def fetch(self, max_records: int, timeout_s: float) -> list[Delivery]:
-        # Records that arrive beyond `max_records` wait in `_held` instead of overrunning
-        # the runtime's in-flight bound; while they wait, or while the worker has no room,
-        # the consumer still polls, taking nothing (K6).
+        # Records that arrive beyond `max_records` wait in hand (`_held`, a FIFO per level)
+        # instead of overrunning the runtime's in-flight bound; while they wait, or while
+        # the worker has no room, the consumer still polls, taking nothing (K6).
         self._tiers.raise_if_failed()
-        if self._paused or len(self._held) >= max(max_records, 1):
-            await self._consumer.getmany(_NO_PARTITION, timeout_ms=0)
+        if self._paused:
+            await self._nothing()
+        elif (wanted := self._held.short_of(max(max_records, 1))) is None:
+            await self._top_up(timeout_s)
+        elif wanted:
+            # Some levels' hands are full: read only the others' partitions (aiokafka
+            # keeps what it prefetched for the rest), so that a high record arriving
+            # behind a low backlog is in hand at the next free slot.
+            await self._read(wanted, 0)
         else:
-            # With records already in hand, only top up what is ready: never wait for more,
-            # nor past the next delayed job held in memory.
-            soon = self._tiers.next_due_in()
-            wait_s = 0.0 if self._held else min(timeout_s, timeout_s if soon is None else soon)
-            wait_ms = int(wait_s * 1000)
-            try:
-                batches = await self._consumer.getmany(
-                    timeout_ms=wait_ms, max_records=self._fetch_max
-                )
-            except Exception as error:
-                if not unparsable(error):
-                    raise
-                await self._unreadable.isolate(error, self._assignment, self._next)
-                batches = {}
-            for tp, records in batches.items():
-                self._receive(tp, records)
+            await self._nothing()
         deliveries = self._tiers.due(max_records)
-        while self._held and len(deliveries) < max_records:
-            tp, record = self._held.popleft()
-            if tp not in self._assignment or self._tiers.is_waiting(tp) or tp in self._full:
-                continue  # revoked (the new owner reads it again) or rewound (read again)
-            delivery = _delivery(tp, record)
-            if isinstance(record, ConsumerRecord):
-                admitted = self._tiers.admit(tp, record, delivery)
-                if admitted is None:
-                    continue  # waits in its tier, copied to a tier, or held until due
-                delivery = admitted
-            if self._tracker.held(tp) >= self._max_held:
-                self._rewind(tp, record.offset)
-                self._full.add(tp)
-                log.warning(
-                    "%s[%d] holds %d records behind its oldest unsettled one "
-                    "(worker.max_held_offsets): paused until it settles",
-                    tp.topic,
-                    tp.partition,
-                    self._max_held,
-                )
-                continue
-            self._tracker.track(tp, record.offset)
-            deliveries.append(delivery)
+        self._held.take(max_records, self._hand_out, deliveries)
         return deliveries
+
+    async def _nothing(self) -> None:
+        """Poll taking nothing: counts for `max_poll_interval_ms`, drops no prefetch."""
+        await self._consumer.getmany(_NO_PARTITION, timeout_ms=0)
+
+    async def _top_up(self, timeout_s: float) -> None:
+        """Read every partition. With records already in hand, only top up what is ready:
+        never wait for more, nor past the next delayed job held in memory."""
+        soon = self._tiers.next_due_in()
+        wait_s = 0.0 if self._held else min(timeout_s, timeout_s if soon is None else soon)
+        await self._read((), int(wait_s * 1000))
+
+    async def _read(self, partitions: Sequence[TopicPartition], wait_ms: int) -> None:
+        """Read `partitions` (all of them when empty) into the hand."""
+        try:
+            batches = await self._consumer.getmany(
+                *partitions, timeout_ms=wait_ms, max_records=self._fetch_max
+            )
+        except Exception as error:
+            if not unparsable(error):
+                raise
+            await self._unreadable.isolate(error, self._assignment, self._next)
+            return
+        for tp, records in batches.items():
+            self._receive(tp, records)
+
+    def _hand_out(
+        self, tp: TopicPartition, record: ConsumerRecord[bytes, bytes] | Unreadable
+    ) -> Delivery | None:
+        """The delivery of a record taken from the hand, tracked; None when it is not handed
+        out (revoked, rewound, waiting until due, or its partition holds too many)."""
+        if tp not in self._assignment or self._tiers.is_waiting(tp) or tp in self._full:
+            return None  # revoked (the new owner reads it again) or rewound (read again)
+        delivery = _delivery(tp, record)
+        if isinstance(record, ConsumerRecord):
+            admitted = self._tiers.admit(tp, record, delivery)
+            if admitted is None:
+                return None  # waits in its tier, copied to a tier, or held until due
+            delivery = admitted
+        if self._tracker.held(tp) >= self._max_held:
+            self._rewind(tp, record.offset)
+            self._full.add(tp)
+            log.warning(
+                "%s[%d] holds %d records behind its oldest unsettled one "
+                "(worker.max_held_offsets): paused until it settles",
+                tp.topic,
+                tp.partition,
+                self._max_held,
+            )
+            return None
+        self._tracker.track(tp, record.offset)
+        return delivery
 
     def _receive(
         self, tp: TopicPartition, records: Sequence[ConsumerRecord[bytes, bytes] | Unreadable]
     ) -> None:
         if records:
-            self._held.extend((tp, record) for record in records)
+            self._held.receive(tp, records)
             self._next[tp] = records[-1].offset + 1
 
     def _rewind(self, tp: TopicPartition, offset: int) -> None:
@@ -225,7 +254,7 @@ class KafkaSource:
         self._consumer.pause(tp)
         self._consumer.seek(tp, offset)
         self._next[tp] = offset
-        self._held = deque(item for item in self._held if item[0] != tp)
+        self._held.drop({tp})
 
     def _resume_if_free(self, tp: TopicPartition) -> None:
         """Resume `tp`, due again, unless revoked or holding too many records."""
@@ -269,7 +298,7 @@ class KafkaSource:
         """Per assigned partition: records not yet settled here, i.e. its end (highwater)
         minus the fetch position, plus what was fetched and is not settled yet (the
         `jobstream.consumer.lag` metric; on a tier topic, the retries waiting there)."""
-        held = Counter(tp for tp, _ in self._held)
+        held = self._held.counts()
         found: list[Backlog] = []
         for tp in sorted(self._assignment):
             end = self._consumer.highwater(tp)
@@ -318,7 +347,8 @@ class KafkaSource:
             log.warning("commit on revoke failed: %s", error)
         self._assignment -= revoked_set
         self._tracker.forget(revoked_set)
-        self._held = deque(item for item in self._held if item[0] not in revoked_set)
+        self._held.drop(revoked_set)
+        self._held.assigned(self._assignment)
         for tp in revoked_set:
             self._next.pop(tp, None)
         self._tiers.forget(revoked_set)
@@ -326,6 +356,7 @@ class KafkaSource:
 
     def _assigned(self, assigned: list[TopicPartition]) -> None:
         self._assignment = set(self._consumer.assignment())
+        self._held.assigned(self._assignment)
         self._ready = True
         self._contact = time.monotonic()
         log.info("assigned %s", sorted(f"{tp.topic}[{tp.partition}]" for tp in assigned))

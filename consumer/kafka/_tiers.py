@@ -38,6 +38,7 @@ from aiokafka import ConsumerRecord, TopicPartition
 
 from consumer.core import (
     MAX_DELAY_S,
+    Deferrals,
     DelayTooLong,
     Delivery,
     Settings,
@@ -46,6 +47,7 @@ from consumer.core import (
     remaining_s,
 )
 from consumer.runtime import OffsetTracker, RecordPublisher, until_acknowledged
+from producer import destination_level
 
 log = logging.getLogger("jobstream.kafka")
 
@@ -75,15 +77,15 @@ class RetryTiers:
         retry_settings = settings.retry
         self._tiers_s = list(retry_settings.tiers_s)
         self._tier_of: dict[str, tuple[float, list[str]]] = {}
-        for topic in topics:
-            names = retry_settings.tier_topics(topic)
+        for topic in topics:  # a priority level's topic shares its normal topic's tiers
+            names = retry_settings.tier_topics(destination_level(topic)[0])
             self._tier_of[topic] = (0.0, names)
             for name, delay_s in zip(names, retry_settings.tiers_s, strict=True):
                 self._tier_of[name] = (delay_s, names)
         self.topics: frozenset[str] = frozenset(
             name for name, (delay_s, _) in self._tier_of.items() if delay_s > 0
         )
-        """The tier topics of every main topic."""
+        """The tier topics of every main topic (of its normal level's topic)."""
         # With in-place retries the tier topics are not provisioned: delays stay in memory.
         self._move_tiers = [] if retry_settings.in_place or requeue is None else self._tiers_s
         self._requeue = requeue
@@ -98,6 +100,8 @@ class RetryTiers:
         self._waiting: dict[TopicPartition, asyncio.TimerHandle] = {}
         self._soon: list[tuple[float, int, Delivery]] = []  # (due, monotonic), in memory
         self._order = itertools.count()
+        self.deferrals = Deferrals()
+        """Delayed first attempts read from a main topic and set aside (`scheduled`)."""
 
     def is_waiting(self, tp: TopicPartition) -> bool:
         """True while `tp` is paused until its first record is due."""
@@ -135,6 +139,8 @@ class RetryTiers:
         if self._tracker.held(tp) >= self._max_held:
             return delivery  # the caller pauses the partition until offsets settle
         self._tracker.track(tp, record.offset)
+        if tier_s == 0:
+            self.deferrals.add(delivery.attributes)
         if plan.action == "hold":
             due = time.monotonic() + plan.seconds
             heapq.heappush(self._soon, (due, next(self._order), delivery))

@@ -1,7 +1,8 @@
 """`MemoryBackend`: the worker's backend on a `MemoryBroker`, shaped exactly as Kafka's.
 
 Retries are records in the retry tier topics (`settings.retry`), failures go to the
-`<topic>.dlq` topic through the runtime's `RecordFailureRouter`, provisioning creates the
+`<topic>.dlq` topic through the runtime's `RecordFailureRouter` (a priority level's topic
+shares its normal topic's tiers and dead-letter topic), provisioning creates the
 same topics as on Kafka (partition count `routing.partitions`), and replays are recorded
 in the ledger topic `retry.replay_ledger_topic`.
 """
@@ -26,9 +27,9 @@ from consumer.core import (
 )
 from consumer.memory._dead_letters import list_dead_letters, replay
 from consumer.memory._source import MemorySource, SettleListener
-from consumer.runtime import RecordFailureRouter
+from consumer.runtime import RecordFailureRouter, normal_topics
 from consumer.stores import IdempotencyStore
-from producer import plan_destinations
+from producer import Publisher, plan_destinations
 from producer.memory import MemoryBroker, MemoryPublisher
 
 __all__ = ["MemoryBackend"]
@@ -61,13 +62,16 @@ class MemoryBackend:
         are created with `create_missing`, else `DestinationMissing` names the missing."""
         publisher = MemoryPublisher(self.broker, partitions=settings.routing.partitions)
         topics = main_destinations(app, settings)
-        needed = [*topics, *settings.retry.failure_topics(topics)]
+        needed = [*topics, *settings.retry.failure_topics(normal_topics(topics))]
         if settings.create_missing:
             await publisher.ensure(needed)
         else:
             await publisher.check(needed)
         source = MemorySource(self.broker, settings, topics, on_settle=self._on_settle)
         return source, RecordFailureRouter(settings, publisher, tracer, system="memory")
+
+    def publisher(self, settings: Settings) -> Publisher:
+        return MemoryPublisher(self.broker, partitions=settings.routing.partitions)
 
     async def open_idempotency_store(self, settings: Settings) -> IdempotencyStore:
         msg = "the memory broker keeps no idempotency store: use memory, redis or postgres"

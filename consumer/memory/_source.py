@@ -12,12 +12,14 @@ A delivery carries the assignment it was fetched under, so a late result of an e
 assignment never settles (`owns` is False for it).
 
 A record that is not due yet (`jobnotbefore` in the future) is not handed out, as on
-Kafka (`consumer.core.plan_delay`, docs/scheduling.md): a tier record's partition waits,
-at that record, until it is due, at most its tier's delay after it was appended, while the
-other partitions flow; a delayed job on a main topic, or a tier record released before it
-is due, is appended unchanged to the largest tier at most its remaining time, its offset
-settled once the broker stored the copy (issue 13, K9; issue 15); its last stretch, under
-the first tier's delay, is held in memory with its offset unsettled.
+Kafka: a tier record's partition waits at it while the other partitions flow, and the
+rest is copied to a tier or held in memory (`_tiers.py`: `MemoryTiers`). Reading, the
+positions and the waits are `_reader.py`'s (`PartitionReader`).
+
+With `routing.priorities` the topics come in three levels, as on Kafka: each level's
+partitions are read into a hand of their own (at most what the worker asked for), and
+`fetch` hands out by weighted turns among the levels holding records
+(`consumer.runtime.PriorityLevels`, docs/scheduling.md "Priorities").
 
 Every fetched record is tracked by the `OffsetTracker`; settled records advance the
 commit position, and `commit` (batched by the runtime, on revoke, on shutdown) is the only
@@ -32,40 +34,20 @@ busy loop: `fetch(n, timeout_s)` returns as soon as there is something to hand o
 from __future__ import annotations
 
 import asyncio
-import heapq
 import itertools
 import logging
 from collections.abc import Callable, Sequence
-from dataclasses import replace
-from datetime import UTC, datetime
 
-from consumer.core import (
-    MAX_DELAY_S,
-    DelayPlan,
-    DelayTooLong,
-    Delivery,
-    Outcome,
-    RevokeCallback,
-    Settings,
-    WorkerError,
-    plan_delay,
-    remaining_s,
-)
-from consumer.runtime import OffsetTracker, until_acknowledged
+from consumer.core import Delivery, Outcome, RevokeCallback, Settings, WorkerError
+from consumer.memory._reader import PartitionReader
+from consumer.memory._tiers import MemoryTiers
+from consumer.runtime import OffsetTracker
 from consumer.telemetry import Backlog
-from producer.memory import (
-    CommitFailed,
-    MemoryBroker,
-    MemoryPublisher,
-    MemoryRecord,
-    TopicPartition,
-)
-from schemas import JobDecodeError, from_kafka
+from producer.memory import CommitFailed, MemoryBroker, TopicPartition
 
 __all__ = ["MemorySource", "SettleListener"]
 
 log = logging.getLogger("jobstream.memory")
-_RUN_NOW = DelayPlan("run")
 
 SettleListener = Callable[[Delivery, Outcome], None]
 """Called with every delivery a source settles, and its outcome (the test harness)."""
@@ -86,39 +68,23 @@ class MemorySource:
         """`on_settle`: told of every settled delivery (None: nobody)."""
         self._broker = broker
         self._settings = settings
-        retry = settings.retry
-        self._tier_delays = {
-            tier: delay_s
-            for topic in topics
-            for tier, delay_s in zip(retry.tier_topics(topic), retry.tiers_s, strict=True)
-        }
-        self._tiers = set(self._tier_delays)
-        self._tier_topics = {
-            name: retry.tier_topics(topic)
-            for topic in topics
-            for name in (topic, *retry.tier_topics(topic))
-        }
-        self._soon: list[tuple[float, int, Delivery]] = []  # held in memory: (due, loop time)
-        self._order = itertools.count()
-        self._requeuing: set[asyncio.Task[None]] = set()
-        self._requeue_failed: BaseException | None = None
-        self._topics = sorted({*topics, *self._tiers})
+        self._tiers = MemoryTiers(broker, settings, topics, self._settle_copy)
+        self.deferrals = self._tiers.deferrals
+        self._topics = sorted({*topics, *self._tiers.topics})
         self._group = settings.worker.group
         self._on_settle = on_settle
         self._on_revoke: RevokeCallback | None = None
         self._member: str | None = None
         self._generation = 0
         self._owned: dict[TopicPartition, int] = {}  # partition -> its assignment's epoch
-        self._positions: dict[TopicPartition, int] = {}  # next offset to fetch
-        self._waiting: dict[TopicPartition, float] = {}  # tier partition -> due (loop time)
         self._epochs = itertools.count(1)
         self._tracker: OffsetTracker[TopicPartition] = OffsetTracker()
+        self._reader = PartitionReader(broker, settings, self._topics, self._tiers, self._tracker)
         self._max_held = settings.worker.max_held_offsets
         self._commit_lock = asyncio.Lock()
         self._ready = False
         self._paused = False
         self._crashed = False
-        self._turn = 0
 
     @property
     def ready(self) -> bool:
@@ -152,25 +118,21 @@ class MemorySource:
     async def fetch(self, max_records: int, timeout_s: float) -> list[Delivery]:
         loop = asyncio.get_running_loop()
         deadline = loop.time() + timeout_s
-        if self._requeue_failed is not None:
-            msg = f"a retry record could not be appended to its tier again: {self._requeue_failed}"
-            raise WorkerError(msg) from self._requeue_failed
+        self._tiers.raise_if_failed()
         while not self._crashed and self._member is not None:
             await self._sync()
             if max_records <= 0:
                 return []  # a poll that only keeps the membership alive
             if self._broker.faults.connected and not self._paused:
-                deliveries = self._take(max_records, loop.time())
+                deliveries = self._reader.take(self._owned, max_records, loop.time())
                 if deliveries:
                     return deliveries
             remaining = deadline - loop.time()
             if remaining <= 0:
                 return []
-            dues = list(self._waiting.values())
-            if self._soon:
-                dues.append(self._soon[0][0])
-            if dues:  # wake up when the first waiting retry or delayed job is due
-                remaining = min(remaining, max(0.0, min(dues) - loop.time()))
+            due = self._reader.next_due()
+            if due is not None:  # wake up when the first waiting retry or delayed job is due
+                remaining = min(remaining, max(0.0, due - loop.time()))
             await self._broker.wait_until(self._has_news, remaining)
         await asyncio.sleep(timeout_s)  # stopped or crashed: nothing comes, but no busy loop
         return []
@@ -220,7 +182,7 @@ class MemorySource:
         not settled yet (the `jobstream.consumer.lag` metric)."""
         found: list[Backlog] = []
         for tp in sorted(self._owned):
-            after = self._broker.end_offset(tp.topic, tp.partition) - self._positions[tp]
+            after = self._broker.end_offset(tp.topic, tp.partition) - self._reader.positions[tp]
             waiting = max(0, after) + self._tracker.unsettled(tp)
             found.append(Backlog(tp.topic, str(tp.partition), waiting))
         return found
@@ -228,8 +190,7 @@ class MemorySource:
     async def stop(self) -> None:
         """Leave the group (the others rebalance); after the runtime's final commit. A copy
         of a retry record still being appended is cancelled: the record is read again."""
-        for task in list(self._requeuing):
-            task.cancel()
+        self._tiers.cancel()
         if self._member is not None and not self._crashed:
             self._broker.groups.leave(self._group, self._member)
             self._forget(set(self._owned))
@@ -268,7 +229,7 @@ class MemorySource:
         ]
         for tp in taken:
             self._owned[tp] = next(self._epochs)
-            self._positions[tp] = self._broker.committed(group, tp.topic, tp.partition) or 0
+            self._reader.start(tp, self._broker.committed(group, tp.topic, tp.partition) or 0)
         if taken:
             log.info("%s assigned %s", member, [f"{tp.topic}[{tp.partition}]" for tp in taken])
         self._ready = True
@@ -285,12 +246,8 @@ class MemorySource:
     def _forget(self, partitions: set[TopicPartition]) -> None:
         for tp in partitions:
             self._owned.pop(tp, None)
-            self._positions.pop(tp, None)
-            self._waiting.pop(tp, None)
-        kept = [item for item in self._soon if item[2].partition not in partitions]
-        if len(kept) != len(self._soon):
-            heapq.heapify(kept)
-            self._soon = kept
+        self._reader.forget(partitions)
+        self._tiers.forget(partitions)
         self._tracker.forget(partitions)
 
     def _has_news(self) -> bool:
@@ -305,114 +262,10 @@ class MemorySource:
             return True
         if self._paused or not self._broker.faults.connected:
             return False
-        end = self._broker.end_offset
-        return any(
-            tp not in self._waiting and end(tp.topic, tp.partition) > position
-            for tp, position in self._positions.items()
-        )
+        return self._reader.has_news()
 
-    # -- fetching ------------------------------------------------------------------------
-
-    def _take(self, max_records: int, now: float) -> list[Delivery]:
-        """Up to `max_records` deliveries, starting with a different partition each time."""
-        for tp in [tp for tp, due in self._waiting.items() if due <= now]:
-            del self._waiting[tp]
-        owned = sorted(self._owned)
-        self._turn = (self._turn + 1) % max(len(owned), 1)
-        wall = datetime.now(UTC)  # with `now`: a delay held in memory ends on time
-        deliveries = self._due(max_records, now)
-        for tp in owned[self._turn :] + owned[: self._turn]:
-            room = max_records - len(deliveries)
-            if room <= 0:
-                break
-            if tp in self._waiting:
-                continue
-            # Bound what one partition holds behind its oldest unsettled record (K7).
-            room = min(room, self._max_held - self._tracker.held(tp))
-            if room <= 0:
-                continue
-            for record in self._broker.read(tp.topic, tp.partition, self._positions[tp], room):
-                delivery = _delivery(tp, record, self._owned[tp])
-                plan = self._plan(tp, record, delivery, wall)
-                if plan.action == "wait":
-                    self._waiting[tp] = now + plan.seconds
-                    break
-                self._tracker.track(tp, record.offset)
-                self._positions[tp] = record.offset + 1
-                if plan.action == "move":
-                    self._copy(tp, record, self._tier_topics[tp.topic][plan.tier])
-                elif plan.action == "hold":
-                    heapq.heappush(self._soon, (now + plan.seconds, next(self._order), delivery))
-                elif plan.action == "too-long":
-                    too_long = DelayTooLong(plan.seconds, MAX_DELAY_S)
-                    deliveries.append(replace(delivery, attributes=None, error=too_long))
-                else:
-                    deliveries.append(delivery)
-        return deliveries
-
-    def _due(self, max_records: int, now: float) -> list[Delivery]:
-        """Up to `max_records` of the records held in memory that are due at `now`."""
-        found: list[Delivery] = []
-        while self._soon and self._soon[0][0] <= now and len(found) < max_records:
-            found.append(heapq.heappop(self._soon)[2])
-        return found
-
-    def _plan(
-        self, tp: TopicPartition, record: MemoryRecord, delivery: Delivery, wall: datetime
-    ) -> DelayPlan:
-        """Where a record waits (`consumer.core.plan_delay`): a tier record in its
-        partition until due, at most its tier's delay after it was appended; past that, or
-        a main-topic record due later, in the largest tier at most its remaining time,
-        or in memory for its last stretch."""
-        remaining = remaining_s(delivery.attributes, wall)
-        if remaining <= 0:
-            return _RUN_NOW
-        tier_s = self._tier_delays.get(tp.topic)
-        released_in = None
-        if tier_s is not None:
-            released_in = min((record.timestamp - wall).total_seconds() + tier_s, tier_s)
-        tiers = [] if self._settings.retry.in_place else self._settings.retry.tiers_s
-        return plan_delay(remaining, tiers, released_in=released_in)
-
-    def _copy(self, tp: TopicPartition, record: MemoryRecord, tier: str) -> None:
-        task = asyncio.create_task(self._append(tp, record, tier, self._owned[tp]))
-        self._requeuing.add(task)
-        task.add_done_callback(self._requeued)
-
-    async def _append(
-        self, tp: TopicPartition, record: MemoryRecord, tier: str, epoch: int
-    ) -> None:
-        publisher = MemoryPublisher(self._broker)
-        where = f"{tp.topic}[{tp.partition}]@{record.offset}"
-        await until_acknowledged(
-            lambda: publisher.send_record(tier, record.key, list(record.headers), record.value),
-            self._settings.retry.hand_off_timeout_s,
-            where,
-        )
-        if self._owned.get(tp) == epoch:  # else revoked meanwhile: the next owner reads it
-            self._tracker.settle(tp, record.offset)
-
-    def _requeued(self, task: asyncio.Task[None]) -> None:
-        self._requeuing.discard(task)
-        if not task.cancelled() and task.exception() is not None:
-            self._requeue_failed = self._requeue_failed or task.exception()
-
-
-def _delivery(tp: TopicPartition, record: MemoryRecord, epoch: int) -> Delivery:
-    headers: list[tuple[str, bytes | None]] = list(record.headers)
-    try:
-        attributes = from_kafka(record.key, headers)
-        error: JobDecodeError | None = None
-    except JobDecodeError as exc:
-        attributes, error = None, exc
-    return Delivery(
-        partition=tp,
-        offset=record.offset,
-        topic=tp.topic,
-        attributes=attributes,
-        body=record.value,
-        raw_key=record.key,
-        raw_headers=headers,
-        error=error,
-        handle=epoch,
-    )
+    def _settle_copy(self, tp: TopicPartition, offset: int, epoch: int) -> None:
+        """A record copied to a tier: settled, unless revoked meanwhile (the next owner
+        reads it again)."""
+        if self._owned.get(tp) == epoch:
+            self._tracker.settle(tp, offset)

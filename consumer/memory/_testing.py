@@ -36,10 +36,10 @@ from consumer.core import (
 from consumer.memory._backend import MemoryBackend
 from consumer.memory._dead_letters import list_dead_letters
 from consumer.memory._source import MemorySource
-from consumer.runtime import Worker
+from consumer.runtime import Worker, normal_topics
 from consumer.stores import IdempotencyStore, StatusStore, open_status, open_store
 from consumer.telemetry import Telemetry
-from producer import JobProducer, PublishRequest, Receipt
+from producer import JobProducer, Priority, PublishRequest, Receipt
 from producer.memory import MemoryBroker, MemoryPublisher
 from schemas import Job
 
@@ -108,9 +108,10 @@ class TestApp:
         self._telemetry = telemetry if telemetry is not None else Telemetry.from_global()
         self._start_timeout_s = start_timeout_s
         retry = settings.retry
-        mains = main_destinations(app, settings)
+        levels = main_destinations(app, settings)
+        mains = normal_topics(levels)
         tiers = [] if retry.in_place else [t for main in mains for t in retry.tier_topics(main)]
-        self._read = [*mains, *tiers]
+        self._read = [*levels, *tiers]
         self._dead = [retry.dead_letter_topic(main) for main in mains]
         self._members: list[_Member] = []
         self._settlements: list[Settlement] = []
@@ -178,9 +179,11 @@ class TestApp:
         idempotency_key: str | None = None,
         not_before: datetime | None = None,
         delay: float | timedelta | None = None,
+        priority: Priority = "normal",
     ) -> Receipt:
-        """Publish `job` to its topic (`JobProducer.publish`); the receipt names its
-        partition and offset. Raises what the broker's faults inject."""
+        """Publish `job` to its topic (`JobProducer.publish`; `priority` needs
+        `routing.priorities`); the receipt names its partition and offset. Raises what the
+        broker's faults inject."""
         return await self.producer.publish(
             job,
             key=key,
@@ -188,6 +191,7 @@ class TestApp:
             idempotency_key=idempotency_key,
             not_before=not_before,
             delay=delay,
+            priority=priority,
         )
 
     async def publish_many(self, jobs: Iterable[Job | PublishRequest]) -> list[Receipt]:
@@ -209,6 +213,7 @@ class TestApp:
             store=self._store,
             status=self._status,
             telemetry=self._telemetry,
+            producer=self.producer,
         )
         task = asyncio.create_task(worker.run(), name=f"jobstream-test-{len(self._members)}")
         task.add_done_callback(lambda _: self.broker.wake())

@@ -1,5 +1,6 @@
 """The NATS JetStream backend of the worker: `NatsSource` (durable pull consumers shared by
-the group, confirmed acks after settle, `in_progress` heartbeats, key partitions), retries
+the group, confirmed acks after settle, `in_progress` heartbeats, key partitions, one set
+of consumers per priority level weighted by `worker.priority_weights`), retries
 as delayed redeliveries, the dead-letter stream, provisioning, the KV idempotency store, and
 dead-letter listing and replay with a KV ledger. The only consumer package that imports
 nats-py; selected by `consumer/_backends.py` (the KV store also by `idempotency.backend`)."""

@@ -35,7 +35,7 @@ from consumer.nats._schedules import schedule_subjects
 from consumer.nats._source import NatsSource
 from consumer.runtime import until_reachable
 from consumer.stores import IdempotencyStore
-from producer import plan_destinations
+from producer import Publisher, plan_destinations
 from producer.nats import NatsPublisher, connect_nats
 
 
@@ -68,6 +68,9 @@ class NatsBackend:
         source.schedule_with(publisher.send_raw)
         return source, router
 
+    def publisher(self, settings: Settings) -> Publisher:
+        return NatsPublisher(settings.nats, settings.routing)
+
     async def open_idempotency_store(self, settings: Settings) -> IdempotencyStore:
         idempotency, nats = settings.idempotency, settings.nats
         if idempotency.url is not None:  # another server, same credentials
@@ -77,15 +80,22 @@ class NatsBackend:
         )
 
     async def provision(self, settings: Settings, job_types: Sequence[str]) -> list[str]:
-        def partitions(job_type: str, main: str) -> list[str]:
-            return [f"{main}.*"] if settings.jetstream.key_partitions else []
+        jet, routing = settings.jetstream, settings.routing
+
+        def partitions(job_type: str, main: str) -> list[str]:  # every level's `<subject>.<n>`
+            return (
+                [f"{s}.*" for s in routing.level_destinations(main)] if jet.key_partitions else []
+            )
 
         def scheduled(job_type: str, main: str) -> list[str]:
             return schedule_subjects([main])
 
         destinations = plan_destinations(settings, job_types, [partitions, scheduled])
-        subjects = [settings.routing.subject(job_type) for job_type in job_types]
-        jet, routing = settings.jetstream, settings.routing
+        subjects = [
+            level
+            for job_type in job_types
+            for level in routing.level_destinations(routing.subject(job_type))
+        ]
         client = await connect_nats(settings.nats)
         try:
             publisher = NatsPublisher(settings.nats, settings.routing)

@@ -45,12 +45,15 @@ class Puller:
 
     consumer: str
     partitioned: bool
+    level: int = 0  # its priority level (`_provision.PlannedConsumer.level`)
     name: ConsumerPartition = field(init=False)
     inbox: str = ""
     subscription: Subscription | None = None
     requests: deque[list[float]] = field(default_factory=deque)  # [remaining, deadline]
     unsettled: int = 0
     not_before: float = 0.0
+    busy: bool = False  # the last pull was filled: it has a backlog (`_pulls`, priorities)
+    probe_at: float = 0.0  # its next `no_wait` pull of one while idle; 0: never asked (`_pulls`)
 
     def __post_init__(self) -> None:
         self.name = ConsumerPartition(self.consumer)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Iterable, Sequence
+from typing import NamedTuple
 
 from nats.js import JetStreamContext
 from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy, KeyValueConfig, StorageType
@@ -15,6 +16,7 @@ from nats.js.errors import APIError, BucketNotFoundError
 
 from consumer.core import Settings, WorkerError
 from consumer.nats._schedules import schedule_subjects
+from producer import PRIORITIES, destination_level
 from producer.nats import KEY_PARTITIONS_METADATA, ensure_nats_stream
 
 log = logging.getLogger("jobstream.nats")
@@ -28,9 +30,30 @@ def max_deliver(settings: Settings) -> int:
     return attempts + settings.jetstream.max_deliver_margin
 
 
+class PlannedConsumer(NamedTuple):
+    """A durable consumer of the group, and what the source needs to pull from it."""
+
+    config: ConsumerConfig
+    level: int
+    """Its priority level: the index in `PRIORITIES` (0 is `high`) with
+    `routing.priorities`, else 0 (one level)."""
+    partitioned: bool
+    """A key partition consumer (`max_ack_pending` 1, one message at a time)."""
+
+
 def consumer_plan(settings: Settings, subjects: Sequence[str]) -> list[ConsumerConfig]:
-    """The durable consumers of the group: one on the subjects themselves and, with key
-    partitions, one per partition (`<group>-p<n>` on `<subject>.<n>`, one job at a time)."""
+    """The durable consumers of the group (`planned_consumers`)."""
+    return [planned.config for planned in planned_consumers(settings, subjects)]
+
+
+def planned_consumers(settings: Settings, subjects: Sequence[str]) -> list[PlannedConsumer]:
+    """The durable consumers of the group, per priority level (highest first): one on the
+    level's subjects and, with key partitions, one per partition (`-p<n>` on
+    `<subject>.<n>`, one job at a time). The normal level's are `<group>` and
+    `<group>-p<n>` (the names without priorities); with `routing.priorities` the high and
+    low levels get `<group>-high` and `<group>-low` on `<subject>.priority-<level>` (and
+    `<group>-high-p<n>` on `<subject>.priority-high.<n>`). Every filter is a literal
+    subject, so a level's consumers never see another level's messages."""
     group, jet = settings.worker.group, settings.jetstream
     if not group or any(ch in group for ch in ".*> \t/\\"):
         msg = (
@@ -52,19 +75,33 @@ def consumer_plan(settings: Settings, subjects: Sequence[str]) -> list[ConsumerC
             description=f"jobstream workers of group {group}",
         )
 
-    # Jobs published to a bare subject of a partitioned stream (a producer that does not
-    # partition) are still processed, without an order promise.
-    plan = [config(group, sorted(subjects), jet.max_ack_pending)]
-    for n in range(jet.key_partitions):
-        plan.append(config(f"{group}-p{n}", [f"{s}.{n}" for s in sorted(subjects)], 1))
+    levels: dict[int, list[str]] = {}
+    for subject in sorted(subjects):
+        level = PRIORITIES.index(destination_level(subject)[1])
+        levels.setdefault(level if settings.routing.priorities else 0, []).append(subject)
+    plan: list[PlannedConsumer] = []
+    for level, filters in sorted(levels.items()):
+        name = group
+        if settings.routing.priorities and PRIORITIES[level] != "normal":
+            name = f"{group}-{PRIORITIES[level]}"
+        # Jobs published to a bare subject of a partitioned stream (a producer that does not
+        # partition) are still processed, without an order promise.
+        plan.append(PlannedConsumer(config(name, filters, jet.max_ack_pending), level, False))
+        for n in range(jet.key_partitions):
+            partition = config(f"{name}-p{n}", [f"{s}.{n}" for s in filters], 1)
+            plan.append(PlannedConsumer(partition, level, True))
     return plan
 
 
 def stream_destinations(settings: Settings, subjects: Sequence[str]) -> list[str]:
-    """What the stream must capture: the subjects, their schedule messages
-    (`<subject>._scheduled.>`) and, with key partitions, `<subject>.*`."""
+    """What the stream must capture: the subjects (every level's, with priorities), their
+    schedule messages (`<subject>._scheduled.>`, the job type's subject) and, with key
+    partitions, `<subject>.*`."""
     partitions = [f"{s}.*" for s in subjects] if settings.jetstream.key_partitions else []
-    return [*subjects, *partitions, *schedule_subjects(list(subjects))]
+    bases = list(subjects)
+    if settings.routing.priorities:  # a level's delayed jobs wait on its job type's subject
+        bases = list(dict.fromkeys(destination_level(s)[0] for s in subjects))
+    return [*subjects, *partitions, *schedule_subjects(bases)]
 
 
 async def ensure_key_partitions(js: JetStreamContext, settings: Settings) -> None:
@@ -98,6 +135,10 @@ async def ensure_consumers(
 
 
 def dead_letter_subjects(settings: Settings, subjects: Iterable[str]) -> list[str]:
+    """The dead-letter subjects of `subjects`: one per job type, every level's dead letters
+    on the normal level's (`routing.priorities`)."""
+    if settings.routing.priorities:
+        subjects = dict.fromkeys(destination_level(subject)[0] for subject in subjects)
     return [settings.jetstream.dead_letter_subject(subject) for subject in subjects]
 
 

@@ -35,6 +35,7 @@ from datetime import UTC, datetime, timedelta
 
 from consumer.core import (
     MAX_DELAY_S,
+    Deferrals,
     DelayTooLong,
     Delivery,
     Outcome,
@@ -84,6 +85,8 @@ class Schedules:
         self._publish: Publish | None = None
         self._running: set[asyncio.Task[None]] = set()
         self._failed: BaseException | None = None
+        self.deferrals = Deferrals()
+        """Delayed first attempts handed to the scheduler (`scheduled`)."""
 
     def publish_with(self, publish: Publish) -> None:
         """Publish schedule messages with `publish` (the backend's publisher) from now on;
@@ -108,6 +111,7 @@ class Schedules:
         )
         self._running.add(task)
         task.add_done_callback(self._done)
+        self.deferrals.add(delivery.attributes)
         return None
 
     async def _schedule(

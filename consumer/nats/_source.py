@@ -6,7 +6,12 @@ sequence) from their arrival to their settlement, and composes the parts that ow
 (each module's docstring says what it guarantees):
 
 - `_pulls.PullRequests`: never more messages asked for than the runtime has room for (G4);
-  one at a time per key partition consumer, so jobs of one key run in publish order (G3).
+  one at a time per key partition consumer, so jobs of one key run in publish order (G3);
+  with `routing.priorities`, one set of consumers per level and the room split among them
+  by `worker.priority_weights`; a level without a backlog holds no room another level
+  wants.
+- `_arrivals.Arrivals`: what was received is handed out in arrival order within a level,
+  by weight among levels (a high job never waits behind low ones already received).
 - `_confirmations.Confirmations`: a message is acked (completed, duplicate, failed or
   cancelled) only once its job settled (G2), and the ack is confirmed by the server; a
   dead-lettered job is terminated (`+TERM`) after the dead-letter stream stored its copy;
@@ -36,7 +41,6 @@ import contextlib
 import functools
 import logging
 import time
-from collections import deque
 from collections.abc import Awaitable, Callable, Sequence
 
 import nats.errors
@@ -44,6 +48,7 @@ from nats.aio.client import Client as NatsClient
 from nats.aio.msg import Msg
 
 from consumer.core import Delivery, Outcome, RevokeCallback, Settings, WorkerError
+from consumer.nats._arrivals import Arrivals
 from consumer.nats._confirmations import ACK, TERM, Confirmations
 from consumer.nats._deliveries import DeliveryReader
 from consumer.nats._durables import DurableConsumers
@@ -51,11 +56,12 @@ from consumer.nats._first_failures import FirstFailures
 from consumer.nats._heartbeats import Heartbeats
 from consumer.nats._held import Held, Puller
 from consumer.nats._last_deliveries import LastDeliveries
-from consumer.nats._provision import consumer_plan, max_deliver
+from consumer.nats._provision import max_deliver, planned_consumers
 from consumer.nats._pulls import PullRequests
 from consumer.nats._schedules import Publish, Schedules
 from consumer.runtime import until_reachable
 from consumer.telemetry import Backlog
+from producer import destination_level
 from producer.nats import connect_nats
 
 log = logging.getLogger("jobstream.nats")
@@ -69,13 +75,14 @@ class NatsSource:
         self._jet = settings.jetstream
         self._subjects = sorted(subjects)
         self._pullers = [
-            Puller(config.name or "", partitioned=index > 0)
-            for index, config in enumerate(consumer_plan(settings, self._subjects))
+            Puller(planned.config.name or "", planned.partitioned, planned.level)
+            for planned in planned_consumers(settings, self._subjects)
         ]
         self._client: NatsClient | None = None
         self._held: dict[int, Held] = {}
-        self._arrived: deque[Held] = deque()
+        self._arrived = Arrivals(settings)
         self._wake = asyncio.Event()
+        self._settles = 0  # jobs the runtime settled: its room grew (`fetch`)
         self._started = False
         self._stopping = False
         self._contact = time.monotonic()  # JetStream's last answer (see `last_contact`)
@@ -89,6 +96,7 @@ class NatsSource:
         self._reader = DeliveryReader(self._first_failures)
         self._last_deliveries = LastDeliveries(max_deliver(settings), self.settle)
         self._schedules = Schedules(settings, self.main_subject, self.settle, self.nak)
+        self.deferrals = self._schedules.deferrals
 
     # -- Source ------------------------------------------------------------------------
 
@@ -127,21 +135,20 @@ class NatsSource:
             return []
         loop = asyncio.get_running_loop()
         deadline = loop.time() + timeout_s
+        settles = self._settles
         while not self._arrived:
             self._wake.clear()
             await self._top_up(max_records)
             remaining = deadline - loop.time()
-            if remaining <= 0:
+            if remaining <= 0 or (self._pulls.starved and self._settles != settles):
+                # A level with a backlog wants more than `max_records`, and jobs settled
+                # since the call: the runtime has more room now; let it call again.
                 break
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(remaining):
                     await self._wake.wait()
             self._raise_if_lost()
-        taken: list[Held] = []
-        while self._arrived and len(taken) < max_records:
-            held = self._arrived.popleft()
-            if not held.done:
-                taken.append(held)
+        taken = self._arrived.take(max_records)
         deliveries: list[Delivery] = []
         for delivery in await self._reader.read(taken):
             if self._last_deliveries.take(delivery):
@@ -161,6 +168,9 @@ class NatsSource:
         """See `pause`."""
 
     def settle(self, delivery: Delivery, outcome: Outcome) -> None:
+        self._settles += 1
+        if self._pulls.starved:  # a level with a backlog can use the slot this frees
+            self._wake.set()
         held = self._ours(delivery)
         if held is None or held.settling:
             return
@@ -263,9 +273,11 @@ class NatsSource:
             self._forget(held)
 
     def main_subject(self, delivery: Delivery) -> str:
-        """The job type's subject (`<subject>` for a message read from `<subject>.<n>`)."""
+        """The job type's subject (`<subject>` for a message read from `<subject>.<n>`, and
+        from a level's `<subject>.priority-<level>[.<n>]`)."""
         partitioned = any(p.partitioned and p.name == delivery.partition for p in self._pullers)
-        return delivery.topic.rpartition(".")[0] if partitioned else delivery.topic
+        subject = delivery.topic.rpartition(".")[0] if partitioned else delivery.topic
+        return destination_level(subject)[0] if self._settings.routing.priorities else subject
 
     # -- internals ---------------------------------------------------------------------
 

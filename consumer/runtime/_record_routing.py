@@ -8,7 +8,9 @@ A retriable failure is republished to the retry tier that fits its delay, with t
 count, the due time (`jobnotbefore`) and the failure details in headers; the worker's own
 source reads the tier topics and holds each record back until it is due. A non-retriable
 failure, or the last attempt, goes to the dead-letter topic of the job's main topic with
-the original key, body and headers plus the failure details.
+the original key, body and headers plus the failure details. A priority level's topic
+(`<topic>.priority-high`) shares its normal topic's tiers and dead-letter topic: a
+retry runs at the normal level.
 
 `route` returns only once the broker acknowledged the record, so the source offset is
 committed after the hand-off, never before (G2). The hand-off is bounded
@@ -55,7 +57,7 @@ from consumer.core import (
 )
 from consumer.runtime._hand_off import store_dead_letter, until_acknowledged
 from consumer.telemetry import HandOff, handing_off, retrace
-from producer import PublishError, Receipt
+from producer import PublishError, Receipt, destination_level
 from producer.tracecontext import traceparent_of
 from schemas import InvalidAttributes, JobAttributes, JobMessage, foreign_headers, to_kafka
 from schemas.names import JOBATTEMPT, KAFKA_PREFIX, PREVIOUS_ATTEMPT, REDUCTION_EXTENSIONS
@@ -100,7 +102,8 @@ class RecordFailureRouter:
     async def route(self, run: JobRun, error: Exception, decision: Decision) -> Outcome:
         now = utc_now()
         details = failure_details(run, error, decision, self._settings.worker.group, now)
-        main_topic = self._retry.main_topic(details[SOURCE_TOPIC])
+        # A priority level's topic shares its normal topic's tiers and dead-letter topic.
+        main_topic = destination_level(self._retry.main_topic(details[SOURCE_TOPIC]))[0]
         if decision.retry and run.attributes is not None:
             try:
                 return await self._retry_record(run, decision, details, now, main_topic)

@@ -19,6 +19,9 @@ Guarantees (SPEC G1-G4, G6, G8), and where each is kept:
   what still runs then is abandoned, logged with its job, and listed in `abandoned`.
 - `abandon()` (the memory backend's simulated crash) stops as a killed process would: no
   drain and no commit, running jobs are cut off unsettled.
+- With cron schedules (`app.schedules`) and a `producer`, a `CronScheduler` publishes
+  their ticks while this replica leads (`_cron.py`); it stops first at shutdown and
+  gives the lead up, except when the worker is abandoned.
 - A handler's exception never reaches this module (the failure step settles it); any
   other exception is a worker fault: `run()` raises `WorkerError` (G8).
 
@@ -44,6 +47,7 @@ from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
 
 from consumer.core import (
     App,
+    Deferrals,
     Delivery,
     FailureRouter,
     JobContext,
@@ -55,9 +59,11 @@ from consumer.core import (
     WorkerError,
     compose,
 )
+from consumer.runtime._cron import CronScheduler, TickPublisher
 from consumer.runtime._cut_offs import CutOffs, Running
 from consumer.runtime._lanes import LaneScheduler, lane_for
 from consumer.runtime._progress import Overruns, Progress
+from consumer.runtime._scheduled import record_scheduled
 from consumer.steps import (
     AbandonedRun,
     CancellationStep,
@@ -90,7 +96,10 @@ class Worker:
         router: FailureRouter | None = None,
         status: StatusStore | None = None,
         telemetry: Telemetry | None = None,
+        producer: TickPublisher | None = None,
     ) -> None:
+        """`producer` publishes the ticks of `app`'s cron schedules (without one they
+        are not published, with a warning)."""
         self.app = app
         self.settings = settings
         self._status = status
@@ -118,6 +127,9 @@ class Worker:
         self.counts: dict[str, int] = {}
         self.telemetry = telemetry if telemetry is not None else Telemetry.from_global()
         self.metrics: WorkerMetrics | None = None
+        self._producer = producer
+        self.cron: CronScheduler | None = None
+        """The app's cron scheduler on this worker (None without schedules)."""
 
     # -- lifecycle ---------------------------------------------------------------------
 
@@ -206,20 +218,33 @@ class Worker:
             ],
             self._handler,
         )
+        self.cron = self._cron_scheduler(store)
         await self.source.start(self._on_revoke)
         self.started = True
+        cron = None
+        if self.cron is not None:
+            cron = asyncio.create_task(self.cron.run(self._stopping), name="jobstream-cron")
         fetcher = asyncio.create_task(self._fetch_loop(), name="jobstream-fetch")
         committer = asyncio.create_task(self._commit_loop(), name="jobstream-commit")
         watcher = asyncio.create_task(self._watch_loop(), name="jobstream-health")
-        backlog = None
+        background = []
         if self.metrics is not None and isinstance(self.source, ReportsBacklog):
-            backlog = asyncio.create_task(self.metrics.refresh(self.source, self._stopping))
+            background.append(
+                asyncio.create_task(self.metrics.refresh(self.source, self._stopping))
+            )
+        deferrals = getattr(self.source, "deferrals", None)
+        if self._status is not None and isinstance(deferrals, Deferrals):
+            background.append(
+                asyncio.create_task(record_scheduled(deferrals, self._status, self._stopping))
+            )
         try:
             await self._stopping.wait()
         finally:
-            if backlog is not None:
-                backlog.cancel()
+            for task in background:
+                task.cancel()
             await _stop_task(watcher, worker.cancel_grace_s)
+            if cron is not None:
+                await self._stop_cron(cron)
             await self._shutdown(fetcher, committer)
             if cancellation is not None:
                 await cancellation.close()
@@ -228,6 +253,45 @@ class Worker:
             self._let_go_of_pools()
         if self._fault is not None:
             raise WorkerError(f"worker stopped by a fault: {self._fault!r}") from self._fault
+
+    def _cron_scheduler(self, store: IdempotencyStore) -> CronScheduler | None:
+        schedules = self.app.schedules
+        if not schedules:
+            return None
+        if self._producer is None:
+            log.warning(
+                "cron: %d schedules not published: this worker was built without a producer",
+                len(schedules),
+            )
+            return None
+        if self.settings.idempotency.backend == "memory":
+            log.info(
+                "cron: the lead is held in this process's memory store: with more than one "
+                "replica, use a shared idempotency store (redis, postgres, nats-kv)"
+            )
+        return CronScheduler(
+            self.app.name,
+            schedules,
+            store,
+            self._producer,
+            self.settings.cron,
+            self.owner,
+            retention_s=self.settings.idempotency.retention_s,
+            per_process=self.settings.idempotency.backend == "memory",
+        )
+
+    async def _stop_cron(self, cron: asyncio.Task[None]) -> None:
+        """Stop publishing ticks; give the lead up unless abandoned (a killed process
+        gives nothing up: its lease lapses)."""
+        grace = self.settings.worker.cancel_grace_s
+        await _stop_task(cron, grace)
+        if self.cron is None or self._abandoned:
+            return
+        try:
+            async with asyncio.timeout(grace):
+                await self.cron.resign()
+        except Exception as error:  # noqa: BLE001 - the lease then lapses by itself
+            log.warning("cron: could not give the lead up: %r", error)
 
     def _let_go_of_pools(self) -> None:
         """Shut the pools down without waiting. A pool process still running an abandoned

@@ -23,6 +23,9 @@ def stream_subjects(prefix: str, subjects: Iterable[str]) -> list[str]:
     and every subject it does not cover."""
     wildcard = [f"{prefix}>"] if prefix.endswith(".") else []
     rest = [s for s in dict.fromkeys(subjects) if not any(_covers(w, s) for w in wildcard)]
+    # JetStream refuses overlapping subjects in one stream (`x.*` and a level's
+    # `x.priority-high`): keep only those no other one covers.
+    rest = [s for s in rest if not any(w != s and _covers(w, s) for w in rest)]
     return wildcard + rest
 
 
@@ -53,7 +56,8 @@ async def ensure_nats_stream(
     missing = [s for s in wanted if not any(_covers(h, s) for h in have)]
     changed = {k: v for k, v in limits.items() if getattr(current, k) != v}
     if missing or changed:
-        await js.update_stream(current.evolve(subjects=have + missing, **limits))
+        kept = [h for h in have if not any(_covers(m, h) for m in missing)]  # no overlaps
+        await js.update_stream(current.evolve(subjects=kept + missing, **limits))
         log.info("updated stream %s: %s", routing.stream, ", ".join([*missing, *changed]))
     return []
 

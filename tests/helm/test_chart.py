@@ -16,6 +16,7 @@ import base64
 import json
 import math
 import os
+import re
 import subprocess
 from collections.abc import Iterator
 from pathlib import Path
@@ -607,7 +608,15 @@ def _settings_schema() -> tuple[dict[str, Any], dict[str, str]]:
         prop = options[0]
         if "format" in prop and path:
             formats[path] = prop["format"]
-        keep = ("type", "enum", "minimum", "maximum", "exclusiveMinimum", "exclusiveMaximum")
+        keep = (
+            "type",
+            "enum",
+            "propertyNames",
+            "minimum",
+            "maximum",
+            "exclusiveMinimum",
+            "exclusiveMaximum",
+        )
         out = {k: v for k, v in prop.items() if k in keep}
         if "items" in prop:
             out["items"] = normalize(prop["items"], "")
@@ -699,9 +708,11 @@ def test_map_settings_are_one_variable_each(helm: str) -> None:
     assert map_settings, "expected routing.routes at least"
     values: dict[str, Any] = {"config": {}}
     for path in map_settings:
-        value_type = _node(schema, path)["additionalProperties"]
-        sample = {"max_attempts": 3} if value_type.get("type") == "object" else "mail-jobs"
-        _set(values["config"], path, {"email.welcome": sample})
+        node = _node(schema, path)
+        value_type = node["additionalProperties"].get("type")
+        sample = {"object": {"max_attempts": 3}, "integer": 7}.get(value_type, "mail-jobs")
+        names = node.get("propertyNames", {}).get("enum", ["email.welcome"])
+        _set(values["config"], path, {names[0]: sample})
     docs = render(helm, values)
     data = only(docs, "ConfigMap")["data"]
     for path in map_settings:
@@ -866,3 +877,18 @@ def test_the_ingress_spool_mounts_its_volume_and_sets_the_spool_path(helm: str) 
         v["name"] != "spool"
         for v in only(off, "Deployment", INGRESS)["spec"]["template"]["spec"]["volumes"]
     )
+
+
+def test_the_built_helm_renders_the_chart_without_a_kube_version(helm: str) -> None:
+    # Built without Helm's version flags, helm says "v3.21" and assumes Kubernetes 1.20,
+    # below the chart's kubeVersion (issue 17): a user's plain `helm template` failed.
+    version = subprocess.run(
+        [helm, "version", "--template", "{{.Version}}"], capture_output=True, text=True, check=True
+    )
+    assert re.fullmatch(r"v3\.\d+\.\d+", version.stdout), version.stdout
+    result = subprocess.run(
+        [helm, "template", RELEASE, str(CHART)], capture_output=True, text=True, check=False
+    )
+    assert result.returncode == 0, result.stderr
+    kinds = {doc["kind"] for doc in yaml.safe_load_all(result.stdout) if doc}
+    assert {"Deployment", "ConfigMap"} <= kinds, kinds

@@ -24,15 +24,17 @@ from datetime import UTC, datetime, timedelta
 import nats
 import pytest
 from aiokafka import AIOKafkaProducer
+from pydantic import SecretStr
 
 from consumer import Settings
 from consumer.core import MAX_DELAY_S, DeadLetterFilter, DeadLetterRecord
 from consumer.kafka import list_dead_letters
 from consumer.nats import ensure_dead_letter_stream, list_nats_dead_letters, stream_destinations
+from consumer.stores import JobState, open_status
 from producer.nats import ensure_nats_stream
 from schemas import encode, to_kafka, to_nats
 from tests.apps.retry_timing import ATTEMPTS, TimedJob, app
-from tests.conftest import KAFKA_BOOTSTRAP, NATS_URL
+from tests.conftest import KAFKA_BOOTSTRAP, NATS_URL, REDIS_URL
 from tests.support import running_worker
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
@@ -160,6 +162,37 @@ async def test_a_delayed_job_starts_within_a_second_after_its_not_before(bus) ->
         assert not worker.stopped_by_fault
     late = lateness(job_id, due)
     assert 0 <= late <= WINDOW_S, f"started {late:+.3f}s after not_before"
+
+
+async def test_a_delayed_job_is_shown_scheduled_by_the_worker_until_it_starts(bus) -> None:
+    """Published without the ingress (nothing recorded it): the worker that set it aside
+    (Kafka: moved to a tier; NATS: handed to the scheduler) records `scheduled` with its
+    `not_before` in the shared status store (Redis), and the job still starts on time."""
+    settings, publish, _ = bus
+    namespace = f"scheduled-{uuid.uuid4().hex[:8]}"
+    status = settings.status.model_copy(
+        update={"backend": "redis", "url": SecretStr(REDIS_URL), "namespace": namespace}
+    )
+    settings = settings.model_copy(update={"status": status})
+    store = await open_status(settings)
+    try:
+        async with running_worker(app, settings) as worker:
+            due = in_(3.0)
+            [job_id] = await publish([("k", due)])
+            seen = None
+            deadline = time.monotonic() + 2.0  # a fetch, then one 0.25 s round of writes
+            while seen is None and time.monotonic() < deadline:
+                seen = await store.get(job_id)
+                await asyncio.sleep(0.05)
+            await started([job_id], 30)
+            assert not worker.stopped_by_fault
+        final = await store.get(job_id)
+    finally:
+        await store.close()
+    assert seen is not None, "not recorded as scheduled within 2 s of its publish"
+    assert (seen.state, seen.not_before) == (JobState.SCHEDULED, due)
+    assert final is not None and final.state is JobState.SUCCEEDED
+    assert 0 <= lateness(job_id, due) <= WINDOW_S
 
 
 async def test_a_job_due_in_a_second_is_not_held_behind_one_due_in_a_minute(bus) -> None:

@@ -15,6 +15,7 @@ EXPECTED = {
         "App",
         "Backend",
         "ClaimState",
+        "CronSchedule",
         "DeadLetter",
         "IdempotencyStore",
         "JobContext",

@@ -9,6 +9,7 @@ workers are `TestApp`'s, on the same memory broker and status store.
 
 from __future__ import annotations
 
+import asyncio
 import uuid
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
@@ -295,3 +296,41 @@ async def test_a_cancelled_scheduled_job_never_runs(topic: str) -> None:
     assert after["state"] == "cancelled"
     assert again.status_code == 409
     assert list(runs.started) == [kept_id]  # the other delayed job ran
+
+
+# -- scheduled without the ingress (a producer's publish, the CLI) ------------------------
+
+
+async def test_a_delayed_publish_shows_scheduled_then_runs_and_a_job_due_now_never_is(
+    topic: str,
+) -> None:
+    """A job published with `delay=` by a producer (no ingress wrote anything) is shown
+    `scheduled` with its `not_before` once a worker set it aside, then `running` no earlier
+    than its time, then `succeeded`; a job due now is never `scheduled`."""
+    runs = Runs()
+    async with TestApp(runs.app, worker_settings(topic), broker=BROKER) as t:
+        assert t.status is not None
+        runs.store = t.status
+        delayed = await t.publish(Reminder(n=8), delay=1.2)
+        at_once = await t.publish(Reminder(n=9))
+        waiting = None
+        for _ in range(100):  # the worker records it within a fetch and a 0.25 s round
+            waiting = await t.status.get(delayed.job_id)
+            if waiting is not None:
+                break
+            await asyncio.sleep(0.02)
+        await t.drain(timeout_s=10)
+        done = await t.status.get(delayed.job_id)
+        now_done = await t.status.get(at_once.job_id)
+    due = stored(topic)[delayed.job_id]
+    assert waiting is not None and due is not None
+    assert (waiting.state, waiting.not_before, waiting.job_type) == (
+        JobState.SCHEDULED,
+        due,
+        "test.ingress.reminder",
+    )
+    [(started, seen)] = runs.started[delayed.job_id]
+    assert started >= due and seen is JobState.RUNNING
+    assert done is not None and done.state is JobState.SUCCEEDED
+    assert [seen for _, seen in runs.started[at_once.job_id]] == [JobState.RUNNING]
+    assert now_done is not None and now_done.state is JobState.SUCCEEDED

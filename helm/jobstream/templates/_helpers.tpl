@@ -93,7 +93,7 @@ tests/helm/test_chart.py renders a value into every map-typed field of consumer.
 so a new one that is missing here fails the tests.
 */}}
 {{- define "jobstream.mapSettings" -}}
-{{- list "routing.routes" "retry.per_type" | toJson -}}
+{{- list "routing.routes" "retry.per_type" "worker.priority_weights" | toJson -}}
 {{- end -}}
 
 {{/*
