@@ -82,12 +82,16 @@ schemas: venv ## regenerate schemas/jsonschema/ from the job models
 chaos: up ## 3 workers, 20 SIGKILLs, a broker and a store restart during 20,000 jobs (Kafka, NATS)
 	@$(BIN)/python -m tests.chaos $(CHAOS_ARGS)
 
-bench: up ## run the benchmarks (compare with the raw clients; prints ratios)
-	@for script in bench/bench_*.py; do echo "== $$script"; $(BIN)/python $$script; done
+$(BIN)/.bench-installed: $(BIN)/.installed
+	@PIP_CACHE_DIR=.cache/pip $(BIN)/pip install -q -c constraints.txt -e '.[dev,bench]'
+	@touch $@
+
+bench: up $(BIN)/.bench-installed ## run the benchmarks (raw clients, FastStream, latency; prints ratios)
+	@status=0; for script in bench/bench_*.py; do echo "== $$script"; $(BIN)/python $$script || status=1; done; exit $$status
 
 lock: ## re-resolve constraints.txt from pyproject.toml in a scratch virtualenv
 	@rm -rf .cache/lockenv && $(PYTHON) -m venv .cache/lockenv
-	@.cache/lockenv/bin/pip install -q -e '.[dev]'
+	@.cache/lockenv/bin/pip install -q -e '.[dev,bench]'
 	@.cache/lockenv/bin/pip freeze --exclude-editable | grep -v '^-e' > constraints.txt
 	@rm -rf .cache/lockenv && echo "constraints.txt updated"
 

@@ -17,7 +17,10 @@ flush of the span processor, so the batch exporter's thread is counted too. Mode
              exporter that drops the spans (the cost of recording and batching, not of the
              network);
 - on 10%:    the same with `traceidratio` 0.1 (what `OTEL_TRACES_SAMPLER=traceidratio`
-             does; `parentbased_*` would follow the producer's decision instead);
+             does: the worker decides by trace id, whatever the producer decided);
+- parent 10%: `parentbased_traceidratio` 0.1, the setting docs/observability.md
+             recommends: the producer sampled 10% of the jobs (their `traceparent` has the
+             sampled flag), and each attempt follows its producer's decision;
 - metrics:   tracing off, the SDK `MeterProvider` with the Prometheus reader `/metrics` uses.
 
 Modes run interleaved, `--repeats` times each; the median is reported, with the difference
@@ -31,9 +34,10 @@ from __future__ import annotations
 import argparse
 import asyncio
 import gc
+import os
+import random
 import statistics
 import time
-import uuid
 from collections import deque
 from collections.abc import Callable, Hashable, Sequence
 
@@ -43,7 +47,7 @@ from opentelemetry.exporter.prometheus import PrometheusMetricReader
 from opentelemetry.sdk.metrics import MeterProvider
 from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
 from opentelemetry.sdk.trace.export import BatchSpanProcessor, SpanExporter, SpanExportResult
-from opentelemetry.sdk.trace.sampling import TraceIdRatioBased
+from opentelemetry.sdk.trace.sampling import ParentBased, Sampler, TraceIdRatioBased
 from prometheus_client import CollectorRegistry
 
 from consumer import App, JobContext, Settings, Worker
@@ -52,6 +56,8 @@ from consumer.telemetry import Telemetry, TracingStep, WorkerMetrics
 from schemas import Job, encode
 
 TOPIC = "bench.trace"
+MODES = ["off", "on 100%", "on 10%", "parent 10%", "metrics"]
+SAMPLED_BY_PRODUCER = {mode: 0.1 if mode == "parent 10%" else 1.0 for mode in MODES}
 
 
 class BenchTraced(Job, type="bench.traced", version=1, register=False):
@@ -106,13 +112,22 @@ class MemorySource:
     async def stop(self) -> None: ...
 
 
-def deliveries(n: int) -> list[Delivery]:
+def deliveries(n: int, sampled_ratio: float = 1.0) -> list[Delivery]:
+    """`sampled_ratio`: the share of jobs whose producer sampled its span (by trace id, as
+    `traceidratio` decides), the others' `traceparent` has the flag 00."""
     out = []
     partition = TopicPartition(TOPIC, 0)
+    bound = round(sampled_ratio * 2**64)
+    # Random ids, as the SDK's `RandomIdGenerator` makes them (not uuid4: its low 64 bits,
+    # the ones `traceidratio` compares, start with the variant bits 10, so a ratio below
+    # 0.5 would sample none of them).
+    ids = random.Random(n)
     for seq in range(n):
-        trace_id, span_id = uuid.uuid4().hex, uuid.uuid4().hex[:16]
-        parent = f"00-{trace_id}-{span_id}-01"
-        origin = f"00-{trace_id}-{uuid.uuid4().hex[:16]}-01"
+        trace_id = f"{ids.getrandbits(128) or 1:032x}"
+        span_id = f"{ids.getrandbits(64) or 1:016x}"
+        flags = "01" if int(trace_id, 16) & (2**64 - 1) < bound else "00"
+        parent = f"00-{trace_id}-{span_id}-{flags}"
+        origin = f"00-{trace_id}-{ids.getrandbits(64) or 1:016x}-01"
         message = encode(
             BenchTraced(seq=seq), source="/bench", traceparent=parent, origin_traceparent=origin
         )
@@ -139,7 +154,10 @@ def telemetry_for(mode: str) -> tuple[Telemetry, Callable[[], object]]:
         provider = MeterProvider([PrometheusMetricReader(registry=registry)])
         return Telemetry(trace.NoOpTracerProvider(), provider, False, True, registry), lambda: None
     ratio = 1.0 if mode == "on 100%" else 0.1
-    tracer_provider = TracerProvider(sampler=TraceIdRatioBased(ratio))
+    sampler: Sampler = TraceIdRatioBased(ratio)
+    if mode == "parent 10%":
+        sampler = ParentBased(sampler)
+    tracer_provider = TracerProvider(sampler=sampler)
     tracer_provider.add_span_processor(
         BatchSpanProcessor(DroppingExporter(), max_queue_size=200_000, max_export_batch_size=512)
     )
@@ -154,7 +172,7 @@ async def run_once(mode: str, n: int) -> float:
         worker={"ordering": "none", "max_in_flight": 256}, logging={"level": "WARNING"}
     )
     done = asyncio.Event()
-    source = MemorySource(deliveries(n), done)
+    source = MemorySource(deliveries(n, SAMPLED_BY_PRODUCER[mode]), done)
     # The N prepared deliveries are a backlog a real worker never holds (it fetches at
     # most max_in_flight); frozen, the garbage collector does not walk them on every
     # collection, which would bill their size to whichever mode allocates most.
@@ -205,7 +223,7 @@ async def step_alone(mode: str, runs: list[JobRun]) -> float:
 
 
 async def main(args: argparse.Namespace) -> None:
-    modes = ["off", "on 100%", "on 10%", "metrics"]
+    modes = MODES
     results: dict[str, list[float]] = {mode: [] for mode in modes}
     await run_once("off", 2000)  # warm up imports and caches
     for _ in range(args.repeats):
@@ -213,6 +231,7 @@ async def main(args: argparse.Namespace) -> None:
             results[mode].append(await run_once(mode, args.jobs))
     base = statistics.median(results["off"])
     print(f"{args.jobs} jobs per run, {args.repeats} runs per mode, median CPU per job")
+    print("load average {:.2f} {:.2f} {:.2f}".format(*os.getloadavg()))
     print(f"{'mode':<10} {'CPU us/job':>11} {'vs off':>9} {'min':>7}   runs")
     for mode in modes:
         median = statistics.median(results[mode])
@@ -220,13 +239,16 @@ async def main(args: argparse.Namespace) -> None:
         print(
             f"{mode:<10} {median:>11.1f} {median - base:>+9.1f} {min(results[mode]):>7.1f}   {runs}"
         )
-    runs_alone = [JobRun(d, None, None, None) for d in deliveries(args.jobs)]
+    runs_alone = {
+        ratio: [JobRun(d, None, None, None) for d in deliveries(args.jobs, ratio)]
+        for ratio in set(SAMPLED_BY_PRODUCER.values())
+    }
     gc.collect()
     gc.freeze()
     alone: dict[str, list[float]] = {mode: [] for mode in modes}
     for _ in range(args.repeats):
         for mode in modes:
-            alone[mode].append(await step_alone(mode, runs_alone))
+            alone[mode].append(await step_alone(mode, runs_alone[SAMPLED_BY_PRODUCER[mode]]))
     print("\nthe telemetry steps alone (around a no-op), median CPU per job")
     print(f"{'mode':<10} {'CPU us/job':>11}   runs")
     for mode in modes:

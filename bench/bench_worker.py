@@ -11,13 +11,22 @@ then drained, each time by a fresh consumer group, by
           jobs: attributes parsed, payload validated, idempotency claim/complete (memory
           store), timeout, logging step, offsets committed after settle;
   - ours+logs: the same with the production log configuration (INFO, one JSON line per
-          job) written to /dev/null.
+          job) written to /dev/null;
+  - faststream ack-first: FastStream 0.7.8 (the `bench` extra: `pip install -e '.[bench]'`,
+          which `make bench` does), `ack_policy=ACK_FIRST, max_workers=256`, an async
+          handler taking the body as a pydantic model: its fastest per-job mode that still
+          commits (auto-commit every 5 s and at stop, no ordering, a crash loses the jobs
+          in flight);
+  - faststream ack: `ack_policy=ACK, max_workers=4` (one consumer per partition, a commit
+          after each message): its fastest mode that commits after the handler. It runs
+          about 500 jobs/s, so it drains only the first `--fs-ack-n` jobs it reads (2,000)
+          of the same topic, once per run, and is checked on that count.
 The clock starts once the group has assigned the partitions (the join is not measured) and
 stops when the N-th record was counted (raw, after its batch's commit) or the N-th handler
 returned (ours; its last commit follows in `stop()`). CPU is `time.process_time()` of this
 process over the same window (the broker is another process). 3 repeats, interleaved; the
 median is reported. Afterwards every group must have committed exactly N offsets, and ours
-must have run every job once.
+must have run every job once. Without FastStream installed its rows are skipped (said so).
 
 S4, key mode against partition mode: M jobs on one partition with 100 keys, a handler that
 sleeps 5 ms; drain time in `partition` mode (one run: one job at a time whatever the
@@ -25,6 +34,12 @@ limit) and in `key` mode (median of the repeats) for each `max_in_flight`. Key m
 one job per key at a time, so its speed-up grows with the limit up to the key count, or
 until the worker's CPU per job becomes the limit ("key CPU s" against "key ideal s", the
 handler's sleeps alone).
+
+Backlog (about 2 minutes for 1,000,000 jobs here; `--scenarios s1 s4` skips it): a child
+process publishes `--backlog-n` jobs to a fresh topic, then one worker (defaults but
+`max_in_flight` 256) drains them; the peak RSS of this process (which never
+held the backlog: the child filled it) must stay under 250 MB, every job must run once and
+N offsets must be committed.
 
 Exit status: 0, or 1 if a run lost, repeated or reordered jobs (a correctness failure, not
 a slow result). `--profile` adds one cProfile'd drain of ours and prints its hot spots.
@@ -48,9 +63,11 @@ import time
 import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+from typing import Any
 
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
+from pydantic import BaseModel
 
 from consumer import App, JobContext, Settings, Worker
 from consumer.core import main_destinations
@@ -59,6 +76,11 @@ from consumer.telemetry import JsonFormatter
 from schemas import Job, encode, to_kafka
 
 RUN_TIMEOUT_S = 120.0
+RSS_GOAL_MB = 250
+try:  # the `bench` extra: FastStream rows are skipped without it
+    import faststream
+except ImportError:  # pragma: no cover - depends on the environment
+    faststream = None
 
 
 class BenchNoop(Job, type="bench.noop", version=1, register=False):
@@ -95,23 +117,31 @@ class Clock:
 
 @dataclass
 class Tally:
-    """What the handler saw: completions, distinct jobs, per-key order violations."""
+    """What the handler saw: completions, distinct jobs, per-key order violations. Seen
+    jobs are one byte each (a million jobs: 1 MB, not the 60 MB of a set of ints)."""
 
     target: int
+    space: int = 0  # sequence numbers 0 .. max(space, target) - 1 may arrive
     done: asyncio.Event = field(default_factory=asyncio.Event)
     completions: int = 0
-    seen: set[int] = field(default_factory=set)
+    distinct: int = 0
     last_by_key: dict[str | None, int] = field(default_factory=dict)
     out_of_order: int = 0
+    seen: bytearray = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.seen = bytearray(max(self.space, self.target))
 
     def hit(self, seq: int, key: str | None) -> None:
         self.completions += 1
-        self.seen.add(seq)
+        if 0 <= seq < len(self.seen) and not self.seen[seq]:
+            self.seen[seq] = 1
+            self.distinct += 1
         if key is not None:
             if self.last_by_key.get(key, -1) > seq:
                 self.out_of_order += 1
             self.last_by_key[key] = seq
-        if len(self.seen) >= self.target:
+        if self.distinct >= self.target:
             self.done.set()
 
 
@@ -143,7 +173,7 @@ class Bench:
         await producer.start()
         size = 0
         try:
-            pending = []
+            pending: list[asyncio.Future[object]] = []
             for seq in range(count):
                 message = encode(BenchNoop(seq=seq), source="/bench", key=key_of(seq))
                 key, headers = to_kafka(message.attributes)
@@ -154,6 +184,9 @@ class Bench:
                         + len(key or b"")
                         + sum(len(n) + len(v) for n, v in headers)
                     )
+                if len(pending) >= 10_000:  # bounded: a million futures would be ~1 GB
+                    await asyncio.gather(*pending)
+                    pending = []
             await asyncio.gather(*pending)
         finally:
             await producer.stop()
@@ -258,11 +291,82 @@ async def drain_ours(
     finally:
         worker.stop()
         await runner  # raises WorkerError if the worker stopped by a fault
-    bench.check(label, len(tally.seen) == n, f"{len(tally.seen)} distinct jobs ran, expected {n}")
+    bench.check(label, tally.distinct == n, f"{tally.distinct} distinct jobs ran, expected {n}")
     bench.check(label, tally.completions == n, f"{tally.completions - n} extra runs (duplicates)")
     bench.check(label, tally.out_of_order == 0, f"{tally.out_of_order} per-key order violations")
     bench.check(label, await bench.committed(group) == n, "committed offsets do not sum to N")
     return result, tally
+
+
+class NoopBody(BaseModel):
+    """What FastStream's handler takes: the job's JSON body, validated by pydantic."""
+
+    seq: int
+
+
+FASTSTREAM_MODES = {
+    # label: subscriber options. ACK_FIRST is FastStream's fastest per-job mode that still
+    # commits (aiokafka's auto-commit); ACK commits after each handler return.
+    "faststream ack-first": {"ack_policy": "ACK_FIRST", "max_workers": 256},
+    "faststream ack": {"ack_policy": "ACK", "max_workers": 4},
+}
+
+
+def _fs_consumers(subscriber: Any) -> list[Any]:
+    group = getattr(subscriber, "consumer_subgroup", None) or [subscriber.consumer]
+    return [c for c in group if c is not None]
+
+
+async def drain_faststream(
+    bench: Bench, topic: str, n: int, mode: str, published: int
+) -> Measurement:
+    """FastStream's KafkaBroker drains `n` jobs of `topic` (all of it, or the first `n` it
+    handles) with a fresh group; checked like ours: n distinct jobs, no duplicate, n
+    offsets committed."""
+    from faststream import AckPolicy  # noqa: PLC0415 - optional (the bench extra)
+    from faststream.kafka import KafkaBroker  # noqa: PLC0415 - optional (the bench extra)
+
+    options = FASTSTREAM_MODES[mode]
+    group = f"bench-fs-{uuid.uuid4().hex[:8]}"
+    tally = Tally(target=n, space=published)
+    broker = KafkaBroker(bench.bootstrap, logger=None)
+    subscriber = broker.subscriber(
+        topic,
+        group_id=group,
+        auto_offset_reset="earliest",
+        isolation_level="read_committed",
+        ack_policy=AckPolicy[str(options["ack_policy"])],
+        max_workers=int(options["max_workers"]),
+    )
+
+    @subscriber
+    async def count(body: NoopBody) -> None:
+        if tally.distinct < n:  # stopping after n: later jobs are not counted
+            tally.hit(body.seq, None)
+
+    await broker.start()
+    try:
+        # Every member assigned (ACK with max_workers runs one consumer per partition).
+        await _until(
+            lambda: sum(len(c.assignment()) for c in _fs_consumers(subscriber)) >= 4,
+            "FastStream's assignment",
+        )
+        before = tally.completions  # jobs run before the last member joined
+        clock = Clock()
+        async with asyncio.timeout(RUN_TIMEOUT_S):
+            await tally.done.wait()
+        result = clock.stop(n - before)
+    finally:
+        await broker.stop()  # ACK_FIRST: aiokafka's last auto-commit happens here
+    bench.check(mode, tally.distinct == n, f"{tally.distinct} distinct jobs ran, expected {n}")
+    bench.check(mode, tally.completions == n, f"{tally.completions - n} extra runs (duplicates)")
+    committed = await bench.committed(group)
+    # ACK commits each job after its handler; a job handled after the n-th is not counted
+    # but may be committed, so ACK is checked for at least n and ACK_FIRST for exactly n.
+    exact = options["ack_policy"] == "ACK_FIRST"
+    ok = committed == n if exact else committed >= n
+    bench.check(mode, ok, f"committed offsets sum to {committed}, expected {n}")
+    return result
 
 
 @contextlib.contextmanager
@@ -320,16 +424,24 @@ async def scenario_s1(bench: Bench, args: argparse.Namespace) -> None:
                 bench, topic, n, max_in_flight=args.max_in_flight, label="ours+logs"
             )
         runs["ours+logs"].append(logged)
+        if faststream is not None and args.faststream:
+            fs = await drain_faststream(bench, topic, n, "faststream ack-first", n)
+            runs["faststream ack-first"].append(fs)
+    if faststream is not None and args.faststream and args.fs_ack_n:
+        # About 500 jobs/s: once per run, on the first jobs it reads of the same topic.
+        fs_n = min(args.fs_ack_n, n)
+        slow = await drain_faststream(bench, topic, fs_n, "faststream ack", n)
+        runs["faststream ack"].append(slow)
     raw = median(runs["raw"])
     print(
-        f"\n   {'contestant':<11} {'jobs/s':>9} {'MB/s':>6} {'CPU-us/job':>11} "
+        f"\n   {'contestant':<20} {'jobs/s':>9} {'MB/s':>6} {'CPU-us/job':>11} "
         f"{'of raw':>7}   runs (jobs/s)"
     )
     for name, measured in runs.items():
         mid = median(measured)
         each = ", ".join(f"{m.rate:,.0f}" for m in measured)
         print(
-            f"   {name:<11} {mid.rate:>9,.0f} {mid.rate * size / 1e6:>6.1f} "
+            f"   {name:<20} {mid.rate:>9,.0f} {mid.rate * size / 1e6:>6.1f} "
             f"{mid.cpu_us:>11.1f} {mid.rate / raw.rate:>7.0%}   {each}"
         )
     ours = median(runs["ours"])
@@ -338,6 +450,18 @@ async def scenario_s1(bench: Bench, args: argparse.Namespace) -> None:
         f"\n   ratio ours/raw = {ours.rate / raw.rate:.2f} ({verdict} the >= 0.50 aim); "
         f"CPU per job ours/raw = {ours.cpu_us / raw.cpu_us:.1f}x"
     )
+    if "faststream ack-first" in runs:
+        fs = median(runs["faststream ack-first"])
+        verdict = "meets" if ours.rate >= 5 * fs.rate else "misses"
+        print(
+            f"   ratio ours/faststream ack-first = {ours.rate / fs.rate:.1f}x ({verdict} the "
+            f">= 5x aim); CPU per job {fs.cpu_us / ours.cpu_us:.1f}x ours"
+        )
+        if "faststream ack" in runs:
+            slow = median(runs["faststream ack"])
+            print(f"   ratio ours/faststream ack (commit per job) = {ours.rate / slow.rate:.0f}x")
+    elif args.faststream:
+        print("   faststream: not installed (pip install -e '.[bench]'); its rows are skipped")
     if args.profile:
         profile = cProfile.Profile()
         profile.enable()
@@ -392,7 +516,81 @@ async def scenario_s4(bench: Bench, args: argparse.Namespace) -> None:
         )
 
 
+def rss_mb() -> float:
+    """This process's resident set now (Linux), in MB."""
+    with open("/proc/self/statm") as statm:
+        return int(statm.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+
+
+async def scenario_backlog(bench: Bench, args: argparse.Namespace) -> None:
+    n = args.backlog_n
+    topic = await bench.new_topic(partitions=4)
+    started = time.perf_counter()
+    # A child fills the topic, so this process never holds the backlog's futures: its peak
+    # RSS is the worker's (plus the interpreter and this bench's one byte per job).
+    child = await asyncio.create_subprocess_exec(
+        sys.executable,
+        __file__,
+        "--fill-only",
+        topic,
+        "--n",
+        str(n),
+        "--bootstrap",
+        bench.bootstrap,
+        "--s1-keys",
+        str(args.s1_keys),
+    )
+    if await child.wait() != 0:
+        bench.check("backlog", False, f"the filling child failed (exit {child.returncode})")
+        return
+    fill_s = time.perf_counter() - started
+    before = rss_mb()
+    peak_sampled = before
+
+    async def sample() -> None:
+        nonlocal peak_sampled
+        while True:
+            peak_sampled = max(peak_sampled, rss_mb())
+            await asyncio.sleep(0.1)
+
+    print(
+        f"\nBacklog: {n:,} jobs filled in {fill_s:.0f}s by a child process, 4 partitions, "
+        f"{args.s1_keys} keys; draining with one worker (defaults but max_in_flight="
+        f"{args.max_in_flight}, memory idempotency store); RSS before the drain {before:.0f} MB"
+    )
+    sampler = asyncio.create_task(sample())
+    try:
+        measured, _ = await drain_ours(
+            bench, topic, n, max_in_flight=args.max_in_flight, label="backlog"
+        )
+    finally:
+        sampler.cancel()
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    verdict = "meets" if peak < RSS_GOAL_MB else "misses"
+    print(
+        f"   drained in {measured.wall_s:.0f}s ({measured.rate:,.0f} jobs/s, "
+        f"{measured.cpu_us:.0f} CPU-us/job); peak RSS {peak:.0f} MB ({verdict} < "
+        f"{RSS_GOAL_MB} MB; sampled every 0.1 s during the drain: {peak_sampled:.0f} MB); "
+        "each job once, N offsets committed: checked below"
+    )
+
+
+async def fill_only(args: argparse.Namespace) -> int:
+    """The backlog scenario's child: publish `--n` jobs to an existing topic."""
+    admin = AIOKafkaAdminClient(bootstrap_servers=args.bootstrap, request_timeout_ms=10_000)
+    await admin.start()
+    try:
+        await Bench(args.bootstrap, admin).fill(
+            args.fill_only, args.n, lambda seq: f"k{seq % args.s1_keys}"
+        )
+    finally:
+        await admin.close()
+    return 0
+
+
 async def main(args: argparse.Namespace) -> int:
+    if args.fill_only:
+        return await fill_only(args)
     admin = AIOKafkaAdminClient(bootstrap_servers=args.bootstrap, request_timeout_ms=10_000)
     try:
         await admin.start()
@@ -412,6 +610,8 @@ async def main(args: argparse.Namespace) -> int:
             await scenario_s1(bench, args)
         if "s4" in args.scenarios:
             await scenario_s4(bench, args)
+        if "backlog" in args.scenarios:
+            await scenario_backlog(bench, args)
     finally:
         if bench.topics:
             await admin.delete_topics(bench.topics)
@@ -436,8 +636,24 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--keys", type=int, default=100, help="S4 distinct ordering keys")
     parser.add_argument("--sleep-ms", type=float, default=5.0, help="S4 handler sleep")
     parser.add_argument("--in-flight", type=int, nargs="+", default=[16, 64, 256])
-    parser.add_argument("--scenarios", nargs="+", choices=["s1", "s4"], default=["s1", "s4"])
+    parser.add_argument(
+        "--scenarios",
+        nargs="+",
+        choices=["s1", "s4", "backlog"],
+        default=["s1", "s4", "backlog"],
+        help="scenarios to run (default: all; backlog takes about 2 minutes)",
+    )
+    parser.add_argument(
+        "--backlog-n", type=int, default=1_000_000, help="backlog jobs (default 1,000,000)"
+    )
+    parser.add_argument("--fill-only", metavar="TOPIC", help=argparse.SUPPRESS)
     parser.add_argument("--profile", action="store_true", help="cProfile one drain of ours")
+    parser.add_argument(
+        "--no-faststream", dest="faststream", action="store_false", help="skip FastStream"
+    )
+    parser.add_argument(
+        "--fs-ack-n", type=int, default=2000, help="jobs of the FastStream ACK run (0: skip it)"
+    )
     return parser.parse_args()
 
 

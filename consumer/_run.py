@@ -144,13 +144,18 @@ async def _run(worker: Worker) -> Worker:
         )
         worker.stop()
 
-    for signum in (signal.SIGTERM, signal.SIGINT):
+    # asyncio leaves SIG_DFL behind when a handler is removed; restore what was there (the
+    # log setup's SIGTERM handler writes the buffered log lines before the process dies).
+    found = {signum: signal.getsignal(signum) for signum in (signal.SIGTERM, signal.SIGINT)}
+    for signum in found:
         loop.add_signal_handler(signum, on_signal, signum)
     try:
         await worker.run()
     finally:
-        for signum in (signal.SIGTERM, signal.SIGINT):
+        for signum, handler in found.items():
             loop.remove_signal_handler(signum)
+            if handler is not None:
+                signal.signal(signum, handler)
     return worker
 
 

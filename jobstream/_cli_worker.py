@@ -19,7 +19,7 @@ from typing import Annotated
 import typer
 
 from consumer import App, Settings, WorkerError, run_worker
-from consumer.telemetry import configure_logging
+from consumer.telemetry import configure_logging, flush_logs
 from jobstream._config import fail, load_settings, refused
 from schemas import JobstreamError
 
@@ -80,10 +80,13 @@ def register(cli: typer.Typer) -> None:
         try:
             asyncio.run(_work(app, settings))
         except WorkerError as error:
+            flush_logs()  # the jobs' buffered lines before the `error:` line
             raise fail(str(error)) from None
         except (JobstreamError, NotImplementedError, OSError) as error:
+            flush_logs()
             raise fail(f"{error}") from None
         except ValueError as error:
+            flush_logs()
             raise refused(error) from None
         sys.stdout.flush()
 

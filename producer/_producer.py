@@ -86,6 +86,7 @@ class JobProducer:
         self._registry = registry if registry is not None else default_registry
         self._started = False
         self._ensured: set[str] = set()
+        self._destinations: dict[tuple[str, Priority], str] = {}
         provider = tracer_provider if tracer_provider is not None else trace.get_tracer_provider()
         self._tracer_provider = provider
         self._tracer: Tracer = provider.get_tracer("jobstream.producer")
@@ -223,7 +224,7 @@ class JobProducer:
         if job_type is None or not self._traced():  # (`encode` rejects a non-concrete type)
             destination, message = self._encode(request, origin, origin)
             return await self._send(destination, message)
-        destination = self.destination(str(job_type), priority)
+        destination = self._destination(str(job_type), priority)
         with self._tracer.start_as_current_span(
             f"send {destination}",
             kind=SpanKind.PRODUCER,
@@ -247,8 +248,12 @@ class JobProducer:
         chunk: HeldClaims | None
         try:
             for item in jobs:
-                request = item if isinstance(item, PublishRequest) else PublishRequest(item)
-                if request.unique_key is not None or request.unique_for is not None:
+                # A plain job is published with the default options, without a request.
+                entry: Job | PublishRequest = item
+                if isinstance(item, PublishRequest) and (
+                    item.unique_key is not None or item.unique_for is not None
+                ):
+                    request = item
                     if held is not None and request.unique_key in held.keys:
                         chunk, held, sending, batch = held, None, batch, []
                         receipts += await self._send_held(sending, chunk)  # it holds the key
@@ -257,13 +262,13 @@ class JobProducer:
                     held.add(claimed, len(batch))
                     if isinstance(claimed, Receipt):
                         continue
-                    request = dataclasses.replace(
+                    entry = dataclasses.replace(
                         request, id=claimed.job_id, unique_key=None, unique_for=None
                     )
                 if traced:
-                    batch.append(self._create(request, origin))
+                    batch.append(self._create(entry, origin))
                 else:
-                    batch.append(self._encode(request, origin, origin))
+                    batch.append(self._encode(entry, origin, origin))
                 if len(batch) >= MAX_BATCH:
                     chunk, held, sending, batch = held, None, batch, []
                     receipts += await self._send_held(sending, chunk)
@@ -377,12 +382,15 @@ class JobProducer:
         time (the caller's context then travels as each job's trace context)."""
         return otel.recording_provider(self._tracer_provider)
 
-    def _create(self, request: PublishRequest, origin: TraceHeaders) -> tuple[str, JobMessage]:
+    def _create(
+        self, request: Job | PublishRequest, origin: TraceHeaders
+    ) -> tuple[str, JobMessage]:
         """Encode one job of a batch under its own `create` span (its creation context)."""
-        job_type = getattr(type(request.job), "job_type", None)
+        job, priority = _job_and_priority(request)
+        job_type = getattr(type(job), "job_type", None)
         if job_type is None:
             return self._encode(request, origin, origin)  # raises: not a concrete job type
-        destination = self.destination(str(job_type), request.priority)
+        destination = self._destination(str(job_type), priority)
         span = self._tracer.start_span(
             f"create {destination}",
             kind=SpanKind.PRODUCER,
@@ -403,12 +411,32 @@ class JobProducer:
             otel.DESTINATION: destination,
         }
 
+    def _destination(self, job_type: str, priority: Priority) -> str:
+        """`destination`, remembered per (job type, priority): the routing settings are
+        frozen, and publishing asks for every job."""
+        try:
+            return self._destinations[job_type, priority]
+        except KeyError:
+            destination = self.destination(job_type, priority)  # raises: not remembered
+            self._destinations[job_type, priority] = destination
+            return destination
+
     def _encode(
-        self, request: PublishRequest, trace: TraceHeaders, origin: TraceHeaders
+        self, request: Job | PublishRequest, trace: TraceHeaders, origin: TraceHeaders
     ) -> tuple[str, JobMessage]:
         # The origin is the caller's context; without one, the publish itself.
         if origin[0] is None:
             origin = trace
+        if not isinstance(request, PublishRequest):  # a plain job: the default options
+            message = encode(
+                request,
+                source=self._settings.source,
+                traceparent=trace[0],
+                tracestate=trace[1],
+                origin_traceparent=origin[0],
+                origin_tracestate=origin[1],
+            )
+            return self._destination(message.attributes.type, "normal"), message
         message = encode(
             request.job,
             source=self._settings.source,
@@ -422,7 +450,7 @@ class JobProducer:
             origin_traceparent=origin[0],
             origin_tracestate=origin[1],
         )
-        return self.destination(message.attributes.type, request.priority), message
+        return self._destination(message.attributes.type, request.priority), message
 
     async def _send_batch(self, batch: list[tuple[str, JobMessage]]) -> list[Receipt]:
         if not batch:
@@ -472,6 +500,12 @@ class JobProducer:
         if not self._started:
             msg = "JobProducer is not started: use `async with JobProducer(...)` or await start()"
             raise RuntimeError(msg)
+
+
+def _job_and_priority(request: Job | PublishRequest) -> tuple[Job, Priority]:
+    if isinstance(request, PublishRequest):
+        return request.job, request.priority
+    return request, "normal"
 
 
 def _describe_job(span: Span, message: JobMessage) -> None:

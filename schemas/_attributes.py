@@ -1,6 +1,6 @@
-"""The wire contract: the CloudEvents attributes of a job, validated, and what both header
-bindings share (`_kafka.py` and `_nats.py` hold one binding each; every wire name is a
-constant in `names.py`; docs/wire-contract.md is the prose version).
+"""The CloudEvents attributes of a job, validated (`_headers.py` puts them on the wire,
+`_kafka.py` and `_nats.py` hold one binding each; every wire name is a constant in
+`names.py`; docs/wire-contract.md is the prose version).
 
 Guarantees:
 
@@ -8,11 +8,12 @@ Guarantees:
   timezone-aware and normalised to UTC, version and attempt are ints >= 1, extension names
   are CloudEvents-legal and never shadow a known attribute, and no value holds a control
   character (NATS headers are line-based). A violation raises `InvalidAttributes`.
-- `from_kafka(*to_kafka(a)) == a` and `from_nats(to_nats(a)) == a` for every valid `a`
-  (times keep microseconds; unknown `ce_` extensions are carried through unchanged).
-- Encoding never produces more than `MAX_HEADER_BYTES` of headers: it raises instead, so
-  a record cannot grow without bound as retries add attributes (SPEC 2, G4).
-- Decoding rejects what it cannot trust with `InvalidAttributes`, naming the header.
+- Validation is cheap where it can be and complete everywhere: a plain case (exact types,
+  UTC times, no control character, extensions already checked) is accepted by one quick
+  test; anything else takes the full check, which names the culprit. The quick test only
+  ever accepts what the full check accepts, unchanged.
+- `trusted` builds attributes without the check, for the header decoder only, which has
+  already checked every value in the same pass (`_headers.read`).
 - Pure functions: no I/O, no clock, no randomness.
 """
 
@@ -20,54 +21,99 @@ from __future__ import annotations
 
 import dataclasses
 import re
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import ItemsView, Iterator, KeysView, Mapping, ValuesView
 from datetime import UTC, datetime, timedelta, timezone
 from typing import Any
 
 from schemas._errors import InvalidAttributes
-from schemas.names import (
-    DATACONTENTTYPE,
-    DATASCHEMA,
-    ID,
-    JOBATTEMPT,
-    JOBIDEMKEY,
-    JOBNOTBEFORE,
-    JOBORIGIN,
-    JOBORIGINSTATE,
-    JOBVERSION,
-    JSON,
-    KAFKA_CONTENT_TYPE,
-    PARTITIONKEY,
-    RESERVED,
-    SOURCE,
-    SPECVERSION,
-    SPECVERSION_ATTR,
-    SUBJECT,
-    TIME,
-    TRACEPARENT,
-    TRACESTATE,
-    TYPE,
-)
+from schemas.names import ID, JSON, RESERVED, SOURCE, TYPE
 
-__all__ = ["MAX_HEADER_BYTES", "JobAttributes", "format_time", "parse_time"]
+__all__ = [
+    "MAX_HEADER_BYTES",
+    "JobAttributes",
+    "format_time",
+    "has_control",
+    "parse_time",
+    "trusted",
+    "trusted_extensions",
+]
 
 MAX_HEADER_BYTES = 16 * 1024
 """Upper bound on the bytes of a record's key and headers (names plus values)."""
 
-_PLAIN_HEADERS = frozenset({KAFKA_CONTENT_TYPE, TRACEPARENT, TRACESTATE})
 _EXTENSION_NAME = re.compile(r"^[a-z0-9]+$")
 _CONTROL = re.compile(r"[\x00-\x1f\x7f\ud800-\udfff]")
-# Trace context is best-effort (W3C Trace Context: a traceparent that cannot be parsed is
-# ignored, and a tracestate goes with its traceparent): a repeated header keeps its first
-# value, an unreadable or malformed one is dropped; neither is a reason to refuse a job.
-_TRACE_FIELDS = frozenset({TRACEPARENT, TRACESTATE, JOBORIGIN, JOBORIGINSTATE})
-_TRACEPARENT = re.compile(r"^[0-9a-f]{2}-(?!0{32})[0-9a-f]{32}-(?!0{16})[0-9a-f]{16}-[0-9a-f]{2}")
-_TRACESTATE_MAX = 512
-_POSITIVE_INT = re.compile(r"^[0-9]{1,9}$")
+_RFC3339_UTC = "%04d-%02d-%02dT%02d:%02d:%02d.%06dZ"
 _RFC3339 = re.compile(
     r"^([0-9]{4})-([0-9]{2})-([0-9]{2})[Tt]([0-9]{2}):([0-9]{2}):([0-9]{2})(?:\.([0-9]+))?"
     r"(?:[Zz]|([+-])([0-9]{2}):([0-9]{2}))$"
 )
+
+
+def has_control(text: str) -> bool:
+    """Whether `text` holds a control character (C0, DEL) or a lone surrogate."""
+    # For ASCII text, "not printable" is exactly C0 and DEL, and the C loop is quicker.
+    if text.isascii():
+        return not text.isprintable()
+    return _CONTROL.search(text) is not None
+
+
+class _Extensions(Mapping[str, str]):
+    """An immutable, hashable, picklable mapping of extension attributes, sorted by name,
+    valid by construction (so attributes built from it need not check it again)."""
+
+    __slots__ = ("_items",)
+
+    def __init__(self, items: Mapping[str, str]) -> None:
+        ordered = dict(sorted(items.items()))
+        for name, value in ordered.items():
+            if not _EXTENSION_NAME.fullmatch(name) or name in RESERVED:
+                raise InvalidAttributes(
+                    f"extension name {name!r} is not allowed: CloudEvents extension names are "
+                    "lowercase letters and digits, and must not repeat a known attribute"
+                )
+            _checktext(name, value)
+        self._items = ordered
+
+    def __getitem__(self, name: str) -> str:
+        return self._items[name]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._items)
+
+    def items(self) -> ItemsView[str, str]:
+        return self._items.items()  # read-only, and cheaper than the generic view
+
+    def keys(self) -> KeysView[str]:
+        return self._items.keys()
+
+    def values(self) -> ValuesView[str]:
+        return self._items.values()
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+    def __hash__(self) -> int:
+        return hash(tuple(self._items.items()))
+
+    def __repr__(self) -> str:
+        return repr(self._items)
+
+    @classmethod
+    def trusted(cls, ordered: dict[str, str]) -> _Extensions:
+        """`ordered` as it is: the caller checked it as `__init__` would, and sorted it."""
+        extensions = object.__new__(cls)
+        extensions._items = ordered
+        return extensions
+
+
+def trusted_extensions(ordered: dict[str, str]) -> Mapping[str, str]:
+    """Extensions the caller has checked: names `[a-z0-9]+`, none in `RESERVED`, values
+    without control characters, sorted by name."""
+    return _Extensions.trusted(ordered) if ordered else _NO_EXTENSIONS
+
+
+_NO_EXTENSIONS = _Extensions.trusted({})
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -106,39 +152,12 @@ class JobAttributes:
     """`joborigin`: traceparent of the request that created the job, kept across retries."""
     origin_tracestate: str | None = None
     """`joboriginstate`: tracestate accompanying `origin_traceparent`."""
-    extensions: Mapping[str, str] = dataclasses.field(default_factory=dict)
+    extensions: Mapping[str, str] = _NO_EXTENSIONS
     """Any other CloudEvents extension (e.g. failure details), kept as-is, sorted by name."""
 
     def __post_init__(self) -> None:
-        for name in (ID, TYPE, SOURCE):
-            if not isinstance(getattr(self, name), str) or not getattr(self, name):
-                raise InvalidAttributes(f"attribute {name!r} must be a non-empty string")
-        object.__setattr__(self, "time", _utc("time", self.time))
-        if self.not_before is not None:
-            object.__setattr__(self, "not_before", _utc("not_before", self.not_before))
-        for name in ("version", "attempt"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise InvalidAttributes(f"attribute {name!r} must be an int >= 1, got {value!r}")
-        # An empty key would silently order (or deduplicate) unrelated jobs together.
-        for name in ("key", "idempotency_key"):
-            if getattr(self, name) == "":
-                raise InvalidAttributes(f"attribute {name!r} must be None or non-empty")
-        extensions = _Extensions(self.extensions)
-        for name, value in extensions.items():
-            if not _EXTENSION_NAME.fullmatch(name) or name in RESERVED:
-                raise InvalidAttributes(
-                    f"extension name {name!r} is not allowed: CloudEvents extension names are "
-                    "lowercase letters and digits, and must not repeat a known attribute"
-                )
-            _checktext(name, value)
-        texts = [v for v in (getattr(self, name) for name in _TEXT_FIELDS) if isinstance(v, str)]
-        # One scan of all values (the common, clean case); find the culprit only on failure.
-        if _CONTROL.search(" ".join(texts)):
-            for name in _TEXT_FIELDS:
-                if isinstance(getattr(self, name), str):
-                    _checktext(name, getattr(self, name))
-        object.__setattr__(self, "extensions", extensions)
+        if not _plainly_valid(self):
+            _validate(self)
 
     @property
     def dedup_key(self) -> str:
@@ -171,32 +190,144 @@ _TEXT_FIELDS = tuple(
 )
 
 
-class _Extensions(Mapping[str, str]):
-    """An immutable, hashable, picklable mapping of extension attributes, sorted by name."""
+def _plainly_valid(attrs: JobAttributes) -> bool:
+    """True only if `_validate` would accept `attrs` and change nothing: exact types, UTC
+    times, already-checked extensions, no control character. False says nothing."""
+    time, not_before, version, attempt = attrs.time, attrs.not_before, attrs.version, attrs.attempt
+    if not (
+        type(attrs.id) is str
+        and type(attrs.type) is str
+        and type(attrs.source) is str
+        and attrs.id != ""
+        and attrs.type != ""
+        and attrs.source != ""
+        and type(time) is datetime
+        and time.tzinfo is UTC
+        and (not_before is None or (type(not_before) is datetime and not_before.tzinfo is UTC))
+        and type(version) is int
+        and version >= 1
+        and type(attempt) is int
+        and attempt >= 1
+        and attrs.key != ""
+        and attrs.idempotency_key != ""
+        and type(attrs.extensions) is _Extensions
+    ):
+        return False
+    # `filter` drops None (and empty or falsy values, which the full check ignores too,
+    # or rejects above); a value that is not text makes `join` raise.
+    texts = filter(
+        None,
+        (
+            attrs.id,
+            attrs.type,
+            attrs.source,
+            attrs.subject,
+            attrs.dataschema,
+            attrs.content_type,
+            attrs.key,
+            attrs.idempotency_key,
+            attrs.traceparent,
+            attrs.tracestate,
+            attrs.origin_traceparent,
+            attrs.origin_tracestate,
+        ),
+    )
+    try:
+        return not has_control(" ".join(texts))
+    except TypeError:  # a value that is not text: `_validate` decides
+        return False
 
-    __slots__ = ("_items",)
 
-    def __init__(self, items: Mapping[str, str]) -> None:
-        self._items = dict(sorted(items.items()))
+def _validate(attrs: JobAttributes) -> None:
+    """The full check: raises `InvalidAttributes` naming the first culprit, normalises the
+    times to UTC and the extensions to a checked `_Extensions`."""
+    for name in (ID, TYPE, SOURCE):
+        if not isinstance(getattr(attrs, name), str) or not getattr(attrs, name):
+            raise InvalidAttributes(f"attribute {name!r} must be a non-empty string")
+    object.__setattr__(attrs, "time", _utc("time", attrs.time))
+    if attrs.not_before is not None:
+        object.__setattr__(attrs, "not_before", _utc("not_before", attrs.not_before))
+    for name in ("version", "attempt"):
+        value = getattr(attrs, name)
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise InvalidAttributes(f"attribute {name!r} must be an int >= 1, got {value!r}")
+    # An empty key would silently order (or deduplicate) unrelated jobs together.
+    for name in ("key", "idempotency_key"):
+        if getattr(attrs, name) == "":
+            raise InvalidAttributes(f"attribute {name!r} must be None or non-empty")
+    extensions = attrs.extensions
+    if type(extensions) is not _Extensions:  # one of ours is checked already
+        empty = type(extensions) is dict and not extensions
+        extensions = _NO_EXTENSIONS if empty else _Extensions(extensions)
+    texts = [v for v in (getattr(attrs, name) for name in _TEXT_FIELDS) if isinstance(v, str)]
+    # One scan of all values (the common, clean case); find the culprit only on failure.
+    if has_control(" ".join(texts)):
+        for name in _TEXT_FIELDS:
+            if isinstance(getattr(attrs, name), str):
+                _checktext(name, getattr(attrs, name))
+    object.__setattr__(attrs, "extensions", extensions)
 
-    def __getitem__(self, name: str) -> str:
-        return self._items[name]
 
-    def __iter__(self) -> Iterator[str]:
-        return iter(self._items)
+_new = object.__new__
+_set = object.__setattr__
 
-    def __len__(self) -> int:
-        return len(self._items)
 
-    def __hash__(self) -> int:
-        return hash(tuple(self._items.items()))
-
-    def __repr__(self) -> str:
-        return repr(self._items)
+def trusted(
+    id: str,  # named after the CloudEvents attribute, shadowing is fine
+    type: str,  # ditto
+    source: str,
+    time: datetime,
+    version: int,
+    subject: str | None,
+    dataschema: str | None,
+    content_type: str,
+    key: str | None,
+    attempt: int,
+    idempotency_key: str | None,
+    not_before: datetime | None,
+    traceparent: str | None,
+    tracestate: str | None,
+    origin_traceparent: str | None,
+    origin_tracestate: str | None,
+    extensions: Mapping[str, str],
+) -> JobAttributes:
+    """`JobAttributes` without its check, for values the caller has checked in the same
+    pass as the constructor would (times in UTC, `extensions` from `trusted_extensions`).
+    Only the header decoder calls this; everything else uses the validating constructor.
+    (A field added to `JobAttributes` is added here too: a unit test checks it.)"""
+    attrs: JobAttributes = _new(JobAttributes)
+    _set(attrs, "id", id)
+    _set(attrs, "type", type)
+    _set(attrs, "source", source)
+    _set(attrs, "time", time)
+    _set(attrs, "version", version)
+    _set(attrs, "subject", subject)
+    _set(attrs, "dataschema", dataschema)
+    _set(attrs, "content_type", content_type)
+    _set(attrs, "key", key)
+    _set(attrs, "attempt", attempt)
+    _set(attrs, "idempotency_key", idempotency_key)
+    _set(attrs, "not_before", not_before)
+    _set(attrs, "traceparent", traceparent)
+    _set(attrs, "tracestate", tracestate)
+    _set(attrs, "origin_traceparent", origin_traceparent)
+    _set(attrs, "origin_tracestate", origin_tracestate)
+    _set(attrs, "extensions", extensions)
+    return attrs
 
 
 def format_time(value: datetime) -> str:
     """RFC 3339 in UTC with microseconds and `Z`, e.g. `2025-01-31T09:30:00.000000Z`."""
+    if value.tzinfo is UTC:  # what `JobAttributes` holds; twice as fast as `isoformat`
+        return _RFC3339_UTC % (
+            value.year,
+            value.month,
+            value.day,
+            value.hour,
+            value.minute,
+            value.second,
+            value.microsecond,
+        )
     return value.astimezone(UTC).replace(tzinfo=None).isoformat(timespec="microseconds") + "Z"
 
 
@@ -222,165 +353,6 @@ def parse_time(value: str) -> datetime:
     return datetime(y, mo, d, h, mi, s, micros, tzinfo=timezone(offset)).astimezone(UTC)
 
 
-def ce_pairs(attrs: JobAttributes) -> list[tuple[str | None, str]]:
-    """(CloudEvents attribute name, value) in wire order; None stands for the content type,
-    which, like the trace context, has a binding-specific header name (`_header_name`)."""
-    optional = [
-        (SUBJECT, attrs.subject),
-        (DATASCHEMA, attrs.dataschema),
-        (None, attrs.content_type),
-        (TRACEPARENT, attrs.traceparent),
-        (TRACESTATE, attrs.tracestate),
-        (JOBVERSION, str(attrs.version)),
-        (JOBATTEMPT, str(attrs.attempt)),
-        (JOBIDEMKEY, attrs.idempotency_key),
-        (JOBNOTBEFORE, format_time(attrs.not_before) if attrs.not_before else None),
-        (JOBORIGIN, attrs.origin_traceparent),
-        (JOBORIGINSTATE, attrs.origin_tracestate),
-    ]
-    required = [(SPECVERSION_ATTR, SPECVERSION), (ID, attrs.id), (TYPE, attrs.type)]
-    required += [(SOURCE, attrs.source), (TIME, format_time(attrs.time))]
-    present = [(name, value) for name, value in optional if value is not None]
-    return [*required, *present, *attrs.extensions.items()]
-
-
-def header_name(name: str | None, prefix: str, content_type: str) -> str:
-    if name is None:
-        return content_type
-    return name if name in (TRACEPARENT, TRACESTATE) else prefix + name
-
-
-def check_size(attrs: JobAttributes, size: int) -> None:
-    if size > MAX_HEADER_BYTES:
-        largest = max(ce_pairs(attrs), key=lambda pair: len(pair[1].encode()))
-        raise InvalidAttributes(
-            f"job {attrs.id}: {size} bytes of headers exceed the limit of {MAX_HEADER_BYTES}; "
-            f"keep attribute values small (largest: {largest[0] or 'content type'!r}, "
-            f"{len(largest[1].encode())} bytes), and put data in the payload instead"
-        )
-
-
-def collect(
-    headers: Iterable[tuple[str, str | bytes]], prefix: str
-) -> tuple[dict[str, str], dict[str, str]]:
-    """(CloudEvents attributes by name, plain headers by lowercased name) as text.
-
-    Names are matched case-insensitively. Headers jobstream does not read are skipped
-    before decoding, so another library's binary header never fails a job.
-    """
-    ce: dict[str, str] = {}
-    plain: dict[str, str] = {}
-    for name, raw in headers:
-        lowered = name.lower()
-        if lowered.startswith(prefix):
-            target, field = ce, lowered.removeprefix(prefix)
-        elif lowered in _PLAIN_HEADERS:
-            target, field = plain, lowered
-        else:
-            continue
-        if field in _TRACE_FIELDS:
-            if field not in target:  # the first one wins; an unreadable one is dropped
-                trace = raw if isinstance(raw, str) else _trace_text(raw)
-                if trace is not None:
-                    target[field] = trace
-            continue
-        value = raw if isinstance(raw, str) else text("header", raw, name)
-        # Kafka allows repeated header names; two different answers cannot both be trusted.
-        if target.setdefault(field, value) != value:
-            raise InvalidAttributes(f"header {name!r} appears twice with different values")
-    return ce, plain
-
-
-def _trace_text(raw: bytes) -> str | None:
-    try:
-        return raw.decode("utf-8")
-    except UnicodeDecodeError:
-        return None
-
-
-def _trace_context(parent: str | None, state: str | None) -> tuple[str | None, str | None]:
-    """(traceparent, tracestate) if `parent` is a W3C traceparent, else (None, None); a
-    tracestate that is too long or holds control characters is dropped alone."""
-    if parent is None or not _TRACEPARENT.match(parent) or _CONTROL.search(parent):
-        return None, None
-    if state is not None and (len(state) > _TRACESTATE_MAX or _CONTROL.search(state)):
-        state = None
-    return parent, state
-
-
-def parse(ce: dict[str, str], plain: dict[str, str], prefix: str, key: str | None) -> JobAttributes:
-    content_type = plain.get(KAFKA_CONTENT_TYPE) or ce.get(DATACONTENTTYPE) or JSON
-    if content_type.lower().startswith("application/cloudevents"):
-        raise InvalidAttributes(
-            f"content type {content_type!r} is CloudEvents structured mode, which jobstream "
-            f"does not read; publish in binary mode ({prefix}* headers, payload as the body)"
-        )
-
-    def required(name: str) -> str:
-        value = ce.get(name)
-        if not value:
-            raise InvalidAttributes(
-                f"missing required header {prefix}{name}; every job record needs "
-                f"{prefix}specversion=1.0, {prefix}id, {prefix}type, {prefix}source and "
-                f"{prefix}time (see docs/wire-contract.md)"
-            )
-        return value
-
-    if (spec := required(SPECVERSION_ATTR)) != SPECVERSION:
-        raise InvalidAttributes(f"{prefix}specversion is {spec!r}; jobstream reads 1.0 only")
-    not_before = ce.get(JOBNOTBEFORE)
-    # The plain W3C header wins; ce_traceparent is what some CloudEvents SDKs send.
-    parent, state = _trace_context(
-        plain.get(TRACEPARENT, ce.get(TRACEPARENT)), plain.get(TRACESTATE, ce.get(TRACESTATE))
-    )
-    origin, origin_state = _trace_context(ce.get(JOBORIGIN), ce.get(JOBORIGINSTATE))
-    return JobAttributes(
-        id=required(ID),
-        type=required(TYPE),
-        source=required(SOURCE),
-        time=_time(prefix + TIME, required(TIME)),
-        version=_int(prefix + JOBVERSION, ce.get(JOBVERSION, "1")),
-        subject=ce.get(SUBJECT),
-        dataschema=ce.get(DATASCHEMA),
-        content_type=content_type,
-        key=key or ce.get(PARTITIONKEY) or None,
-        attempt=_int(prefix + JOBATTEMPT, ce.get(JOBATTEMPT, "1")),
-        idempotency_key=ce.get(JOBIDEMKEY) or None,
-        not_before=_time(prefix + JOBNOTBEFORE, not_before) if not_before is not None else None,
-        traceparent=parent,
-        tracestate=state,
-        origin_traceparent=origin,
-        origin_tracestate=origin_state,
-        extensions={name: value for name, value in ce.items() if name not in RESERVED},
-    )
-
-
-def text(what: str, raw: str | bytes, name: str | None = None) -> str:
-    if isinstance(raw, str):
-        return raw
-    try:
-        return raw.decode("utf-8")
-    except UnicodeDecodeError:
-        # The message is built only here: decoding is on every record's hot path.
-        where = f"{what} {name!r}" if name is not None else what
-        raise InvalidAttributes(f"{where} is not UTF-8; header values must be UTF-8 text") from None
-
-
-def _int(header: str, value: str) -> int:
-    if not _POSITIVE_INT.fullmatch(value) or int(value) < 1:
-        raise InvalidAttributes(f"header {header}={value!r} must be a positive decimal integer")
-    return int(value)
-
-
-def _time(header: str, value: str) -> datetime:
-    try:
-        return parse_time(value)
-    except (ValueError, OverflowError):
-        raise InvalidAttributes(
-            f"header {header}={value!r} is not an RFC 3339 timestamp (e.g. 2025-01-31T09:30:00Z)"
-        ) from None
-
-
 def _utc(name: str, value: object) -> datetime:
     if isinstance(value, datetime) and value.utcoffset() is not None:
         try:
@@ -391,5 +363,5 @@ def _utc(name: str, value: object) -> datetime:
 
 
 def _checktext(name: str, value: object) -> None:
-    if not isinstance(value, str) or _CONTROL.search(value):
+    if not isinstance(value, str) or has_control(value):
         raise InvalidAttributes(f"attribute {name!r} must be text without control characters")

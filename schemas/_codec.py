@@ -15,14 +15,15 @@ Guarantees:
   (not a UTF-8 JSON object, or a non-JSON content type), `InvalidPayload` (fields).
 - `validate_payload` accepts exactly what a consumer's `decode` will accept, so a payload
   checked before publishing cannot be dead-lettered for its shape.
-- No I/O. `encode` reads the clock and `uuid4` only when `time` or `id` are not given.
+- No I/O. `encode` reads the clock and the system's random source (`os.urandom`, as
+  `uuid.uuid4` does) only when `time` or `id` are not given.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
-import uuid
+import os
 from collections.abc import Mapping
 from datetime import UTC, datetime
 from typing import Any, TypeVar
@@ -32,15 +33,17 @@ import pydantic
 from schemas._attributes import JobAttributes
 from schemas._errors import InvalidPayload, UndecodableBody
 from schemas._job import Job, is_concrete
-from schemas._kafka import kafka_size, to_kafka_unchecked
-from schemas._nats import nats_size, to_nats_unchecked
+from schemas._kafka import kafka_headers
+from schemas._nats import nats_headers
 from schemas._registry import JobRegistry
+from schemas.names import JSON
 
 __all__ = [
     "DecodedJob",
     "JobMessage",
     "decode",
     "encode",
+    "new_id",
     "now_utc",
     "schema_urn",
     "validate_payload",
@@ -72,6 +75,20 @@ class DecodedJob:
 def now_utc() -> datetime:
     """The current time as a timezone-aware UTC datetime."""
     return datetime.now(UTC)
+
+
+# The hex digit that starts the fourth group of a version 4 UUID: variant bits `10`.
+_VARIANT = {digit: "89ab"[int(digit, 16) & 3] for digit in "0123456789abcdef"}
+
+
+def new_id() -> str:
+    """A fresh job id: a random (version 4) UUID as text, as `str(uuid.uuid4())` gives it
+    (the same 122 bits from `os.urandom`), at a third of the cost."""
+    digits = os.urandom(16).hex()
+    return (
+        f"{digits[:8]}-{digits[8:12]}-4{digits[13:16]}-"
+        f"{_VARIANT[digits[16]]}{digits[17:20]}-{digits[20:]}"
+    )
 
 
 def schema_urn(job_type: str, version: int) -> str:
@@ -106,24 +123,32 @@ def encode(
         raise TypeError(msg)
     if origin_traceparent is None:
         origin_traceparent, origin_tracestate = traceparent, tracestate
+    job_type, version = model.job_type, model.job_version
+    # Positional, in field order (id, type, source, time, version, subject, dataschema,
+    # content_type, key, attempt, idempotency_key, not_before, traceparent, tracestate,
+    # origin_traceparent, origin_tracestate): a tenth of `encode` cheaper than keywords,
+    # and a unit test checks that each option lands in its attribute.
     attributes = JobAttributes(
-        id=str(uuid.uuid4()) if id is None else id,
-        type=model.job_type,
-        source=source,
-        time=now_utc() if time is None else time,
-        version=model.job_version,
-        subject=subject,
-        dataschema=schema_urn(model.job_type, model.job_version),
-        key=key,
-        idempotency_key=idempotency_key,
-        not_before=not_before,
-        traceparent=traceparent,
-        tracestate=tracestate,
-        origin_traceparent=origin_traceparent,
-        origin_tracestate=origin_tracestate,
+        new_id() if id is None else id,
+        job_type,
+        source,
+        datetime.now(UTC) if time is None else time,
+        version,
+        subject,
+        schema_urn(job_type, version),
+        JSON,
+        key,
+        1,
+        idempotency_key,
+        not_before,
+        traceparent,
+        tracestate,
+        origin_traceparent,
+        origin_tracestate,
     )
     # by_alias: the JSON Schema and validation speak the field aliases, so the body must too.
-    return JobMessage(attributes, job.model_dump_json(by_alias=True).encode())
+    # (`model_dump_json` is this call, decoded to text: the bytes are what travels.)
+    return JobMessage(attributes, model.__pydantic_serializer__.to_json(job, by_alias=True))
 
 
 def decode(message: JobMessage, registry: JobRegistry) -> DecodedJob:
@@ -153,18 +178,19 @@ def validate_payload(model: type[J], data: Mapping[str, Any] | str | bytes) -> J
 
 
 def _validate(model: type[J], body: str | bytes) -> J:
-    label = _label(model)
+    # The label is built only on failure: this runs for every job a worker takes.
     if isinstance(body, bytes):
         try:
             body = body.decode("utf-8")
         except UnicodeDecodeError as exc:
             raise UndecodableBody(
-                f"{label}: body is not UTF-8 (invalid byte at offset {exc.start}); "
+                f"{_label(model)}: body is not UTF-8 (invalid byte at offset {exc.start}); "
                 "publish the payload as UTF-8 JSON"
             ) from None
     try:
         return model.model_validate_json(body, strict=True)
     except pydantic.ValidationError as exc:
+        label = _label(model)
         errors = exc.errors(include_url=False, include_context=False, include_input=False)
         if any(error["type"] == "json_invalid" for error in errors):
             raise UndecodableBody(
@@ -183,6 +209,8 @@ def _label(model: type[Job]) -> str:
 
 
 def _is_json(content_type: str) -> bool:
+    if content_type == JSON:  # what jobstream writes
+        return True
     media = content_type.split(";", 1)[0].strip().lower()
     return media == "application/json" or (
         media.startswith("application/") and media.endswith("+json")
@@ -191,4 +219,4 @@ def _is_json(content_type: str) -> bool:
 
 def header_bytes(attrs: JobAttributes) -> int:
     """Bytes `attrs` take on the wire: the larger of the Kafka and the NATS encoding."""
-    return max(kafka_size(*to_kafka_unchecked(attrs)), nats_size(to_nats_unchecked(attrs)))
+    return max(kafka_headers(attrs)[2], nats_headers(attrs)[1])

@@ -21,6 +21,7 @@ from consumer.core._delays import (
     plan_delay,
     remaining_s,
 )
+from consumer.core._due import DueQueue
 from consumer.core._errors import DeadLetter, JobTimeout, MaxDeliveries, Retry, WorkerError
 from consumer.core._failures import (
     ERROR,
@@ -74,6 +75,7 @@ __all__ = [
     "DelayPlan",
     "DelayTooLong",
     "Delivery",
+    "DueQueue",
     "FailureRouter",
     "Features",
     "HandlerSpec",

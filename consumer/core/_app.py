@@ -21,10 +21,10 @@ from __future__ import annotations
 import asyncio
 import inspect
 import logging
-import threading
+import math
 import time
 from collections.abc import Awaitable, Callable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, TypeVar
 
 from consumer.core._cron import CronSchedule, JobFactory
@@ -40,58 +40,114 @@ class CancellationSignal:
     """Set when a job should stop: cancelled by id, or the worker is shutting down.
 
     Readable from the event loop (`await signal.wait()`) and from handler threads
-    (`signal.is_set()`), so sync and async handlers can stop cooperatively.
+    (`signal.is_set()`), so sync and async handlers can stop cooperatively. Set on the
+    event loop (the runtime does). Nothing is allocated for a signal nobody waits on (it
+    is on every job's path).
     """
 
+    __slots__ = ("_event", "_set", "reason")
+
     def __init__(self) -> None:
-        self._flag = threading.Event()
-        self._event = asyncio.Event()
+        self._set = False  # one attribute write: seen at once by a handler thread
+        self._event: asyncio.Event | None = None
         self.reason: str | None = None
 
     def set(self, reason: str) -> None:
         self.reason = reason
-        self._flag.set()
-        self._event.set()
+        self._set = True
+        if self._event is not None:
+            self._event.set()
 
     def is_set(self) -> bool:
-        return self._flag.is_set()
+        return self._set
 
     async def wait(self) -> None:
+        if self._set:
+            return
+        if self._event is None:
+            self._event = asyncio.Event()
         await self._event.wait()
 
 
-@dataclass(frozen=True, slots=True)
 class JobContext:
-    """What a handler may know about the job it runs (and nothing about the broker)."""
+    """What a handler may know about the job it runs (and nothing about the broker).
 
-    attributes: JobAttributes
-    """The job's CloudEvents attributes (id, type, time, key, ...)."""
-    logger: logging.LoggerAdapter[logging.Logger]
-    """A logger whose lines carry the job id, type and attempt."""
-    deadline: float
-    """`time.monotonic()` value by which the job must be done (its timeout)."""
-    cancellation: CancellationSignal = field(default_factory=CancellationSignal)
-    """Set when the job is cancelled or the worker shuts down; stop cooperatively."""
+    Read-only for handlers. `logger` and the cancellation signal's event are made when
+    first used, not for every job."""
+
+    __slots__ = ("_attributes", "_cancellation", "_deadline", "_logger")
+
+    def __init__(
+        self,
+        attributes: JobAttributes,
+        logger: logging.LoggerAdapter[logging.Logger] | None = None,
+        deadline: float = math.inf,
+        cancellation: CancellationSignal | None = None,
+    ) -> None:
+        """`deadline`: the `time.monotonic()` value by which the job must be done;
+        `logger`: by default `jobstream.handler` with the job's id, type and attempt."""
+        self._attributes = attributes
+        self._logger = logger
+        self._deadline = deadline
+        self._cancellation = cancellation if cancellation is not None else CancellationSignal()
+
+    def __repr__(self) -> str:
+        return f"JobContext(job_id={self.job_id!r}, attempt={self.attempt})"
+
+    @property
+    def attributes(self) -> JobAttributes:
+        """The job's CloudEvents attributes (id, type, time, key, ...)."""
+        return self._attributes
+
+    @property
+    def logger(self) -> logging.LoggerAdapter[logging.Logger]:
+        """A logger whose lines carry the job id, type and attempt."""
+        if self._logger is None:
+            attributes = self._attributes
+            fields: dict[str, object] = {
+                "job_id": attributes.id,
+                "job_type": attributes.type,
+                "attempt": attributes.attempt,
+            }
+            self._logger = logging.LoggerAdapter(_HANDLER_LOG, {"job": fields})
+        return self._logger
+
+    @property
+    def deadline(self) -> float:
+        """`time.monotonic()` value by which the job must be done (its timeout)."""
+        return self._deadline
+
+    @property
+    def cancellation(self) -> CancellationSignal:
+        """Set when the job is cancelled or the worker shuts down; stop cooperatively."""
+        return self._cancellation
+
+    def next_attempt(self, attributes: JobAttributes, deadline: float) -> JobContext:
+        """The context of the job's next attempt (an in-place retry): same signal."""
+        return JobContext(attributes, None, deadline, self._cancellation)
 
     @property
     def job_id(self) -> str:
-        return self.attributes.id
+        return self._attributes.id
 
     @property
     def attempt(self) -> int:
-        return self.attributes.attempt
+        return self._attributes.attempt
 
     @property
     def key(self) -> str | None:
-        return self.attributes.key
+        return self._attributes.key
 
     @property
     def cancelled(self) -> bool:
-        return self.cancellation.is_set()
+        return self._cancellation.is_set()
 
     def remaining_s(self) -> float:
         """Seconds left before the job times out."""
-        return max(0.0, self.deadline - time.monotonic())
+        return max(0.0, self._deadline - time.monotonic())
+
+
+_HANDLER_LOG = logging.getLogger("jobstream.handler")
 
 
 @dataclass(frozen=True, slots=True)

@@ -46,6 +46,8 @@ class JobRun:
     """Set by the worker when it cancels the run (drain timeout, revoke): the runtime's own
     record that the run did not finish. Such a run is never settled, whatever the handler
     returned."""
+    task: asyncio.Task[None] | None = None
+    """The job's task (set by the worker as it starts the run): what a step cancels."""
     handler_running: asyncio.Future[None] | None = None
     """Set by the handler step when it stops waiting for a cancelled handler call (a thread
     or pool process runs on, abandoned): done when that call really ends. The idempotency
@@ -65,9 +67,7 @@ class JobRun:
         attributes = self.attributes.replace(attempt=self.attributes.attempt + 1)
         attributes = attributes.with_extensions(**{FIRST_FAILURE: first_failure})
         timeout = self.context.deadline - self.started
-        self.context = dataclasses.replace(
-            self.context, attributes=attributes, deadline=time.monotonic() + timeout
-        )
+        self.context = self.context.next_attempt(attributes, time.monotonic() + timeout)
         self.delivery = dataclasses.replace(self.delivery, attributes=attributes)
         self.error = None
         self.failure_reason = None
@@ -104,7 +104,9 @@ def compose(steps: Sequence[Step], terminal: Next) -> Next:
 
 
 def _bind(step: Step, following: Next) -> Next:
-    async def call(run: JobRun) -> Outcome:
-        return await step(run, following)
+    # A plain function that returns the step's coroutine: no coroutine frame of its own
+    # per step and job (the chain is on every job's path).
+    def call(run: JobRun) -> Awaitable[Outcome]:
+        return step(run, following)
 
     return call

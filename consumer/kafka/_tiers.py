@@ -119,7 +119,10 @@ class RetryTiers:
     ) -> Delivery | None:
         """The delivery to hand out now, or None: its partition waits (rewound to it), it
         is being copied to a tier, or it is held in memory until due."""
-        remaining = remaining_s(delivery.attributes, datetime.now(UTC))
+        attributes = delivery.attributes
+        if attributes is None or attributes.not_before is None:
+            return delivery  # due now: most records, at no cost
+        remaining = remaining_s(attributes, datetime.now(UTC))
         if remaining <= 0:
             return delivery
         tier_s = self._tier_of[tp.topic][0]

@@ -125,7 +125,7 @@ class NatsSource:
             await client.close()  # the runtime calls stop() only after a successful start
             raise
         self._heartbeats.start()
-        self._confirmations.start(client)
+        await self._confirmations.start(client)
         self._started = True
         log.info("pulling %s from %s", ", ".join(self._subjects), ", ".join(self.consumers))
 

@@ -81,6 +81,7 @@ class OffsetTracker(Generic[P]):
 
     def __init__(self) -> None:
         self._partitions: dict[P, _Partition] = {}
+        self._pending = 0  # `pending_commit()` of all partitions, kept as records settle
 
     def track(self, partition: P, offset: int) -> None:
         """Record that ``offset`` was fetched and is now unsettled.
@@ -136,6 +137,7 @@ class OffsetTracker(Generic[P]):
         while offsets and state.settled[offsets[0]]:
             del state.settled[offsets.popleft()]
             state.advanced += 1
+            self._pending += 1
 
     def committable(self) -> dict[P, int]:
         """Commit positions that advanced beyond the last ones marked committed.
@@ -182,6 +184,7 @@ class OffsetTracker(Generic[P]):
             if position == state.position:
                 advanced = state.advanced
             state.committed = position
+            self._pending -= advanced - state.committed_advanced
             state.committed_advanced = advanced
 
     def unsettled(self, partition: P | None = None) -> int:
@@ -207,12 +210,14 @@ class OffsetTracker(Generic[P]):
         if partition is not None:
             state = self._partitions.get(partition)
             return 0 if state is None else state.advanced - state.committed_advanced
-        return sum(s.advanced - s.committed_advanced for s in self._partitions.values())
+        return self._pending
 
     def forget(self, partitions: Iterable[P]) -> None:
         """Drop all state of ``partitions`` (revoked); unknown partitions are ignored."""
         for partition in partitions:
-            self._partitions.pop(partition, None)
+            state = self._partitions.pop(partition, None)
+            if state is not None:
+                self._pending -= state.advanced - state.committed_advanced
 
     def partitions(self) -> frozenset[P]:
         """The partitions tracked since they were last forgotten."""

@@ -192,6 +192,7 @@ class Worker:
 
     async def run(self) -> None:
         worker = self.settings.worker
+        self._loop = asyncio.get_running_loop()
         self._threads = ThreadPoolExecutor(worker.thread_pool_size, "jobstream-handler")
         processes = None
         if any(spec.cpu_bound for spec in self.app):
@@ -404,7 +405,7 @@ class Worker:
     def _start(self, delivery: Delivery, lane: Hashable | None) -> None:
         entry = Running(delivery, self._job_run(delivery))
         self._tasks[id(delivery)] = entry
-        entry.task = asyncio.create_task(self._run_one(entry, lane))
+        entry.task = entry.run.task = self._loop.create_task(self._run_one(entry, lane))
 
     async def _run_one(self, entry: Running, lane: Hashable | None) -> None:
         delivery, run = entry.delivery, entry.run
@@ -462,20 +463,7 @@ class Worker:
             return JobRun(delivery, None, None, None, decode_error=error)
         spec = self.app.spec_for(attributes.type, attributes.version)
         timeout_s = spec.timeout_s or self.settings.worker.job_timeout_s
-        context = JobContext(
-            attributes=attributes,
-            logger=logging.LoggerAdapter(
-                logging.getLogger("jobstream.handler"),
-                {
-                    "job": {
-                        "job_id": attributes.id,
-                        "job_type": attributes.type,
-                        "attempt": attributes.attempt,
-                    }
-                },
-            ),
-            deadline=time.monotonic() + timeout_s,
-        )
+        context = JobContext(attributes, None, time.monotonic() + timeout_s)
         return JobRun(delivery, decoded.job, spec, context)
 
     # -- commits and rebalances ----------------------------------------------------------

@@ -33,7 +33,7 @@ import time
 from collections.abc import Awaitable, Callable
 from typing import TypeVar
 
-from consumer.core import IdempotencySettings, JobRun, Next, Outcome, WorkerError
+from consumer.core import DueQueue, IdempotencySettings, JobRun, Next, Outcome, WorkerError
 from consumer.stores import ClaimState, IdempotencyStore
 from producer.retrying import Backoff, retry
 
@@ -70,6 +70,8 @@ class IdempotencyStep:
         self._busy_backoff = Backoff(initial_s=min(0.05, quick_s), max_s=quick_s)
         self._record_backoff = Backoff(initial_s=min(0.1, quick_s), max_s=quick_s, jitter=True)
         self._keepers: set[asyncio.Task[None]] = set()
+        self.renewals: DueQueue[_Lease] = DueQueue(self.lease_s / 3, _Lease.start)
+        """Running claims whose renewals have not started yet (most jobs end first)."""
 
     async def __call__(self, run: JobRun, call_next: Next) -> Outcome:
         attributes = run.attributes
@@ -220,8 +222,9 @@ class _Waiting:
 
 class _Lease:
     """The claim of one running delivery, renewed every third of the lease. The renewals
-    start from a timer: most jobs end before the first one is due (a timer is far cheaper
-    than a task)."""
+    start from the step's `renewals` queue a third of a lease after the claim: most jobs
+    end before, and queueing costs two dict operations (a task or a timer per job cost 3
+    to 16 µs)."""
 
     def __init__(
         self,
@@ -238,9 +241,9 @@ class _Lease:
         """When the last renewal that succeeded was sent (`time.monotonic()`)."""
         self._handler_runs = True  # while it does, a lost claim cuts the run off
         self._lost = False
-        self._job = asyncio.current_task()
+        self._job = run.task or asyncio.current_task()
         self._task: asyncio.Task[None] | None = None
-        self._timer = asyncio.get_running_loop().call_later(step.lease_s / 3, self._start)
+        self._due = step.renewals.add(self, asyncio.get_running_loop())
 
     def handler_ended(self) -> None:
         """From here on a lost claim is reported, not cut off: nothing runs any more in
@@ -248,11 +251,11 @@ class _Lease:
         self._handler_runs = False
 
     def stop(self) -> None:
-        self._timer.cancel()
+        self._step.renewals.discard(self._due)
         if self._task is not None:
             self._task.cancel()
 
-    def _start(self) -> None:
+    def start(self) -> None:
         self._task = asyncio.create_task(self._renew_forever())
 
     async def _renew_forever(self) -> None:

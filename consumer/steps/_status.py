@@ -3,7 +3,6 @@ outcome). Writes are bounded in time and never fail the job: status is an observ
 
 from __future__ import annotations
 
-import asyncio
 import logging
 from typing import Any
 
@@ -11,7 +10,6 @@ from consumer.core import JobRun, Next, Outcome, error_text
 from consumer.stores import JobState, StatusStore, trace_id_now
 
 log = logging.getLogger("jobstream.status")
-_WRITE_TIMEOUT_S = 2.0
 _STATES = {
     Outcome.COMPLETED: JobState.SUCCEEDED,
     Outcome.RETRYING: JobState.RETRYING,
@@ -56,8 +54,8 @@ class StatusStep:
         return outcome
 
     async def _write(self, job_id: str, state: JobState, **fields: Any) -> None:
+        # Bounded by the store (`stores.WRITE_TIMEOUT_S`, one timer per batch of writes).
         try:
-            async with asyncio.timeout(_WRITE_TIMEOUT_S):
-                await self._store.record(job_id, state, **fields)
+            await self._store.record(job_id, state, **fields)
         except Exception as error:  # noqa: BLE001 - status must never fail a job
             log.warning("could not record %s for job %s: %s", state.value, job_id, error)

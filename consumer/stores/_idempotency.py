@@ -124,9 +124,9 @@ class MemoryIdempotencyStore:
     def _trim(self) -> None:
         # Entries are in write order, so the oldest (the likeliest expired) come first:
         # the loop stops at the first live entry, O(1) amortised per write.
-        now = time.monotonic()
-        while self._entries:
-            key, (_, _, _, expires) = next(iter(self._entries.items()))
-            if expires > now and len(self._entries) <= self._max_entries:
+        entries, now = self._entries, time.monotonic()
+        while entries:
+            key = next(iter(entries))
+            if entries[key][3] > now and len(entries) <= self._max_entries:
                 return
-            del self._entries[key]
+            del entries[key]

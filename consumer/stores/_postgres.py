@@ -5,17 +5,21 @@ that is gone (`expires_at` passed: `HOLD_LEASES` leases after a running claim's 
 write, `retention_s` after a completion) or is this token's own, so two deliveries can
 never both hold a claim. The stamp `holder` returns is the token and `expires_at` (in
 microseconds), which every renewal moves; `take_over` is an `UPDATE` conditional on it.
-Expired rows are deleted now and then (the retention bound).
+Expired rows are deleted now and then (the retention bound). Claims and completions made
+in one turn of the event loop go to the server together, in pipeline mode
+(`_batching.MicroBatch`): one round trip for the batch, each statement its own transaction.
 """
 
 from __future__ import annotations
 
 import re
+from collections.abc import Sequence
 
 import psycopg
 from psycopg import sql
 from psycopg_pool import AsyncConnectionPool
 
+from consumer.stores._batching import MicroBatch
 from consumer.stores._idempotency import HOLD_LEASES, ClaimState
 
 _CLEANUP_EVERY = 1000
@@ -25,7 +29,11 @@ class PostgresIdempotencyStore:
     def __init__(self, pool: AsyncConnectionPool, table: str) -> None:
         self._pool = pool
         self._table = sql.Identifier(table)
-        self._completions = 0
+        self._completed = 0
+        self._claims: MicroBatch[tuple[str, str, float], ClaimState] = MicroBatch(self._claim_batch)
+        self._completions: MicroBatch[tuple[str, str, float], None] = MicroBatch(
+            self._complete_batch
+        )
 
     @classmethod
     async def connect(cls, url: str, namespace: str) -> PostgresIdempotencyStore:
@@ -51,6 +59,9 @@ class PostgresIdempotencyStore:
         return cls(pool, f"{namespace}_idempotency")
 
     async def claim(self, key: str, token: str, lease_s: float) -> ClaimState:
+        return await self._claims((key, token, lease_s))
+
+    async def _claim_batch(self, claims: Sequence[tuple[str, str, float]]) -> list[ClaimState]:
         query = sql.SQL(
             "INSERT INTO {t} AS t (key, state, owner, expires_at)"
             " VALUES (%s, 'running', %s, now() + make_interval(secs => %s))"
@@ -60,19 +71,28 @@ class PostgresIdempotencyStore:
             " RETURNING state"
         ).format(t=self._table)
         async with self._pool.connection() as conn:
-            claimed = await (
-                await conn.execute(query, (key, token, HOLD_LEASES * lease_s))
-            ).fetchone()
-            if claimed is not None:
-                return ClaimState.CLAIMED
-            row = await (
-                await conn.execute(
-                    sql.SQL("SELECT state FROM {} WHERE key = %s").format(self._table), (key,)
-                )
-            ).fetchone()
-        if row is not None and row[0] == "done":
-            return ClaimState.COMPLETED
-        return ClaimState.BUSY
+            async with conn.pipeline():
+                cursors = [
+                    await conn.execute(query, (key, token, HOLD_LEASES * lease_s))
+                    for key, token, lease_s in claims
+                ]
+            claimed = [await cursor.fetchone() is not None for cursor in cursors]
+            others = [key for (key, _, _), won in zip(claims, claimed, strict=True) if not won]
+            done: set[str] = set()
+            if others:
+                rows = await (
+                    await conn.execute(
+                        sql.SQL("SELECT key FROM {} WHERE key = ANY(%s) AND state = 'done'").format(
+                            self._table
+                        ),
+                        (others,),
+                    )
+                ).fetchall()
+                done = {row[0] for row in rows}
+        return [
+            ClaimState.CLAIMED if won else ClaimState.COMPLETED if key in done else ClaimState.BUSY
+            for (key, _, _), won in zip(claims, claimed, strict=True)
+        ]
 
     async def holder(self, key: str) -> str | None:
         query = sql.SQL(
@@ -104,6 +124,9 @@ class PostgresIdempotencyStore:
             return (await conn.execute(query, (HOLD_LEASES * lease_s, key, token))).rowcount == 1
 
     async def complete(self, key: str, token: str, retention_s: float) -> None:
+        await self._completions((key, token, retention_s))
+
+    async def _complete_batch(self, completions: Sequence[tuple[str, str, float]]) -> list[None]:
         query = sql.SQL(
             "INSERT INTO {t} AS t (key, state, owner, expires_at)"
             " VALUES (%s, 'done', %s, now() + make_interval(secs => %s))"
@@ -111,12 +134,15 @@ class PostgresIdempotencyStore:
             " expires_at = EXCLUDED.expires_at"
         ).format(t=self._table)
         async with self._pool.connection() as conn:
-            await conn.execute(query, (key, token, retention_s))
-            self._completions += 1
-            if self._completions % _CLEANUP_EVERY == 0:
+            async with conn.cursor() as cursor:
+                await cursor.executemany(query, completions)  # one pipeline
+            cleanup = self._completed // _CLEANUP_EVERY
+            self._completed += len(completions)
+            if self._completed // _CLEANUP_EVERY > cleanup:
                 await conn.execute(
                     sql.SQL("DELETE FROM {} WHERE expires_at < now()").format(self._table)
                 )
+        return [None] * len(completions)
 
     async def release(self, key: str, token: str) -> None:
         query = sql.SQL("DELETE FROM {} WHERE key = %s AND owner = %s AND state = 'running'")
@@ -124,4 +150,6 @@ class PostgresIdempotencyStore:
             await conn.execute(query.format(self._table), (key, token))
 
     async def close(self) -> None:
+        await self._claims.close()
+        await self._completions.close()
         await self._pool.close()

@@ -4,15 +4,18 @@ Each operation is one Lua script, so check-and-set is atomic on the server. A re
 bumps the version, so the stamp `holder` returns changes while the holder is alive, and
 `take_over` replaces only the stamp the waiting delivery saw. Running claims disappear by
 themselves `HOLD_LEASES` leases after their last write, completed ids after `retention_s`.
+Claims and completions made in one turn of the event loop go as one pipeline
+(`_batching.MicroBatch`, not a transaction: each script stays atomic on its own).
 """
 
 from __future__ import annotations
 
-from collections.abc import Awaitable
+from collections.abc import Awaitable, Sequence
 from typing import Any, cast
 
 import redis.asyncio as redis
 
+from consumer.stores._batching import MicroBatch
 from consumer.stores._idempotency import HOLD_LEASES, ClaimState
 
 # ARGV[1] is `running:<token>#`: a token never contains '#', so the prefix names it alone.
@@ -60,6 +63,8 @@ class RedisIdempotencyStore:
         self._take_over: Any = client.register_script(_TAKE_OVER)
         self._renew: Any = client.register_script(_RENEW)
         self._release: Any = client.register_script(_RELEASE)
+        self._claims: MicroBatch[tuple[str, str, float], ClaimState] = MicroBatch(self._claim_batch)
+        self._completions: MicroBatch[tuple[str, float], None] = MicroBatch(self._complete_batch)
 
     @classmethod
     async def connect(cls, url: str, namespace: str) -> RedisIdempotencyStore:
@@ -70,10 +75,18 @@ class RedisIdempotencyStore:
         return cls(client, namespace)
 
     async def claim(self, key: str, token: str, lease_s: float) -> ClaimState:
-        result = await self._claim(
-            keys=[self._prefix + key], args=[_running(token), _hold(lease_s)]
-        )
-        return ClaimState(result)
+        return await self._claims((key, token, lease_s))
+
+    async def _claim_batch(
+        self, claims: Sequence[tuple[str, str, float]]
+    ) -> list[ClaimState | Exception]:
+        async with self._client.pipeline(transaction=False) as pipe:
+            for key, token, lease_s in claims:
+                await self._claim(
+                    keys=[self._prefix + key], args=[_running(token), _hold(lease_s)], client=pipe
+                )
+            answers = await pipe.execute(raise_on_error=False)
+        return [a if isinstance(a, Exception) else ClaimState(a) for a in answers]
 
     async def holder(self, key: str) -> str | None:
         value = await cast("Awaitable[Any]", self._client.get(self._prefix + key))
@@ -90,14 +103,23 @@ class RedisIdempotencyStore:
         return bool(renewed)
 
     async def complete(self, key: str, token: str, retention_s: float) -> None:
-        await cast(
-            "Awaitable[Any]", self._client.set(self._prefix + key, "done", px=_ms(retention_s))
-        )
+        await self._completions((key, retention_s))
+
+    async def _complete_batch(
+        self, completions: Sequence[tuple[str, float]]
+    ) -> list[Exception | None]:
+        async with self._client.pipeline(transaction=False) as pipe:
+            for key, retention_s in completions:
+                pipe.set(self._prefix + key, "done", px=_ms(retention_s))
+            answers = await pipe.execute(raise_on_error=False)
+        return [a if isinstance(a, Exception) else None for a in answers]
 
     async def release(self, key: str, token: str) -> None:
         await self._release(keys=[self._prefix + key], args=[_running(token)])
 
     async def close(self) -> None:
+        await self._claims.close()
+        await self._completions.close()
         await self._client.aclose()
 
 

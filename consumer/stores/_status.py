@@ -31,7 +31,7 @@ from __future__ import annotations
 
 import enum
 import logging
-from collections.abc import Awaitable, Callable, Iterable
+from collections.abc import Awaitable, Callable, Iterable, Sequence
 from datetime import UTC, datetime
 from typing import Any, Protocol, TypeVar, cast
 
@@ -39,6 +39,7 @@ import redis.asyncio as redis
 from opentelemetry import trace
 from pydantic import BaseModel, ConfigDict
 
+from consumer.stores._batching import MicroBatch
 from consumer.stores._keys import (
     KeyBinding,
     KeyReservation,
@@ -52,6 +53,9 @@ log = logging.getLogger("jobstream.status")
 T = TypeVar("T")
 
 _WATCH_ATTEMPTS = 100
+WRITE_TIMEOUT_S = 2.0
+"""The most a status write may take (a batch of them, in the Redis store): status is an
+observation, and a job never waits longer for it."""
 """Most times one status or key update is computed again after losing a WATCH race."""
 
 
@@ -186,6 +190,12 @@ class RedisStatusStore:
         self._client = client
         self._ns = namespace
         self._ttl_ms = max(1, int(retention_s * 1000))
+        self._records: MicroBatch[tuple[str, JobState, dict[str, Any]], JobStatus] = MicroBatch(
+            self._record_batch, timeout_s=WRITE_TIMEOUT_S
+        )
+        self._cancel_checks: MicroBatch[tuple[str, ...], set[str]] = MicroBatch(
+            self._cancelled_batch
+        )
 
     @classmethod
     async def connect(cls, url: str, namespace: str, retention_s: float) -> RedisStatusStore:
@@ -203,12 +213,52 @@ class RedisStatusStore:
         return JobStatus.model_validate_json(raw) if raw else None
 
     async def record(self, job_id: str, state: JobState, **fields: Any) -> JobStatus:
-        def change(raw: str | None) -> tuple[str | None, JobStatus]:
-            previous = JobStatus.model_validate_json(raw) if raw else None
-            status = _merge(previous, job_id, state, fields)
-            return status.model_dump_json(), status
+        return await self._records((job_id, state, fields))
 
-        return await self._transact(self._key("status", job_id), change)
+    async def _record_batch(
+        self, records: Sequence[tuple[str, JobState, dict[str, Any]]]
+    ) -> list[JobStatus | Exception]:
+        """The transitions recorded in one turn of the loop, as one transaction: WATCH
+        their keys, read them with one MGET, merge each in order, write them all in one
+        MULTI/EXEC. A batch that lost a race is computed again, as `_transact` does."""
+        keys = list(dict.fromkeys(self._key("status", job_id) for job_id, _, _ in records))
+        async with self._client.pipeline(transaction=True) as pipe:
+            for _ in range(_WATCH_ATTEMPTS):
+                try:
+                    await pipe.watch(*keys)
+                    found = dict(zip(keys, await pipe.mget(keys), strict=True))
+                    answers, changed = self._merged(records, found)
+                    pipe.multi()  # type: ignore[no-untyped-call]
+                    for key, status in changed.items():
+                        pipe.set(key, status.model_dump_json(), px=self._ttl_ms)
+                    await pipe.execute()
+                    return answers
+                except redis.WatchError:
+                    continue
+        msg = f"{len(keys)} job statuses kept changing under {_WATCH_ATTEMPTS} attempts"
+        raise WatchConflict(msg)
+
+    def _merged(
+        self, records: Sequence[tuple[str, JobState, dict[str, Any]]], found: dict[str, Any]
+    ) -> tuple[list[JobStatus | Exception], dict[str, JobStatus]]:
+        """Each record merged onto what is stored (or onto the batch's earlier record of
+        the same job); a stored value that cannot be read fails its records only."""
+        current: dict[str, JobStatus | None] = {}
+        broken: dict[str, Exception] = {}
+        for key, raw in found.items():
+            try:
+                current[key] = JobStatus.model_validate_json(raw) if raw else None
+            except ValueError as error:
+                broken[key] = error
+        answers: list[JobStatus | Exception] = []
+        for job_id, state, fields in records:
+            key = self._key("status", job_id)
+            if key in broken:
+                answers.append(broken[key])
+                continue
+            current[key] = status = _merge(current[key], job_id, state, fields)
+            answers.append(status)
+        return answers, {k: v for k, v in current.items() if v is not None}
 
     async def _transact(self, key: str, change: Callable[[str | None], tuple[str | None, T]]) -> T:
         """Read `key`, compute `change(value)` -> (new value or None to keep it, result),
@@ -236,11 +286,15 @@ class RedisStatusStore:
         await self._client.set(self._key("cancel", job_id), "1", px=self._ttl_ms)
 
     async def cancelled(self, job_ids: Iterable[str]) -> set[str]:
-        ids = list(job_ids)
-        if not ids:
-            return set()
+        ids = tuple(job_ids)
+        return await self._cancel_checks(ids) if ids else set()
+
+    async def _cancelled_batch(self, checks: Sequence[tuple[str, ...]]) -> list[set[str]]:
+        """The cancellation checks of one turn (each job's, before it starts) as one MGET."""
+        ids = list(dict.fromkeys(job_id for check in checks for job_id in check))
         flags = await self._client.mget([self._key("cancel", job_id) for job_id in ids])
-        return {job_id for job_id, flag in zip(ids, flags, strict=True) if flag}
+        found = {job_id for job_id, flag in zip(ids, flags, strict=True) if flag}
+        return [found.intersection(check) for check in checks]
 
     async def reserve_key(
         self, name: str, job_id: str, fingerprint: str, lease_s: float
@@ -267,6 +321,8 @@ class RedisStatusStore:
         await self._transact(self._key("idemkey", name), change)
 
     async def close(self) -> None:
+        await self._records.close()
+        await self._cancel_checks.close()
         await self._client.aclose()
 
 

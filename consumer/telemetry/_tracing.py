@@ -20,13 +20,34 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import re
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Literal
 
+from opentelemetry import context as otel_context
 from opentelemetry import trace
 from opentelemetry.context import Context
-from opentelemetry.trace import Link, Span, SpanContext, SpanKind, Status, StatusCode, Tracer
+from opentelemetry.sdk.trace import Tracer as SdkTracer
+from opentelemetry.sdk.trace import sampling
+from opentelemetry.sdk.trace.id_generator import IdGenerator
+from opentelemetry.sdk.trace.sampling import (
+    Decision,
+    ParentBased,
+    StaticSampler,
+    TraceIdRatioBased,
+)
+from opentelemetry.trace import (
+    Link,
+    Span,
+    SpanContext,
+    SpanKind,
+    Status,
+    StatusCode,
+    TraceFlags,
+    Tracer,
+    TraceState,
+)
 
 from consumer.core import JobRun, Next, Outcome, error_text
 from producer import tracecontext as otel
@@ -97,7 +118,13 @@ def record_failure(span: Span, error: BaseException) -> None:
 
 
 class TracingStep:
-    """The outermost step: see the module docstring."""
+    """The outermost step: see the module docstring.
+
+    Per job it parses the record's `traceparent` once and starts the span with every
+    attribute and link in one call (no `start_as_current_span` context manager). With the
+    SDK's own samplers (`Presampler`) the decision comes first: an attempt sampled out is
+    the same non-recording span the SDK would make, built without attributes, links, a
+    parent context or a call into the SDK."""
 
     def __init__(
         self,
@@ -109,73 +136,182 @@ class TracingStep:
     ) -> None:
         self._tracer = tracer
         self._system = system
+        self._kafka = system == "kafka"
         self._group = group
         self._child_of_producer = attempt_parent == "producer"
-        self._start_attributes: dict[str, dict[str, str]] = {}
+        self._presampler = Presampler.of(tracer) if self._child_of_producer else None
+        self._by_topic: dict[str, tuple[str, dict[str, str]]] = {}
 
     async def __call__(self, run: JobRun, call_next: Next) -> Outcome:
-        delivery = run.delivery
         attributes = run.attributes
-        producer = None
-        if attributes is not None and attributes.traceparent is not None:
-            producer = span_context_of(attributes.traceparent, attributes.tracestate)
-        parent = Context()  # a new trace, unless the producer's span is the parent
-        if self._child_of_producer and producer is not None:
-            parent = trace.set_span_in_context(trace.NonRecordingSpan(producer))
-        with self._tracer.start_as_current_span(
-            f"process {delivery.topic}",
-            context=parent,
-            kind=SpanKind.CONSUMER,
-            attributes=self._at_start(delivery.topic),
-            record_exception=False,
-            set_status_on_exception=False,
-        ) as span:
+        name, at_start = self._named(run.delivery.topic)
+        span: Span | None = None
+        producer: SpanContext | None = None
+        if self._presampler is not None and attributes is not None and attributes.traceparent:
+            decided = self._presampler.decide(attributes.traceparent, attributes.tracestate)
+            if isinstance(decided, SpanContext):
+                producer = decided
+            else:
+                span = decided
+        if span is None:
+            if producer is None and attributes is not None and attributes.traceparent is not None:
+                producer = span_context_of(attributes.traceparent, attributes.tracestate)
+            parent = _NEW_TRACE
+            if self._child_of_producer and producer is not None:
+                parent = trace.set_span_in_context(trace.NonRecordingSpan(producer))
+            span = self._tracer.start_span(
+                name,
+                context=parent,
+                kind=SpanKind.CONSUMER,
+                attributes=self._described(run, at_start),
+                links=TraceLinks.of(attributes, producer).links(
+                    producer=not self._child_of_producer
+                ),
+                record_exception=False,
+                set_status_on_exception=False,
+            )
+        token = otel_context.attach(trace.set_span_in_context(span))
+        try:
+            outcome = await call_next(run)
+        except asyncio.CancelledError:
+            span.set_attribute(OUTCOME, "abandoned")
+            raise
+        except Exception as error:  # a runtime fault: the worker stops
             if span.is_recording():
-                # Only now: a span sampled out costs no parsing and no attribute cleaning.
-                self._describe(span, run, TraceLinks.of(attributes, producer))
-            try:
-                outcome = await call_next(run)
-            except asyncio.CancelledError:
-                span.set_attribute(OUTCOME, "abandoned")
-                raise
-            except Exception as error:  # a runtime fault: the worker stops
                 record_failure(span, error)
-                raise
-            span.set_attribute(OUTCOME, outcome.value)
-            if run.failure_reason is not None:
-                span.set_attribute(REASON, run.failure_reason)
-            if run.error is not None and outcome in _FAILED:
-                record_failure(span, run.error)
+            raise
+        else:
+            if span.is_recording():
+                _describe_end(span, run, outcome)
             return outcome
+        finally:
+            otel_context.detach(token)
+            span.end()
 
-    def _at_start(self, topic: str) -> dict[str, str]:
-        """What a sampler sees: the attributes known before the record is looked at."""
-        found = self._start_attributes.get(topic)
+    def _named(self, topic: str) -> tuple[str, dict[str, str]]:
+        """The span name and the attributes known before the record is looked at."""
+        found = self._by_topic.get(topic)
         if found is None:
-            found = self._start_attributes[topic] = {
-                otel.SYSTEM: self._system,
-                otel.OPERATION_NAME: "process",
-                otel.OPERATION_TYPE: "process",
-                otel.DESTINATION: topic,
-                otel.CONSUMER_GROUP: self._group,
-            }
+            found = self._by_topic[topic] = (
+                f"process {topic}",
+                {
+                    otel.SYSTEM: self._system,
+                    otel.OPERATION_NAME: "process",
+                    otel.OPERATION_TYPE: "process",
+                    otel.DESTINATION: topic,
+                    otel.CONSUMER_GROUP: self._group,
+                },
+            )
         return found
 
-    def _describe(self, span: Span, run: JobRun, found: TraceLinks) -> None:
+    def _described(self, run: JobRun, at_start: dict[str, str]) -> dict[str, str | int]:
         delivery, attributes = run.delivery, run.attributes
-        described: dict[str, str | int] = {}
+        described: dict[str, str | int] = dict(at_start)
         partition = getattr(delivery.partition, "partition", None)
         if partition is not None:
             described[otel.PARTITION] = str(partition)
-        if self._system == "kafka":
+        if self._kafka:
             described[otel.KAFKA_OFFSET] = delivery.offset
         if attributes is not None:
-            described |= job_attributes(attributes)
-            if attributes.key is not None and self._system == "kafka":
+            described[otel.MESSAGE_ID] = attributes.id
+            described[otel.JOB_ID] = attributes.id
+            described[otel.JOB_TYPE] = attributes.type
+            described[otel.JOB_VERSION] = attributes.version
+            described[otel.JOB_ATTEMPT] = attributes.attempt
+            if attributes.key is not None and self._kafka:
                 described[otel.KAFKA_KEY] = attributes.key
-        span.set_attributes(described)
-        for link in found.links(producer=not self._child_of_producer):
-            span.add_link(link.context, link.attributes)
+        return described
+
+
+def _describe_end(span: Span, run: JobRun, outcome: Outcome) -> None:
+    ended: dict[str, str] = {OUTCOME: outcome.value}
+    if run.failure_reason is not None:
+        ended[REASON] = run.failure_reason
+    span.set_attributes(ended)
+    if run.error is not None and outcome in _FAILED:
+        record_failure(span, run.error)
+
+
+_NEW_TRACE = Context()
+"""The parent of an attempt that starts a trace of its own (`attempt_parent = "none"`)."""
+
+
+class Presampler:
+    """The SDK sampler's decision for an attempt whose parent is the producer's span, made
+    from the record's `traceparent` before anything else, and the non-recording span the
+    SDK makes of a drop.
+
+    Only for the SDK's own samplers (the `OTEL_TRACES_SAMPLER` ones: `always_on`,
+    `always_off`, `traceidratio`, `parentbased_*`), whose decision for a remote parent is
+    a function of its sampled flag and the trace id, and which keep the parent's
+    `tracestate`: the decision is that function, without the sampler's objects."""
+
+    __slots__ = ("_keeps", "_span_ids")
+
+    def __init__(self, keeps: Callable[[int, bool], bool], span_ids: IdGenerator) -> None:
+        self._keeps = keeps
+        self._span_ids = span_ids
+
+    @classmethod
+    def of(cls, tracer: Tracer) -> Presampler | None:
+        """None for a tracer that is not the SDK's, or a sampler of another kind (it may
+        count, rate-limit or look at attributes: the SDK asks it, with everything)."""
+        if not isinstance(tracer, SdkTracer):
+            return None
+        keeps = _decision_of(tracer.sampler)
+        return None if keeps is None else cls(keeps, tracer.id_generator)
+
+    def decide(self, traceparent: str, tracestate: str | None) -> Span | SpanContext | None:
+        """For the producer's `traceparent`: the span the SDK would start as its child if
+        the sampler drops it; if the sampler keeps it, the producer's span context (what
+        `span_context_of` reads); None for anything but a plain valid version-00
+        `traceparent` (the full parse, then the SDK, decide)."""
+        match = _TRACEPARENT_00.fullmatch(traceparent)
+        if match is None:
+            return None
+        trace_id, span_id, flags = int(match[1], 16), int(match[2], 16), int(match[3], 16)
+        if not trace_id or not span_id:
+            return None
+        state = TraceState.from_header([tracestate]) if tracestate else None
+        if self._keeps(trace_id, bool(flags & TraceFlags.SAMPLED)):
+            return SpanContext(
+                trace_id, span_id, is_remote=True, trace_flags=TraceFlags(flags), trace_state=state
+            )
+        context = SpanContext(
+            trace_id,
+            self._span_ids.generate_span_id(),
+            is_remote=False,
+            trace_flags=_DROPPED_RANDOM if flags & TraceFlags.RANDOM_TRACE_ID else _DROPPED,
+            trace_state=state,
+        )
+        return trace.NonRecordingSpan(context)
+
+
+_TRACEPARENT_00 = re.compile(r"00-([0-9a-f]{32})-([0-9a-f]{16})-([0-9a-f]{2})")
+_DROPPED = TraceFlags(TraceFlags.DEFAULT)
+_DROPPED_RANDOM = TraceFlags(TraceFlags.DEFAULT | TraceFlags.RANDOM_TRACE_ID)
+
+
+def _decision_of(sampler: object) -> Callable[[int, bool], bool] | None:
+    """`keeps(trace_id, parent_sampled)` of an SDK sampler for a remote parent, or None for
+    a sampler of another kind."""
+    if type(sampler).__module__ != sampling.__name__:  # a subclass from elsewhere: unknown
+        return None
+    if isinstance(sampler, StaticSampler):
+        keep = sampler.should_sample(None, 1, "probe").decision is not Decision.DROP
+        return lambda _, __: keep
+    if isinstance(sampler, TraceIdRatioBased):
+        bound, limit = sampler.bound, sampler.TRACE_ID_LIMIT
+        return lambda trace_id, _: trace_id & limit < bound
+    if isinstance(sampler, ParentBased):
+        sampled = _decision_of(getattr(sampler, "_remote_parent_sampled", None))
+        not_sampled = _decision_of(getattr(sampler, "_remote_parent_not_sampled", None))
+        if sampled is None or not_sampled is None:
+            return None
+        return lambda trace_id, parent_sampled: (sampled if parent_sampled else not_sampled)(
+            trace_id, parent_sampled
+        )
+    return None
 
 
 @contextlib.contextmanager

@@ -19,7 +19,6 @@ import asyncio
 import contextlib
 import importlib.util
 import itertools
-import json
 import logging
 import math
 import ssl
@@ -27,6 +26,7 @@ from collections.abc import AsyncIterator, Sequence
 from typing import Any
 
 import nats.errors
+import orjson
 from nats.aio.client import Client as NatsClient
 from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription
@@ -318,7 +318,8 @@ def _receipt(job_id: str, subject: str, reply: Msg) -> Receipt:
     if reply.headers and reply.headers.get("Status") == _NO_RESPONDERS:
         raise DestinationMissing("nats", subject)
     try:
-        answer = json.loads(reply.data)
+        # orjson: a PubAck per job, read in 0.2 us instead of 2 (docs/benchmarks.md).
+        answer = orjson.loads(reply.data)
     except ValueError:
         answer = {"error": {"description": f"unreadable acknowledgement {reply.data[:80]!r}"}}
     if "error" in answer:

@@ -132,3 +132,25 @@ async def test_concurrent_claims_have_one_winner(store: IdempotencyStore) -> Non
     results = await asyncio.gather(*(store.claim(key, f"w{i}", 30) for i in range(20)))
     assert results.count(ClaimState.CLAIMED) == 1
     assert results.count(ClaimState.BUSY) == 19
+
+
+async def test_claims_and_completions_of_one_turn_each_get_their_own_answer(
+    store: IdempotencyStore,
+) -> None:
+    """What a fetch does: many claims in one turn of the loop (sent as one batch where the
+    store batches, more than one batch here), two deliveries per key among them."""
+    keys = [uuid.uuid4().hex for _ in range(300)]
+    done = set(keys[:100])
+    await asyncio.gather(*(store.claim(key, "old", 30) for key in done))
+    await asyncio.gather(*(store.complete(key, "old", 60) for key in done))
+    claims = [(key, f"{key}:{n}") for key in keys for n in (1, 2)]
+    answers = await asyncio.gather(*(store.claim(key, token, 30) for key, token in claims))
+    by_key: dict[str, list[ClaimState]] = {}
+    for (key, _), answer in zip(claims, answers, strict=True):
+        by_key.setdefault(key, []).append(answer)
+    assert all(by_key[key] == [ClaimState.COMPLETED] * 2 for key in done)
+    running = [key for key in keys if key not in done]
+    assert all(by_key[key] == [ClaimState.CLAIMED, ClaimState.BUSY] for key in running)
+    await asyncio.gather(*(store.complete(key, f"{key}:1", 60) for key in running))
+    again = await asyncio.gather(*(store.claim(key, "late", 30) for key in keys))
+    assert again == [ClaimState.COMPLETED] * len(keys)

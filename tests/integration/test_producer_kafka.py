@@ -12,6 +12,7 @@ from pathlib import Path
 import jsonschema
 import pytest
 from aiokafka import AIOKafkaConsumer, ConsumerRecord, TopicPartition
+from aiokafka.client import AIOKafkaClient
 from opentelemetry.sdk.trace import TracerProvider
 
 from producer import (
@@ -140,6 +141,37 @@ async def test_create_missing_creates_the_topic_once(kafka_admin) -> None:
         assert len(described["partitions"]) == 2
     finally:
         await kafka_admin.delete_topics([topic])
+
+
+async def test_concurrent_first_publishes_share_one_metadata_fetch(
+    new_topic, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Issue 16: each publish that started before the topic was known fetched the whole
+    cluster's metadata itself (16 to 22 fetches at 1,000 publishes/s, a 130 to 190 ms
+    stall); concurrent first publishes now share one check, found or missing."""
+    fetches = 0
+    fetch_all = AIOKafkaClient.fetch_all_metadata
+
+    async def counted(self: AIOKafkaClient) -> object:
+        nonlocal fetches
+        fetches += 1
+        return await fetch_all(self)
+
+    monkeypatch.setattr(AIOKafkaClient, "fetch_all_metadata", counted)
+    topic = await new_topic(partitions=2)
+    missing = f"missing-{time.time_ns()}"
+    async with JobProducer(settings_for(topic)) as producer:
+        receipts = await asyncio.gather(*(producer.publish(WELCOME) for _ in range(200)))
+        assert fetches == 1
+        assert len({r.job_id for r in receipts}) == 200
+        missing_settings = settings_for(missing)
+    async with JobProducer(missing_settings) as producer:
+        refused = await asyncio.gather(
+            *(producer.publish(WELCOME) for _ in range(50)), return_exceptions=True
+        )
+    assert all(isinstance(error, DestinationMissing) for error in refused)
+    assert fetches == 2
+    await read_all(topic, 2, 200)
 
 
 async def test_unreachable_broker_fails_within_the_connect_timeout() -> None:

@@ -281,6 +281,8 @@ class OffsetTrackerMachine(RuleBasedStateMachine):
             assert self.tracker.unsettled(partition) == len(model.tracked) - len(model.settled)
             assert self.tracker.pending_commit(partition) == model.pending()
         assert self.tracker.unsettled() == len(self._unsettled())
+        # The total is kept as records settle (O(1) per settle), not summed per call.
+        assert self.tracker.pending_commit() == sum(m.pending() for m in self.model.values())
 
     def teardown(self) -> None:
         # Settling everything lets every partition commit exactly last + 1.
