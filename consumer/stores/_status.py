@@ -21,6 +21,11 @@ store stays bounded). Status is an observation, written after the fact: the brok
 dead-letter topic remain the source of truth, and a status write that fails is logged,
 never allowed to fail or block the job.
 
+Each status keeps the history of its last `HISTORY_MAX` attempts (start and end, worker,
+outcome, error, traceback), and an index of job ids by their last change lets the
+dashboard list jobs (`_status_query.py`: every answer bounded). Workers' reports (lag, in
+flight) live here too, each expiring on its own.
+
 Cancellation requests live in the same store (`cancel:<job id>`), so a request made before
 the job arrives is seen when it does. So do the ingress's `Idempotency-Key` bindings
 (`idemkey:<name>`, the state machine of `_keys.py`), expiring `retention_s` after their last
@@ -31,7 +36,8 @@ from __future__ import annotations
 
 import enum
 import logging
-from collections.abc import Awaitable, Callable, Iterable
+import time
+from collections.abc import Awaitable, Callable, Iterable, Sequence
 from datetime import UTC, datetime
 from typing import Any, Protocol, TypeVar, cast
 
@@ -45,6 +51,15 @@ from consumer.stores._keys import (
     KeyState,
     reserve_binding,
     settle_binding,
+)
+from consumer.stores._status_query import (
+    INDEX_MAX,
+    WORKER_REPORT_TTL_S,
+    WORKERS_MAX,
+    JobPage,
+    JobQuery,
+    WorkerReport,
+    scan,
 )
 
 log = logging.getLogger("jobstream.status")
@@ -78,6 +93,28 @@ WAITING_STATES = frozenset({JobState.PENDING, JobState.SCHEDULED})
 cancellation settles them at once."""
 
 
+HISTORY_MAX = 20
+"""Most attempts a status keeps in its history (the last ones)."""
+RECENT_MAX = 5_000
+"""Most changes `recent` reads (the live view's outcomes per minute)."""
+
+
+class Attempt(BaseModel):
+    """One attempt of a job, as the worker that ran it recorded it."""
+
+    model_config = ConfigDict(frozen=True)
+
+    attempt: int
+    started_at: datetime | None = None
+    ended_at: datetime | None = None
+    worker: str | None = None
+    outcome: JobState | None = None
+    """The state it left the job in; None while it runs (or if its worker died)."""
+    error: str | None = None
+    traceback: str | None = None
+    """The last 4,000 bytes of the formatted traceback (`consumer.core.traceback_text`)."""
+
+
 class JobStatus(BaseModel):
     """One job's state, as `GET /v1/jobs/{id}` and `jobstream jobs status` show it."""
 
@@ -94,6 +131,10 @@ class JobStatus(BaseModel):
     trace_id: str | None = None
     not_before: datetime | None = None
     """When the job was due to start (a delayed job); None: at once."""
+    key: str | None = None
+    """The ordering key it was published with."""
+    history: tuple[Attempt, ...] = ()
+    """Its last `HISTORY_MAX` attempts, oldest first."""
 
 
 class StatusStore(Protocol):
@@ -113,13 +154,49 @@ class StatusStore(Protocol):
         """Settle the reservation `holder` of binding `name` as `published` or `failed`
         (`_keys.settle_binding`)."""
 
+    async def list_jobs(self, query: JobQuery) -> JobPage:
+        """A bounded page of jobs, newest change first (`_status_query.scan`)."""
+
+    async def recent(self, since: datetime) -> list[JobStatus]:
+        """The jobs changed since `since`, at most `RECENT_MAX` (the newest)."""
+
+    async def report_worker(self, report: WorkerReport) -> None:
+        """Store a worker's report, expiring `WORKER_REPORT_TTL_S` after now."""
+
+    async def workers(self) -> list[WorkerReport]:
+        """The reports of the workers that reported lately (at most `WORKERS_MAX`)."""
+
     async def close(self) -> None: ...
+
+
+def _history(previous: tuple[Attempt, ...], entry: Attempt) -> tuple[Attempt, ...]:
+    """`previous` with `entry` merged into the attempt of its number (its non-None fields
+    win), or appended; the last `HISTORY_MAX` kept."""
+    merged, found = [], False
+    for attempt in previous:
+        if attempt.attempt == entry.attempt:
+            changes = {k: v for k, v in entry.model_dump().items() if v is not None}
+            merged.append(attempt.model_copy(update=changes))
+            found = True
+        else:
+            merged.append(attempt)
+    if not found:
+        merged.append(entry)
+    merged.sort(key=lambda attempt: attempt.attempt)
+    return tuple(merged[-HISTORY_MAX:])
 
 
 def _merge(
     previous: JobStatus | None, job_id: str, state: JobState, fields: dict[str, Any]
 ) -> JobStatus:
-    base = previous.model_dump() if previous is not None else {"job_id": job_id}
+    fields = dict(fields)  # a WATCH retry computes the change again from the same fields
+    entry = fields.pop("history_entry", None)
+    base: dict[str, Any] = previous.model_dump() if previous is not None else {"job_id": job_id}
+    if isinstance(entry, Attempt):
+        # An attempt's end is history even when the state keeps an earlier final state.
+        base["history"] = _history(previous.history if previous else (), entry)
+        if previous is not None and previous.state in FINAL_STATES and state not in FINAL_STATES:
+            return JobStatus.model_validate(base)
     if previous is not None and state in WAITING_STATES:
         # `pending` and `scheduled` are written by the ingress after its publish returned;
         # a fast worker may have started (or finished) the job by then, or a cancel come
@@ -144,14 +221,44 @@ class MemoryStatusStore:
         self._jobs: dict[str, JobStatus] = {}
         self._cancel: set[str] = set()
         self._keys: dict[str, KeyBinding] = {}
+        self._workers: dict[str, tuple[float, WorkerReport]] = {}
 
     async def get(self, job_id: str) -> JobStatus | None:
         return self._jobs.get(job_id)
 
     async def record(self, job_id: str, state: JobState, **fields: Any) -> JobStatus:
-        status = _merge(self._jobs.get(job_id), job_id, state, fields)
-        self._jobs[job_id] = status
+        status = _merge(self._jobs.pop(job_id, None), job_id, state, fields)
+        self._jobs[job_id] = status  # insertion order: the last change last
+        while len(self._jobs) > INDEX_MAX:
+            del self._jobs[next(iter(self._jobs))]
         return status
+
+    async def list_jobs(self, query: JobQuery) -> JobPage:
+        async def read(start: int, count: int) -> list[JobStatus | None]:
+            newest = list(reversed(self._jobs.values()))
+            return list(newest[start : start + count])
+
+        return await scan(read, query)
+
+    async def recent(self, since: datetime) -> list[JobStatus]:
+        found: list[JobStatus] = []
+        for status in reversed(self._jobs.values()):
+            if status.updated_at < since or len(found) == RECENT_MAX:
+                break
+            found.append(status)
+        return found
+
+    async def report_worker(self, report: WorkerReport) -> None:
+        now = time.monotonic()
+        self._workers[report.worker] = (now + WORKER_REPORT_TTL_S, report)
+        for name, (expires, _) in list(self._workers.items()):
+            if expires < now:
+                del self._workers[name]
+
+    async def workers(self) -> list[WorkerReport]:
+        now = time.monotonic()
+        live = [report for expires, report in self._workers.values() if expires >= now]
+        return sorted(live, key=lambda report: report.worker)[:WORKERS_MAX]
 
     async def request_cancel(self, job_id: str) -> None:
         self._cancel.add(job_id)
@@ -208,7 +315,66 @@ class RedisStatusStore:
             status = _merge(previous, job_id, state, fields)
             return status.model_dump_json(), status
 
-        return await self._transact(self._key("status", job_id), change)
+        status = await self._transact(self._key("status", job_id), change)
+        # The index: ids by their last change, bounded by the retention and by INDEX_MAX.
+        # It is a guide, not the truth: a listed id whose status expired is skipped.
+        now = time.time()
+        index = self._key("index", "jobs")
+        async with self._client.pipeline(transaction=False) as pipe:
+            pipe.zadd(index, {job_id: now})
+            pipe.zremrangebyscore(index, "-inf", now - self._ttl_ms / 1000)
+            pipe.zremrangebyrank(index, 0, -INDEX_MAX - 1)
+            pipe.pexpire(index, self._ttl_ms)
+            await pipe.execute()
+        return status
+
+    async def _statuses(self, ids: Sequence[str]) -> list[JobStatus | None]:
+        if not ids:
+            return []
+        raws = await self._client.mget([self._key("status", job_id) for job_id in ids])
+        return [JobStatus.model_validate_json(raw) if raw else None for raw in raws]
+
+    async def list_jobs(self, query: JobQuery) -> JobPage:
+        index = self._key("index", "jobs")
+
+        async def read(start: int, count: int) -> list[JobStatus | None]:
+            ids = await self._client.zrevrange(index, start, start + count - 1)
+            return await self._statuses(ids)
+
+        return await scan(read, query)
+
+    async def recent(self, since: datetime) -> list[JobStatus]:
+        ids = await self._client.zrevrangebyscore(
+            self._key("index", "jobs"), "+inf", since.timestamp(), start=0, num=RECENT_MAX
+        )
+        return [status for status in await self._statuses(ids) if status is not None]
+
+    async def report_worker(self, report: WorkerReport) -> None:
+        now = time.time()
+        names = self._key("index", "workers")
+        async with self._client.pipeline(transaction=False) as pipe:
+            pipe.set(
+                self._key("worker", report.worker),
+                report.model_dump_json(),
+                px=int(WORKER_REPORT_TTL_S * 1000),
+            )
+            pipe.zadd(names, {report.worker: now})
+            pipe.zremrangebyscore(names, "-inf", now - WORKER_REPORT_TTL_S)
+            await pipe.execute()
+
+    async def workers(self) -> list[WorkerReport]:
+        names = await self._client.zrangebyscore(
+            self._key("index", "workers"),
+            time.time() - WORKER_REPORT_TTL_S,
+            "+inf",
+            start=0,
+            num=WORKERS_MAX,
+        )
+        if not names:
+            return []
+        raws = await self._client.mget([self._key("worker", name) for name in names])
+        reports = [WorkerReport.model_validate_json(raw) for raw in raws if raw]
+        return sorted(reports, key=lambda report: report.worker)
 
     async def _transact(self, key: str, change: Callable[[str | None], tuple[str | None, T]]) -> T:
         """Read `key`, compute `change(value)` -> (new value or None to keep it, result),
