@@ -170,20 +170,20 @@ class StatusStore(Protocol):
 
 
 def _history(previous: tuple[Attempt, ...], entry: Attempt) -> tuple[Attempt, ...]:
-    """`previous` with `entry` merged into the attempt of its number (its non-None fields
-    win), or appended; the last `HISTORY_MAX` kept."""
-    merged, found = [], False
-    for attempt in previous:
-        if attempt.attempt == entry.attempt:
-            changes = {k: v for k, v in entry.model_dump().items() if v is not None}
-            merged.append(attempt.model_copy(update=changes))
-            found = True
-        else:
-            merged.append(attempt)
-    if not found:
-        merged.append(entry)
-    merged.sort(key=lambda attempt: attempt.attempt)
-    return tuple(merged[-HISTORY_MAX:])
+    """`previous` with `entry`, in the order they happened; the last `HISTORY_MAX` kept. A
+    start is a new row (a replay starts again at attempt 1, a redelivery repeats its
+    number: both are history); an end completes the last row of its attempt number that
+    has not ended (its non-None fields win), or is a row of its own."""
+    rows = list(previous)
+    if entry.started_at is None:
+        for index in range(len(rows) - 1, -1, -1):
+            row = rows[index]
+            if row.attempt == entry.attempt and row.outcome is None:
+                changes = {k: v for k, v in entry.model_dump().items() if v is not None}
+                rows[index] = row.model_copy(update=changes)
+                return tuple(rows[-HISTORY_MAX:])
+    rows.append(entry)
+    return tuple(rows[-HISTORY_MAX:])
 
 
 def _merge(
