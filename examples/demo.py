@@ -287,6 +287,11 @@ async def _trace(console: Console, job: Submitted, jaeger: str, transport: str, 
     for line in draw(roots):
         console.print("  " + line, highlight=False, markup=False, soft_wrap=True)
     console.print(f"in Jaeger:     {jaeger}/trace/{job.trace_id}", highlight=False, soft_wrap=True)
+    # The Jaeger `make up` builds from source has no web UI assets: its API is complete.
+    api = f"{jaeger}/api/traces/{job.trace_id}"
+    console.print(
+        f"Jaeger's API:  {api} (what the tree above was read from)", highlight=False, soft_wrap=True
+    )
     dashboard = f"http://127.0.0.1:{port}/ui/jobs/{job.job_id}"
     console.print(f"in dashboard:  {dashboard}", highlight=False, soft_wrap=True)
     if not complete(roots):
