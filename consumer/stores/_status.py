@@ -315,18 +315,18 @@ class RedisStatusStore:
             status = _merge(previous, job_id, state, fields)
             return status.model_dump_json(), status
 
-        status = await self._transact(self._key("status", job_id), change)
-        # The index: ids by their last change, bounded by the retention and by INDEX_MAX.
-        # It is a guide, not the truth: a listed id whose status expired is skipped.
-        now = time.time()
-        index = self._key("index", "jobs")
-        async with self._client.pipeline(transaction=False) as pipe:
-            pipe.zadd(index, {job_id: now})
-            pipe.zremrangebyscore(index, "-inf", now - self._ttl_ms / 1000)
-            pipe.zremrangebyrank(index, 0, -INDEX_MAX - 1)
-            pipe.pexpire(index, self._ttl_ms)
-            await pipe.execute()
-        return status
+        def index(pipe: Any) -> None:
+            # The index: ids by their last change, bounded by the retention and INDEX_MAX,
+            # written in the same MULTI as the status (no extra round trip). It is a guide,
+            # not the truth: a listed id whose status expired is skipped.
+            now = time.time()
+            ids = self._key("index", "jobs")
+            pipe.zadd(ids, {job_id: now})
+            pipe.zremrangebyscore(ids, "-inf", now - self._ttl_ms / 1000)
+            pipe.zremrangebyrank(ids, 0, -INDEX_MAX - 1)
+            pipe.pexpire(ids, self._ttl_ms)
+
+        return await self._transact(self._key("status", job_id), change, also=index)
 
     async def _statuses(self, ids: Sequence[str]) -> list[JobStatus | None]:
         if not ids:
@@ -376,7 +376,12 @@ class RedisStatusStore:
         reports = [WorkerReport.model_validate_json(raw) for raw in raws if raw]
         return sorted(reports, key=lambda report: report.worker)
 
-    async def _transact(self, key: str, change: Callable[[str | None], tuple[str | None, T]]) -> T:
+    async def _transact(
+        self,
+        key: str,
+        change: Callable[[str | None], tuple[str | None, T]],
+        also: Callable[[Any], None] | None = None,
+    ) -> T:
         """Read `key`, compute `change(value)` -> (new value or None to keep it, result),
         and write it back under WATCH, so concurrent writers (workers, ingress replicas)
         never lose each other's change. A write that lost a race is computed again, at
@@ -391,6 +396,8 @@ class RedisStatusStore:
                         return result
                     pipe.multi()  # type: ignore[no-untyped-call]
                     pipe.set(key, value, px=self._ttl_ms)
+                    if also is not None:
+                        also(pipe)  # more commands in the same MULTI
                     await pipe.execute()
                     return result
                 except redis.WatchError:

@@ -15,16 +15,17 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 
 import httpx
+import nats
 import pytest
 import uvicorn
 from playwright.async_api import Browser, Page, async_playwright
 
-from consumer import Settings
+from consumer import Settings, backend_for
 from consumer._run import open_status
 from consumer.stores import JobState, StatusStore
 from jobstream._ingress import create_app
 from tests.apps.dashboard import app
-from tests.conftest import REDIS_URL
+from tests.conftest import KAFKA_BOOTSTRAP, NATS_URL, REDIS_URL
 from tests.support import ROOT, free_port, routed_topic, running_worker
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(180)]
@@ -70,6 +71,7 @@ async def browser(chromium: tuple[str, str]) -> AsyncIterator[Browser]:
 def make_settings(topic: str, group: str, monkeypatch, **ui: object) -> Settings:
     monkeypatch.setenv("JOBSTREAM_ROUTING__ROUTES", json.dumps({"test.dash": topic}))
     return Settings(
+        kafka={"bootstrap_servers": KAFKA_BOOTSTRAP},
         worker={"group": group, "commit_interval_s": 0.2},
         retry={
             "tiers_s": [0.3],
@@ -84,6 +86,52 @@ def make_settings(topic: str, group: str, monkeypatch, **ui: object) -> Settings
         ingress={"auth_token": TOKEN},
         ui={"jaeger_url": "http://127.0.0.1:16686", **ui},
     )
+
+
+@contextlib.asynccontextmanager
+async def nats_settings(group: str, **ui: object) -> AsyncIterator[Settings]:
+    """Settings for a private stream (and its dead-letter stream and ledger), provisioned
+    as `jobstream topics ensure` does, deleted afterwards."""
+    stream = f"DASH_{uuid.uuid4().hex[:8]}".upper()
+    prefix = stream.lower()
+    settings = Settings(
+        transport="nats",
+        nats={"servers": [NATS_URL]},
+        routing={"stream": stream, "subject_prefix": f"{prefix}."},
+        worker={"group": group},
+        retry={"policy": {"max_attempts": 2, "initial_delay_s": 0.3, "jitter": 0}},
+        status={
+            "backend": "redis",
+            "url": REDIS_URL,
+            "namespace": f"d{uuid.uuid4().hex[:8]}",
+            "cancel_poll_s": 0.1,
+        },
+        ingress={"auth_token": TOKEN},
+        ui={"jaeger_url": "http://127.0.0.1:16686", **ui},
+    )
+    await backend_for("nats").provision(settings, ["test.dash"])
+    try:
+        yield settings
+    finally:
+        client = await nats.connect(NATS_URL)
+        try:
+            js = client.jetstream()
+            for name in (stream, f"{stream}_DLQ"):
+                with contextlib.suppress(Exception):
+                    await js.delete_stream(name)
+        finally:
+            await client.close()
+
+
+@contextlib.asynccontextmanager
+async def bus_settings(
+    transport: str, new_topic, group: str, monkeypatch
+) -> AsyncIterator[Settings]:
+    if transport == "nats":
+        async with nats_settings(group) as settings:
+            yield settings
+    else:
+        yield make_settings(await routed_topic(new_topic), group, monkeypatch)
 
 
 @contextlib.asynccontextmanager
@@ -162,16 +210,19 @@ async def assert_inert(page: Page) -> None:
     assert await page.locator("main script, main img").count() == 0
 
 
+@pytest.mark.parametrize("transport", ["kafka", "nats"])
 async def test_dead_letter_found_dry_run_then_replayed_and_succeeds(
-    browser: Browser, new_topic, group_id, tmp_path, monkeypatch
+    browser: Browser, transport: str, new_topic, group_id, tmp_path, monkeypatch
 ) -> None:
     monkeypatch.setenv("JOBSTREAM_TEST_BROKEN", str(tmp_path))
     name = f"scan-{uuid.uuid4().hex[:6]}"
     cause = tmp_path / name
     cause.touch()  # the cause of the failure, fixed below
-    topic = await routed_topic(new_topic)
-    settings = make_settings(topic, group_id, monkeypatch)
-    async with served(settings) as (base, status), running_worker(app, settings):
+    async with (
+        bus_settings(transport, new_topic, group_id, monkeypatch) as settings,
+        served(settings) as (base, status),
+        running_worker(app, settings),
+    ):
         job_id = await submit(base, {"name": name, "note": XSS})
         await state_in_store(status, job_id, "dead_lettered")
         trace_id = "4bf92f3577b34da6a3ce929d0e0e4736"  # tracing is off here: give it one
@@ -192,31 +243,32 @@ async def test_dead_letter_found_dry_run_then_replayed_and_succeeds(
         await assert_inert(page)
         link = await page.get_attribute("#trace-link", "href")
         assert link == f"http://127.0.0.1:16686/trace/{trace_id}"
-        await shot(page, "job-dead-lettered")
+        await shot(page, f"job-dead-lettered-{transport}")
 
         await page.click("#dead-letter-link")
         rows = page.locator("table.dead-letters tr")
         assert await rows.count() == 2  # the header and this job's dead letter
-        await shot(page, "dead-letters")
+        await shot(page, f"dead-letters-{transport}")
         await rows.nth(1).locator("a").first.click()
         assert XSS in await page.inner_text("#body")
         assert XSS in await page.inner_text("#summary")
         assert "retries-exhausted" in await page.inner_text("#summary")
-        assert "ce_id" in await page.inner_text("#headers")
+        id_header = "ce_id" if transport == "kafka" else "ce-id"
+        assert f"{id_header}\t{job_id}" in await page.inner_text("#headers")
         await assert_inert(page)
-        await shot(page, "dead-letter")
+        await shot(page, f"dead-letter-{transport}")
 
         cause.unlink()  # fix the cause, then replay
         await page.click("#dry-run")
         assert await page.locator(".replay-status").all_inner_texts() == ["would-replay"]
-        await shot(page, "replay-dry-run")
+        await shot(page, f"replay-dry-run-{transport}")
         assert (await status.get(job_id)).state is JobState.DEAD_LETTERED  # type: ignore[union-attr]
         await page.click("#replay")
         assert await page.locator(".replay-status").all_inner_texts() == ["replayed"]
         await page_state(page, f"{base}/ui/jobs/{job_id}", "succeeded")
         outcomes = await page.locator("#attempts tr td:nth-child(5)").all_inner_texts()
         assert outcomes == ["retrying", "dead_lettered", "succeeded"]
-        await shot(page, "job-replayed")
+        await shot(page, f"job-replayed-{transport}")
 
         # A second dry run finds it replayed already: a replay happens once.
         await page.goto(f"{base}/ui/dead-letters?job={job_id}")
@@ -225,12 +277,15 @@ async def test_dead_letter_found_dry_run_then_replayed_and_succeeds(
         assert await page.locator("#replay").count() == 0
 
 
+@pytest.mark.parametrize("transport", ["kafka", "nats"])
 async def test_cancel_a_running_job_while_the_live_view_updates(
-    browser: Browser, new_topic, group_id, monkeypatch
+    browser: Browser, transport: str, new_topic, group_id, monkeypatch
 ) -> None:
-    topic = await routed_topic(new_topic)
-    settings = make_settings(topic, group_id, monkeypatch)
-    async with served(settings) as (base, status), running_worker(app, settings):
+    async with (
+        bus_settings(transport, new_topic, group_id, monkeypatch) as settings,
+        served(settings) as (base, status),
+        running_worker(app, settings),
+    ):
         page = await browser.new_page()
         await sign_in(page, base, "/ui/live")
         assert page.url.endswith("/ui/live")
@@ -247,9 +302,16 @@ async def test_cancel_a_running_job_while_the_live_view_updates(
             "document.querySelector('#in-flight')?.innerText === '1'", timeout=15_000
         )
         assert await page.evaluate("window.__loaded_once") is True
-        lag = await page.inner_text("#lag")
-        assert topic in lag
-        await shot(page, "live")
+        rows = [
+            row.split("\t")[:3] for row in (await page.locator("#lag tr").all_inner_texts())[1:]
+        ]
+        if transport == "kafka":  # per partition of the topic: the running job is unsettled
+            topic = settings.routing.routes["test.dash"]
+            assert sorted((d, p) for d, p, _ in rows) == [(topic, "0"), (topic, "1"), (topic, "2")]
+            assert sum(int(m) for _, _, m in rows) == 1
+        else:  # per consumer of the stream
+            assert rows == [[settings.routing.stream, group_id, "1"]]
+        await shot(page, f"live-{transport}")
 
         await page.click(f"#running a:text('{job_id}')")
         assert await page.inner_text("#state") == "running"
@@ -257,10 +319,10 @@ async def test_cancel_a_running_job_while_the_live_view_updates(
         assert "cancel requested" in await page.inner_text("#notice")
         await page_state(page, f"{base}/ui/jobs/{job_id}", "cancelled")
         assert await page.locator("#cancel").count() == 0  # a final state: nothing to cancel
-        await shot(page, "job-cancelled")
+        await shot(page, f"job-cancelled-{transport}")
         await page.goto(f"{base}/ui/jobs?state=cancelled")
         assert job_id in await page.inner_text("#jobs")
-        await shot(page, "jobs")
+        await shot(page, f"jobs-{transport}")
 
 
 async def test_wrong_token_refused_and_read_only_hides_and_refuses_actions(
