@@ -8,7 +8,9 @@ import asyncio
 import contextlib
 import json
 import os
+import signal
 import subprocess
+import sys
 import time
 import uuid
 from collections.abc import AsyncIterator
@@ -365,3 +367,44 @@ async def test_wrong_token_refused_and_read_only_hides_and_refuses_actions(
             )
         assert wrong.status_code == 303 and wrong.headers["location"].startswith("/ui/login")
         assert right.status_code == 200 and job_id in right.text
+
+
+def start_ui(env: dict[str, str], log: Path) -> subprocess.Popen[bytes]:
+    with log.open("wb") as out:
+        return subprocess.Popen(
+            [sys.executable, "-m", "jobstream", "ui"], env=env, stdout=out, stderr=out, cwd=ROOT
+        )
+
+
+async def test_jobstream_ui_serves_the_dashboard_alone(tmp_path) -> None:
+    port = free_port()
+    namespace = f"d{uuid.uuid4().hex[:8]}"
+    env = {
+        **os.environ,
+        "JOBSTREAM_STATUS__BACKEND": "redis",
+        "JOBSTREAM_STATUS__URL": REDIS_URL,
+        "JOBSTREAM_STATUS__NAMESPACE": namespace,
+        "JOBSTREAM_INGRESS__PORT": str(port),
+        "JOBSTREAM_INGRESS__AUTH_TOKEN": TOKEN,
+        "JOBSTREAM_JOB_MODULES": '["tests.apps.dashboard"]',
+        "PYTHONPATH": str(ROOT),
+    }
+    process = start_ui(env, tmp_path / "ui.log")
+    try:
+        async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}", timeout=5) as http:
+            for _ in range(200):
+                with contextlib.suppress(httpx.TransportError):
+                    if (await http.get("/livez")).status_code == 200:
+                        break
+                await asyncio.sleep(0.05)
+            signed = {"Authorization": f"Bearer {TOKEN}"}
+            jobs = await http.get("/ui/jobs", headers=signed)
+            login = await http.get("/ui/jobs")
+            api = await http.post("/v1/jobs/test.dash", json={"name": "x"}, headers=signed)
+        assert jobs.status_code == 200 and "test.dash" in jobs.text  # its job types
+        assert login.status_code == 303 and login.headers["location"].startswith("/ui/login")
+        assert api.status_code == 404  # the dashboard alone: no job API
+    finally:
+        process.send_signal(signal.SIGTERM)
+        code = process.wait(30)
+    assert code == 0, (tmp_path / "ui.log").read_text()
