@@ -10,7 +10,7 @@ from consumer.stores._idempotency import (
     MemoryIdempotencyStore,
 )
 from consumer.stores._keys import KeyBinding, KeyReservation, KeyState
-from consumer.stores._open import open_status, open_store
+from consumer.stores._open import open_status, open_status_store, open_store
 from consumer.stores._status import (
     FINAL_STATES,
     WAITING_STATES,
@@ -20,7 +20,6 @@ from consumer.stores._status import (
     MemoryStatusStore,
     StatusStore,
     cancel_job,
-    open_status_store,
     trace_id_now,
 )
 from consumer.stores._status_query import JobPage, JobQuery, PartitionBacklog, WorkerReport

@@ -21,7 +21,7 @@ from urllib.parse import parse_qs
 from fastapi import Request
 from pydantic import SecretStr
 
-__all__ = ["COOKIE", "Access", "read_form"]
+__all__ = ["COOKIE", "Access", "first", "read_form"]
 
 COOKIE = "jobstream_ui"
 MAX_FORM_BYTES = 64 * 1024
@@ -65,3 +65,9 @@ async def read_form(request: Request) -> dict[str, list[str]] | None:
         if len(body) > MAX_FORM_BYTES:
             return None
     return parse_qs(body.decode("utf-8", errors="replace"), keep_blank_values=True)
+
+
+def first(form: dict[str, list[str]], name: str) -> str | None:
+    """The first value of `name` in a parsed form, or None."""
+    values = form.get(name)
+    return values[0] if values else None

@@ -1,4 +1,4 @@
-"""The dashboard's pages: jobs, one job, dead letters, one dead letter, replay, live view.
+"""The dashboard's pages: jobs, one job, live view (dead letters: `_dead_letter_pages.py`).
 
 Every page answers "what happened to job X?" from what already exists: job states and
 attempt histories from the status store, dead letters and their replay from the code
@@ -11,7 +11,6 @@ live view in place. Every list is bounded (`ui.page_size`, `ui.max_dead_letters`
 
 from __future__ import annotations
 
-import json
 import logging
 from pathlib import Path
 from typing import Any
@@ -22,10 +21,9 @@ from fastapi import APIRouter, Request
 from fastapi.responses import HTMLResponse, RedirectResponse, Response
 
 from consumer import Settings
-from consumer.core import DeadLetterFilter, DeadLetterRecord
 from consumer.stores import FINAL_STATES, JobQuery, JobState, StatusStore, cancel_job
-from jobstream import _dlq
-from jobstream.ui._auth import COOKIE, Access, read_form
+from jobstream.ui._auth import COOKIE, Access, first, read_form
+from jobstream.ui._dead_letter_pages import DeadLetterPages
 from jobstream.ui._live import OUTCOMES, live_view
 from schemas import default_registry
 
@@ -34,7 +32,6 @@ __all__ = ["Dashboard"]
 log = logging.getLogger("jobstream.ui")
 TEMPLATES = Path(__file__).parent / "templates"
 DEFAULT_HTMX = Path(".cache/htmx/htmx-2.0.11.min.js")
-REPLAY_RATE_PER_S = 50.0
 
 
 class Dashboard:
@@ -52,6 +49,7 @@ class Dashboard:
         )
         self.templates.filters["when"] = _when
         self.htmx = _read_htmx(self.config.htmx_file)
+        self.dead = DeadLetterPages(self)
 
     def router(self) -> APIRouter:
         router = APIRouter(prefix="/ui", include_in_schema=False)
@@ -65,9 +63,9 @@ class Dashboard:
         get("/jobs")(self.jobs)
         get("/jobs/{job_id}")(self.job)
         post("/jobs/{job_id}/cancel")(self.cancel)
-        get("/dead-letters")(self.dead_letters)
-        get("/dead-letter")(self.dead_letter)
-        post("/dead-letters/replay")(self.replay)
+        get("/dead-letters")(self.dead.dead_letters)
+        get("/dead-letter")(self.dead.dead_letter)
+        post("/dead-letters/replay")(self.dead.replay)
         get("/live")(self.live)
         get("/live/panel")(self.live_panel)
         return router
@@ -88,7 +86,7 @@ class Dashboard:
         headers = {"Cache-Control": "no-store", "X-Content-Type-Options": "nosniff"}
         return HTMLResponse(page, status_code, headers=headers)
 
-    def _refused(self, request: Request) -> Response | None:
+    def refused(self, request: Request) -> Response | None:
         """The answer to a request that is not signed in, else None."""
         if self.access.signed_in(request):
             return None
@@ -97,8 +95,8 @@ class Dashboard:
             return RedirectResponse(f"/ui/login?next={quote(target)}", 303)
         return Response("sign in first\n", 401, headers={"HX-Redirect": "/ui/login"})
 
-    def _refused_action(self, request: Request) -> Response | None:
-        refused = self._refused(request)
+    def refused_action(self, request: Request) -> Response | None:
+        refused = self.refused(request)
         if refused is not None:
             return refused
         if self.access.read_only:
@@ -119,8 +117,8 @@ class Dashboard:
 
     async def login(self, request: Request) -> Response:
         form = await read_form(request) or {}
-        target = _local(_first(form, "next"))
-        if not self.access.token_matches(_first(form, "token") or ""):
+        target = _local(first(form, "next"))
+        if not self.access.token_matches(first(form, "token") or ""):
             return self.render(request, "login.html", 401, next=target, error="wrong token")
         response = RedirectResponse(target, 303)
         response.set_cookie(
@@ -150,7 +148,7 @@ class Dashboard:
     # --- jobs ----------------------------------------------------------------------------
 
     async def jobs(self, request: Request) -> Response:
-        if (refused := self._refused(request)) is not None:
+        if (refused := self.refused(request)) is not None:
             return refused
         params = request.query_params
         wanted = (params.get("q") or "").strip()
@@ -181,7 +179,7 @@ class Dashboard:
         )
 
     async def job(self, request: Request, job_id: str) -> Response:
-        if (refused := self._refused(request)) is not None:
+        if (refused := self.refused(request)) is not None:
             return refused
         found = await self.status.get(job_id)
         if found is None:
@@ -206,7 +204,7 @@ class Dashboard:
         )
 
     async def cancel(self, request: Request, job_id: str) -> Response:
-        if (refused := self._refused_action(request)) is not None:
+        if (refused := self.refused_action(request)) is not None:
             return refused
         asked, current = await cancel_job(self.status, job_id)
         notice = (
@@ -217,109 +215,17 @@ class Dashboard:
         target = f"/ui/jobs/{quote(job_id, safe='')}?{urlencode({'notice': notice})}"
         return RedirectResponse(target, 303)
 
-    # --- dead letters --------------------------------------------------------------------
-
-    def _destinations(self, chosen: str | None) -> list[str]:
-        known = _dlq.default_destinations(self.settings)
-        return [chosen] if chosen and chosen in known else known
-
-    async def _find(
-        self, destinations: list[str], where: DeadLetterFilter
-    ) -> list[DeadLetterRecord]:
-        if not destinations:
-            return []
-        return await _dlq.find(self.settings, destinations, where)
-
-    async def dead_letters(self, request: Request) -> Response:
-        if (refused := self._refused(request)) is not None:
-            return refused
-        params = request.query_params
-        destination = params.get("destination") or None
-        where = _where(params.get("type"), params.get("reason"), params.get("job"))
-        records = await self._find(self._destinations(destination), where)
-        limit = self.config.max_dead_letters
-        shown = list(reversed(records))[:limit]  # the newest first
-        by_destination: dict[str, list[DeadLetterRecord]] = {}
-        for record in shown:
-            by_destination.setdefault(record.stream or record.topic, []).append(record)
-        return self.render(
-            request,
-            "dead_letters.html",
-            groups=sorted(by_destination.items()),
-            total=len(records),
-            limit=limit,
-            destinations=_dlq.default_destinations(self.settings),
-            destination=destination or "",
-            job_type=params.get("type") or "",
-            reason=params.get("reason") or "",
-            job=params.get("job") or "",
-            types=default_registry.job_types(),
-        )
-
-    async def dead_letter(self, request: Request) -> Response:
-        if (refused := self._refused(request)) is not None:
-            return refused
-        wanted = request.query_params.get("id") or ""
-        found = await self._find(self._destinations(None), _where(None, None, wanted))
-        if not wanted or not found:
-            return self.render(
-                request, "message.html", 404, title="no such dead letter", message=repr(wanted)
-            )
-        detail = _dlq.full(found[-1])
-        body = json.dumps(detail.pop("body"), indent=2, ensure_ascii=False)
-        return self.render(request, "dead_letter.html", record=found[-1], detail=detail, body=body)
-
-    async def replay(self, request: Request) -> Response:
-        if (refused := self._refused_action(request)) is not None:
-            return refused
-        form = await read_form(request)
-        if form is None:
-            return Response("form too large\n", 413)
-        ids = [value for value in form.get("id", []) if value][: self.config.max_dead_letters]
-        job_type, reason = _first(form, "type"), _first(form, "reason")
-        destination = _first(form, "destination")
-        if not ids and not (job_type or reason or destination):
-            return self.render(
-                request,
-                "message.html",
-                400,
-                title="nothing to replay",
-                message="Name dead letters, or filter them by destination, type or reason.",
-            )
-        dry_run = _first(form, "confirm") != "yes"
-        where = _where(job_type, reason, None, ids)
-        records = (await self._find(self._destinations(destination), where))[
-            : self.config.max_dead_letters
-        ]
-        results = await _dlq.replay(
-            self.settings, records, force=False, dry_run=dry_run, rate=REPLAY_RATE_PER_S
-        )
-        log.info(
-            "dashboard replay (%s): %d dead letters", "dry run" if dry_run else "real", len(results)
-        )
-        return self.render(
-            request,
-            "replay.html",
-            results=results,
-            dry_run=dry_run,
-            ids=ids,
-            job_type=job_type or "",
-            reason=reason or "",
-            destination=destination or "",
-            replayable=sum(result.status == "would-replay" for result in results),
-        )
-
     # --- live ----------------------------------------------------------------------------
 
     async def live(self, request: Request) -> Response:
-        if (refused := self._refused(request)) is not None:
+        if (refused := self.refused(request)) is not None:
             return refused
         return self.render(
             request, "live.html", view=await live_view(self.status), outcomes=OUTCOMES
         )
 
     async def live_panel(self, request: Request) -> Response:
-        if (refused := self._refused(request)) is not None:
+        if (refused := self.refused(request)) is not None:
             return refused
         view = await live_view(self.status)
         return self.render(request, "_live_panel.html", view=view, outcomes=OUTCOMES)
@@ -332,20 +238,6 @@ def _read_htmx(configured: str | None) -> bytes | None:
     except OSError:
         log.warning("no htmx at %s (run `make htmx`): the live view will not refresh itself", path)
         return None
-
-
-def _where(
-    job_type: str | None, reason: str | None, job: str | None, ids: list[str] | None = None
-) -> DeadLetterFilter:
-    wanted = set(ids or ())
-    if job:
-        wanted.add(job)
-    return DeadLetterFilter(job_type or None, reason or None, None, None, frozenset(wanted))
-
-
-def _first(form: dict[str, list[str]], name: str) -> str | None:
-    values = form.get(name)
-    return values[0] if values else None
 
 
 def _int(value: str | None) -> int:
