@@ -39,7 +39,7 @@ JAEGER_URL := http://127.0.0.1:16686
 # Jaeger is built from source once (scripts/jaeger.sh: minutes on a fresh machine, then
 # cached): the build runs in the background while the brokers start, with a progress line
 # every 15 s, and Jaeger starts once it is built. DEMO_ARGS=--hold keeps everything running
-# after the summary (the Jaeger and dashboard URLs) until Ctrl-C.
+# after the summary (the Jaeger and dashboard URLs) until Enter.
 demo: venv ## the main job: brokers, ingress with /ui, 2 workers, Jaeger; jobs over HTTP; a retried job's trace
 	@mkdir -p .run && scripts/htmx.sh >/dev/null || echo "htmx not fetched (npm missing?): the dashboard works without live refresh"
 	@bash scripts/jaeger.sh >.run/jaeger-build.log 2>&1 & build=$$!; started=$$(date +%s); \

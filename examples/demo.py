@@ -6,7 +6,7 @@ shows their states live, cancels a long report while it runs, and ends with a su
 every job, the dead letter of the job that always fails, and, with `--jaeger`, the retried
 job's trace read back from Jaeger and drawn as a tree (`examples/trace_tree.py`), with its
 URL in Jaeger and the job's page in the dashboard. Stops every process it started (with
-`--hold`, only after Ctrl-C, so the URLs can be opened); exits 0 only if every job ended as
+`--hold`, only after Enter, so the URLs can be opened); exits 0 only if every job ended as
 expected (and, with `--jaeger`, its trace is complete). Needs Kafka and Redis (`make up`);
 with `--transport nats`, NATS instead of Kafka; with `--jaeger`, Jaeger (OTLP on
 `--otlp`).
@@ -301,12 +301,9 @@ async def _trace(console: Console, job: Submitted, jaeger: str, transport: str, 
 
 
 async def _hold(console: Console) -> None:
-    console.print("everything keeps running for the URLs above: press Ctrl-C to stop")
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    loop.add_signal_handler(signal.SIGINT, stop.set)
-    loop.add_signal_handler(signal.SIGTERM, stop.set)
-    await stop.wait()
+    """Until Enter (a Ctrl-C under make would stop make before its clean-up)."""
+    console.print("everything keeps running for the URLs above: press Enter to stop")
+    await asyncio.to_thread(sys.stdin.readline)  # returns at once without a terminal
 
 
 async def main(
@@ -379,7 +376,7 @@ def cli() -> int:
     parser.add_argument(
         "--otlp", default="http://127.0.0.1:4318", help="Jaeger's OTLP/HTTP endpoint"
     )
-    parser.add_argument("--hold", action="store_true", help="Keep running until Ctrl-C.")
+    parser.add_argument("--hold", action="store_true", help="Keep running until Enter.")
     args = parser.parse_args()
     transport, jaeger = args.transport, args.jaeger
     console = Console()
