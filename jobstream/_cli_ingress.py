@@ -78,7 +78,8 @@ def register(app: typer.Typer) -> None:
             bool, typer.Option("--openapi", help="Print the OpenAPI document and exit.")
         ] = False,
     ) -> None:
-        """Serve the HTTP API: submit jobs, query their status, cancel them."""
+        """Serve the HTTP API: submit jobs, query their status, cancel them; and the
+        on-call dashboard at /ui (ui.enabled)."""
         settings = _settings(**{"ingress.host": host, "ingress.port": port})
         import_job_modules(settings)
         if openapi:
