@@ -250,6 +250,8 @@ async def test_dead_letter_found_dry_run_then_replayed_and_succeeds(
         await page.click("#dead-letter-link")
         rows = page.locator("table.dead-letters tr")
         assert await rows.count() == 2  # the header and this job's dead letter
+        assert "<script>" in await rows.nth(1).inner_text()  # its error, as text
+        await assert_inert(page)
         await shot(page, f"dead-letters-{transport}")
         await rows.nth(1).locator("a").first.click()
         assert XSS in await page.inner_text("#body")
