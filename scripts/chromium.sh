@@ -30,6 +30,12 @@ if [[ -n "${CHROMIUM:-}" ]]; then
     exit 0
 fi
 
+if [[ ! -x "$binary" && -x /usr/lib/chromium/chromium ]]; then
+    # Installed system-wide already (apt-get install chromium): use it as it is.
+    [[ "${1:-}" == "--library-path" ]] && { echo ""; exit 0; }
+    echo /usr/lib/chromium/chromium
+    exit 0
+fi
 if [[ ! -x "$binary" ]]; then
     command -v apt-get >/dev/null || { echo "chromium is missing and apt-get is not here: set CHROMIUM=/path/to/chromium" >&2; exit 1; }
     echo "unpacking Debian's chromium and its libraries into .cache/chromium (once)" >&2
@@ -41,6 +47,7 @@ if [[ ! -x "$binary" ]]; then
         apt-get update -qq >&2 || { echo "no package lists: run apt-get update as root once" >&2; exit 1; }
         packages=$(apt-get install -s -qq --no-install-recommends chromium | awk '/^Inst /{print $2}')
     fi
+    [[ -n "$packages" ]] || { echo "apt-get finds no chromium package to fetch" >&2; exit 1; }
     # shellcheck disable=SC2086  # one word per package
     (cd "$root/debs" && apt-get download -qq $packages >&2)
     rm -rf "$root/root.partial" && mkdir -p "$root/root.partial"
