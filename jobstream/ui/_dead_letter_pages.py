@@ -50,7 +50,7 @@ class DeadLetterPages:
         shown = list(reversed(records))[:limit]  # the newest first
         by_destination: dict[str, list[DeadLetterRecord]] = {}
         for record in shown:
-            by_destination.setdefault(record.stream or record.topic, []).append(record)
+            by_destination.setdefault(record.topic, []).append(record)  # NATS: the subject
         return self.dash.render(
             request,
             "dead_letters.html",
