@@ -9,7 +9,7 @@ PYTEST_ARGS ?=
 PACKAGES := schemas producer consumer jobstream
 
 .DEFAULT_GOAL := help
-.PHONY: chaos openapi openapi-check helm demo fmt-check schemas help venv up down status test test-unit check fmt lint types imports schemas-check bench lock clean
+.PHONY: chaos openapi openapi-check helm htmx chromium demo fmt-check schemas help venv up down status test test-unit check fmt lint types imports schemas-check bench lock clean
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-14s %s\n", $$1, $$2}'
@@ -34,15 +34,35 @@ status: venv ## say which local services run
 	@$(BIN)/python scripts/services.py status
 
 DEMO_TRANSPORT ?= kafka
-demo: venv ## the main job: brokers, ingress and 2 workers; submit jobs over HTTP; show what happened
-	@$(MAKE) --no-print-directory up SERVICES="$(DEMO_TRANSPORT) redis"
-	@status=0; $(BIN)/python -m examples.demo --transport $(DEMO_TRANSPORT) || status=$$?; \
+DEMO_ARGS ?=
+JAEGER_URL := http://127.0.0.1:16686
+# Jaeger is built from source once (scripts/jaeger.sh: minutes on a fresh machine, then
+# cached): the build runs in the background while the brokers start, with a progress line
+# every 15 s, and Jaeger starts once it is built. DEMO_ARGS=--hold keeps everything running
+# after the summary (the Jaeger and dashboard URLs) until Enter.
+demo: venv ## the main job: brokers, ingress with /ui, 2 workers, Jaeger; jobs over HTTP; a retried job's trace
+	@mkdir -p .run && scripts/htmx.sh >/dev/null || echo "htmx not fetched (npm missing?): the dashboard works without live refresh"
+	@bash scripts/jaeger.sh >.run/jaeger-build.log 2>&1 & build=$$!; started=$$(date +%s); \
+	  $(MAKE) --no-print-directory up SERVICES="$(DEMO_TRANSPORT) redis" || { kill $$build 2>/dev/null; exit 1; }; \
+	  while kill -0 $$build 2>/dev/null; do \
+	    echo "building Jaeger from source (once; 6-7 minutes on a fresh machine): $$(( $$(date +%s) - started ))s so far, log in .run/jaeger-build.log"; \
+	    for _ in $$(seq 15); do kill -0 $$build 2>/dev/null || break; sleep 1; done; \
+	  done; \
+	  wait $$build || { tail -n 20 .run/jaeger-build.log; echo "error: the Jaeger build failed (above)"; $(MAKE) --no-print-directory down >/dev/null; exit 1; }
+	@$(MAKE) --no-print-directory up SERVICES=jaeger || { $(MAKE) --no-print-directory down >/dev/null; exit 1; }
+	@status=0; $(BIN)/python -m examples.demo --transport $(DEMO_TRANSPORT) --jaeger $(JAEGER_URL) $(DEMO_ARGS) || status=$$?; \
 	  $(MAKE) --no-print-directory down >/dev/null; exit $$status
+
+htmx: ## fetch the pinned htmx file the dashboard serves into .cache/htmx (npm, once)
+	@scripts/htmx.sh
+
+chromium: ## unpack Debian's chromium for the browser tests into .cache/chromium (once)
+	@scripts/chromium.sh
 
 helm: ## build helm once into .cache/bin (for the chart tests)
 	@scripts/helm.sh >/dev/null
 
-test: up helm ## the whole suite: unit and integration tests against the real brokers
+test: up helm htmx chromium ## the whole suite: unit, integration and browser tests against the real services
 	@$(BIN)/pytest $(PYTEST_ARGS)
 
 test-unit: venv helm ## unit tests only (no brokers)

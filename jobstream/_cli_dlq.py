@@ -15,11 +15,11 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from consumer import Settings, backend_for
-from consumer.core import DeadLetterFilter, DeadLetterRecord, ReplayResult, unescape
+from consumer import Settings
+from consumer.core import DeadLetterFilter, DeadLetterRecord, ReplayResult
 from consumer.telemetry import configure
+from jobstream import _dlq
 from jobstream._config import fail, import_job_modules, load_settings, run
-from schemas import default_registry
 
 TypeOption = Annotated[str | None, typer.Option("--type", help="Only this job type.")]
 ReasonOption = Annotated[
@@ -60,10 +60,10 @@ def _topics(settings: Settings, topics: list[str] | None) -> list[str]:
     if topics:
         return topics
     import_job_modules(settings)
-    types = default_registry.job_types()
-    if not types:
+    destinations = _dlq.default_destinations(settings)
+    if not destinations:
         raise fail("no job types registered: set JOBSTREAM_JOB_MODULES or pass --topic", 2)
-    return backend_for(settings.transport).dead_letter_destinations(settings, types)
+    return destinations
 
 
 def _filter(
@@ -88,7 +88,7 @@ def _settings() -> Settings:
 async def _list(
     settings: Settings, topics: list[str], where: DeadLetterFilter
 ) -> list[DeadLetterRecord]:
-    return await backend_for(settings.transport).find_dead_letters(settings, topics, where)
+    return await _dlq.find(settings, topics, where)
 
 
 async def _replay(
@@ -99,8 +99,7 @@ async def _replay(
     dry_run: bool,
     rate: float,
 ) -> list[ReplayResult]:
-    backend = backend_for(settings.transport)
-    return await backend.replay(settings, records, force=force, dry_run=dry_run, rate_per_s=rate)
+    return await _dlq.replay(settings, records, force=force, dry_run=dry_run, rate=rate)
 
 
 def register(app: typer.Typer) -> None:
@@ -158,7 +157,7 @@ def register(app: typer.Typer) -> None:
         if not found:
             raise fail(f"no dead letter {dead_letter!r} in {', '.join(topics)}")
         for record in found:
-            typer.echo(json.dumps(_full(record), indent=2))
+            typer.echo(json.dumps(_dlq.full(record), indent=2))
 
     @dlq.command("replay")
     def replay_(
@@ -198,14 +197,3 @@ def register(app: typer.Typer) -> None:
             typer.echo(json.dumps({"id": dead_letter_id, "status": status, "to": destination}))
         if not results:
             typer.echo("no dead letters matched", err=True)
-
-
-def _full(record: DeadLetterRecord) -> dict[str, object]:
-    try:
-        body: object = json.loads(record.value)
-    except ValueError:
-        body = record.value.decode("utf-8", errors="replace")
-    headers = {name: value.decode("utf-8", errors="replace") for name, value in record.headers}
-    key = record.key.decode("utf-8", errors="replace") if record.key else None
-    trace = unescape(record.ext("jobtraceback") or "")
-    return {**record.summary(), "traceback": trace, "headers": headers, "key": key, "body": body}

@@ -1,4 +1,5 @@
-"""`jobstream ingress` (the HTTP API) and `jobstream jobs status|cancel ID`."""
+"""`jobstream ingress` (the HTTP API, with the dashboard at `/ui`), `jobstream ui` (the
+dashboard alone) and `jobstream jobs status|cancel ID`."""
 
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ from consumer.stores import MemoryStatusStore, StatusStore, cancel_job, open_sta
 from consumer.telemetry import configure, configure_logging
 from jobstream._config import USAGE, fail, import_job_modules, load_settings, run
 from jobstream._ingress import connect_early, create_app
+from jobstream.ui import create_ui_app
 
 
 def _settings(**flags: object) -> Settings:
@@ -34,13 +36,17 @@ async def _with_status(settings: Settings) -> StatusStore:
     return store
 
 
-async def _serve(settings: Settings) -> None:
+async def _serve(settings: Settings, *, dashboard_only: bool = False) -> None:
     """Serve until SIGTERM/SIGINT, then shut down gracefully and return (exit 0)."""
-    telemetry = configure("jobstream-ingress")  # OTEL_* decide; off costs nothing
+    service = "jobstream-ui" if dashboard_only else "jobstream-ingress"
+    telemetry = configure(service)  # OTEL_* decide; off costs nothing
     status = await _with_status(settings)  # one event loop for the store and the server
     try:
-        web = create_app(settings, status)
-        await connect_early(web)  # a spool owned by another process: one line, exit 1
+        if dashboard_only:
+            web = create_ui_app(settings, status)
+        else:
+            web = create_app(settings, status)
+            await connect_early(web)  # a spool owned by another process: one line, exit 1
         config = uvicorn.Config(
             web,
             host=settings.ingress.host,
@@ -72,7 +78,8 @@ def register(app: typer.Typer) -> None:
             bool, typer.Option("--openapi", help="Print the OpenAPI document and exit.")
         ] = False,
     ) -> None:
-        """Serve the HTTP API: submit jobs, query their status, cancel them."""
+        """Serve the HTTP API: submit jobs, query their status, cancel them; and the
+        on-call dashboard at /ui (ui.enabled)."""
         settings = _settings(**{"ingress.host": host, "ingress.port": port})
         import_job_modules(settings)
         if openapi:
@@ -81,6 +88,22 @@ def register(app: typer.Typer) -> None:
             return
         configure_logging(settings.logging)
         run(lambda: _serve(settings))
+
+    @app.command("ui")
+    def ui(
+        host: Annotated[
+            str | None, typer.Option(help="Bind address \\[env: JOBSTREAM_INGRESS__HOST].")
+        ] = None,
+        port: Annotated[
+            int | None, typer.Option(help="Port \\[env: JOBSTREAM_INGRESS__PORT].")
+        ] = None,
+    ) -> None:
+        """Serve the on-call dashboard alone at /ui (jobs, dead letters, live view), without
+        the job API. It signs in with ingress.auth_token; ui.read_only turns actions off."""
+        settings = _settings(**{"ingress.host": host, "ingress.port": port})
+        import_job_modules(settings)
+        configure_logging(settings.logging)
+        run(lambda: _serve(settings, dashboard_only=True))
 
     jobs = typer.Typer(help="One job: its status, or cancel it.")
     app.add_typer(jobs, name="jobs")

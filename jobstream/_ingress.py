@@ -9,6 +9,7 @@ GET  /v1/jobs/{id}                       the job's status (pending, scheduled, r
 POST /v1/jobs/{id}/cancel                ask for cancellation, 202 {job_id, state}
 GET  /livez, /readyz                     probes (ready: the broker takes publishes)
 GET  /openapi.json, /docs                the API, one request body schema per job type
+GET  /ui                                 the on-call dashboard (`jobstream.ui`; `ui.enabled`)
 ```
 
 A 202 means the broker acknowledged the job (or, with `spooled: true`, that the producer's
@@ -45,6 +46,7 @@ from jobstream._ingress_keys import publish_bound_s
 from jobstream._ingress_publish import ProducerHandle
 from jobstream._ingress_submit import Submissions, read_body
 from jobstream._job_options import JobOptions, parse_job_options
+from jobstream.ui import mount
 from producer import BrokerUnavailable
 from schemas import (
     JobRegistry,
@@ -209,6 +211,8 @@ def create_app(
     )
     app.add_api_route("/livez", ingress.livez, include_in_schema=False)
     app.add_api_route("/readyz", ingress.readyz, include_in_schema=False)
+    if settings.ui.enabled:
+        mount(app, settings, status)
     app.openapi = lambda: ingress.openapi(app)  # type: ignore[method-assign]
     return app
 

@@ -193,6 +193,7 @@ class Submissions:
                 created_at=now,
                 trace_id=trace_id_now(),
                 not_before=not_before,
+                key=key,
             )
         except Exception:  # status is an observation: the job is published all the same
             log.warning("could not record job %s as %s", job_id, waiting.value, exc_info=True)

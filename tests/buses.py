@@ -29,7 +29,7 @@ from consumer import Settings
 from consumer.core import DeadLetterFilter, DeadLetterRecord, Features
 from consumer.memory import BACKEND as MEMORY
 from consumer.memory import TestApp
-from jobstream._cli_dlq import _full
+from jobstream._dlq import full
 from schemas import Job, encode, to_kafka
 from tests.apps.recorder import WORKER_ID, app
 from tests.support import ROOT, start_ready_workers, stop_worker, worker_env
@@ -273,7 +273,7 @@ class MemoryBus:
         if command == "show":
             wanted = rest[0]
             found = [r for r in records if wanted in (r.id, r.job_id)]
-            return "".join(json.dumps(_full(r), indent=2) + "\n" for r in found)
+            return "".join(json.dumps(full(r), indent=2) + "\n" for r in found)
         assert command == "replay", command
         job_type = rest[rest.index("--type") + 1]
         chosen = [r for r in records if r.job_type == job_type]

@@ -35,6 +35,7 @@ from consumer.core._failures import (
     error_text,
     failure_details,
     first_failure_stamp,
+    traceback_text,
     unescape,
     utc_now,
 )
@@ -109,6 +110,7 @@ __all__ = [
     "reduced_dead_letter",
     "remaining_s",
     "replay_headers",
+    "traceback_text",
     "unescape",
     "utc_now",
 ]

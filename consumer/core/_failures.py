@@ -56,6 +56,7 @@ __all__ = [
     "failure_details",
     "first_failure_stamp",
     "qualified_name",
+    "traceback_text",
     "unescape",
     "utc_now",
 ]
@@ -180,6 +181,12 @@ def _first_failure(run: JobRun) -> datetime | None:
         return moment.astimezone(UTC)
     except (ValueError, OverflowError):
         return None
+
+
+def traceback_text(error: BaseException) -> str:
+    """The last `MAX_TRACEBACK_BYTES` of the formatted traceback, line breaks kept (the
+    status store's attempt history; never raises)."""
+    return unescape(_traceback(error))
 
 
 def _traceback(error: BaseException) -> str:

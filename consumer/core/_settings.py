@@ -368,6 +368,28 @@ class IngressSettings(_Frozen):
     """When set, every `/v1` request needs `Authorization: Bearer <token>`."""
 
 
+class UiSettings(_Frozen):
+    """The on-call dashboard at `/ui` (docs/dashboard.md), served by the ingress and by
+    `jobstream ui`. It signs in with `ingress.auth_token` when that is set."""
+
+    enabled: bool = True
+    """Serve `/ui` from `jobstream ingress` (`jobstream ui` serves it regardless)."""
+    read_only: bool = False
+    """Hide the cancel and replay actions and refuse them (403): a dashboard to look, not
+    to act."""
+    jaeger_url: str | None = None
+    """Base URL of the Jaeger UI (e.g. `http://127.0.0.1:16686`): a job's page links to
+    `<jaeger_url>/trace/<trace id>`. None: the trace id is shown without a link."""
+    page_size: int = Field(default=50, ge=1, le=500)
+    """Jobs per page of the job list."""
+    max_dead_letters: int = Field(default=200, ge=1, le=5000)
+    """Most dead letters a page lists and a filtered replay takes (the newest)."""
+    htmx_file: str | None = None
+    """The htmx file served at `/ui/static/htmx.min.js` (never a CDN). Default:
+    `.cache/htmx/htmx-2.0.11.min.js`, as `make htmx` (`scripts/htmx.sh`) puts it; without
+    it the pages work but do not refresh by themselves."""
+
+
 class HealthSettings(_Frozen):
     """The liveness / readiness HTTP endpoint."""
 
@@ -437,6 +459,7 @@ class Settings(ProducerSettings):
     """NATS JetStream consumption (`JOBSTREAM_JETSTREAM__*`)."""
     status: StatusSettings = Field(default_factory=StatusSettings)
     ingress: IngressSettings = Field(default_factory=IngressSettings)
+    ui: UiSettings = Field(default_factory=UiSettings)
     health: HealthSettings = Field(default_factory=HealthSettings)
     logging: LoggingSettings = Field(default_factory=LoggingSettings)
     telemetry: TelemetrySettings = Field(default_factory=TelemetrySettings)

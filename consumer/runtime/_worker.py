@@ -63,6 +63,7 @@ from consumer.runtime._cron import CronScheduler, TickPublisher
 from consumer.runtime._cut_offs import CutOffs, Running
 from consumer.runtime._lanes import LaneScheduler, lane_for
 from consumer.runtime._progress import Overruns, Progress
+from consumer.runtime._report import report_worker
 from consumer.runtime._scheduled import record_scheduled
 from consumer.steps import (
     AbandonedRun,
@@ -212,7 +213,7 @@ class Worker:
                 IdempotencyStep(
                     store, self.settings.idempotency, self.owner, cut_off=self._claim_lost
                 ),
-                *([StatusStep(self._status)] if self._status is not None else []),
+                *([StatusStep(self._status, self.owner)] if self._status is not None else []),
                 FailureStep(self._router, self.settings.retry),
                 *([cancellation] if cancellation is not None else []),
                 TimeoutStep(worker.job_timeout_s),
@@ -232,6 +233,20 @@ class Worker:
         if self.metrics is not None and isinstance(self.source, ReportsBacklog):
             background.append(
                 asyncio.create_task(self.metrics.refresh(self.source, self._stopping))
+            )
+        if self._status is not None:
+            identity = (self.owner, worker.group, self.settings.transport)
+            background.append(
+                asyncio.create_task(
+                    report_worker(
+                        self._status,
+                        identity,
+                        self.source,
+                        lambda: self._admitted,
+                        self.settings.retry,
+                        self._stopping,
+                    )
+                )
             )
         deferrals = getattr(self.source, "deferrals", None)
         if self._status is not None and isinstance(deferrals, Deferrals):

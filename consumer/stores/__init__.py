@@ -10,25 +10,29 @@ from consumer.stores._idempotency import (
     MemoryIdempotencyStore,
 )
 from consumer.stores._keys import KeyBinding, KeyReservation, KeyState
-from consumer.stores._open import open_status, open_store
+from consumer.stores._open import open_status, open_status_store, open_store
 from consumer.stores._status import (
     FINAL_STATES,
     WAITING_STATES,
+    Attempt,
     JobState,
     JobStatus,
     MemoryStatusStore,
     StatusStore,
     cancel_job,
-    open_status_store,
     trace_id_now,
 )
+from consumer.stores._status_query import JobPage, JobQuery, PartitionBacklog, WorkerReport
 
 __all__ = [
     "FINAL_STATES",
     "HOLD_LEASES",
     "WAITING_STATES",
+    "Attempt",
     "ClaimState",
     "IdempotencyStore",
+    "JobPage",
+    "JobQuery",
     "JobState",
     "JobStatus",
     "KeyBinding",
@@ -36,7 +40,9 @@ __all__ = [
     "KeyState",
     "MemoryIdempotencyStore",
     "MemoryStatusStore",
+    "PartitionBacklog",
     "StatusStore",
+    "WorkerReport",
     "cancel_job",
     "open_status",
     "open_status_store",

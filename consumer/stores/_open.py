@@ -9,7 +9,8 @@ from __future__ import annotations
 
 from consumer.core import IdempotencySettings, Settings
 from consumer.stores._idempotency import IdempotencyStore, MemoryIdempotencyStore
-from consumer.stores._status import StatusStore, open_status_store
+from consumer.stores._status import MemoryStatusStore, StatusStore
+from consumer.stores._status_redis import RedisStatusStore
 
 
 async def open_store(settings: IdempotencySettings) -> IdempotencyStore:
@@ -28,6 +29,16 @@ async def open_store(settings: IdempotencySettings) -> IdempotencyStore:
         return await PostgresIdempotencyStore.connect(url, settings.namespace)
     msg = f"idempotency backend {settings.backend!r} is opened by its broker backend"
     raise ValueError(msg)
+
+
+async def open_status_store(
+    backend: str, url: str | None, namespace: str, retention_s: float
+) -> StatusStore | None:
+    if backend == "none":
+        return None
+    if backend == "memory":
+        return MemoryStatusStore()
+    return await RedisStatusStore.connect(url or "", namespace, retention_s)
 
 
 async def open_status(settings: Settings) -> StatusStore | None:

@@ -21,6 +21,11 @@ store stays bounded). Status is an observation, written after the fact: the brok
 dead-letter topic remain the source of truth, and a status write that fails is logged,
 never allowed to fail or block the job.
 
+Each status keeps the history of its last `HISTORY_MAX` attempts (start and end, worker,
+outcome, error, traceback), and an index of job ids by their last change lets the
+dashboard list jobs (`_status_query.py`: every answer bounded). Workers' reports (lag, in
+flight) live here too, each expiring on its own.
+
 Cancellation requests live in the same store (`cancel:<job id>`), so a request made before
 the job arrives is seen when it does. So do the ingress's `Idempotency-Key` bindings
 (`idemkey:<name>`, the state machine of `_keys.py`), expiring `retention_s` after their last
@@ -31,15 +36,14 @@ from __future__ import annotations
 
 import enum
 import logging
-from collections.abc import Awaitable, Callable, Iterable, Sequence
+import time
+from collections.abc import Iterable
 from datetime import UTC, datetime
-from typing import Any, Protocol, TypeVar, cast
+from typing import Any, Protocol
 
-import redis.asyncio as redis
 from opentelemetry import trace
 from pydantic import BaseModel, ConfigDict
 
-from consumer.stores._batching import MicroBatch
 from consumer.stores._keys import (
     KeyBinding,
     KeyReservation,
@@ -47,20 +51,21 @@ from consumer.stores._keys import (
     reserve_binding,
     settle_binding,
 )
+from consumer.stores._status_query import (
+    INDEX_MAX,
+    WORKER_REPORT_TTL_S,
+    WORKERS_MAX,
+    JobPage,
+    JobQuery,
+    WorkerReport,
+    scan,
+)
 
 log = logging.getLogger("jobstream.status")
 
-T = TypeVar("T")
-
-_WATCH_ATTEMPTS = 100
-WRITE_TIMEOUT_S = 2.0
-"""The most a status write may take (a batch of them, in the Redis store): status is an
-observation, and a job never waits longer for it."""
-"""Most times one status or key update is computed again after losing a WATCH race."""
-
 
 class WatchConflict(RuntimeError):
-    """A Redis key kept changing under every attempt to update it (`_WATCH_ATTEMPTS`)."""
+    """A Redis key kept changing under every attempt to update it (`_status_redis.py`)."""
 
 
 class JobState(enum.StrEnum):
@@ -82,6 +87,28 @@ WAITING_STATES = frozenset({JobState.PENDING, JobState.SCHEDULED})
 cancellation settles them at once."""
 
 
+HISTORY_MAX = 20
+"""Most attempts a status keeps in its history (the last ones)."""
+RECENT_MAX = 5_000
+"""Most changes `recent` reads (the live view's outcomes per minute)."""
+
+
+class Attempt(BaseModel):
+    """One attempt of a job, as the worker that ran it recorded it."""
+
+    model_config = ConfigDict(frozen=True)
+
+    attempt: int
+    started_at: datetime | None = None
+    ended_at: datetime | None = None
+    worker: str | None = None
+    outcome: JobState | None = None
+    """The state it left the job in; None while it runs (or if its worker died)."""
+    error: str | None = None
+    traceback: str | None = None
+    """The last 4,000 bytes of the formatted traceback (`consumer.core.traceback_text`)."""
+
+
 class JobStatus(BaseModel):
     """One job's state, as `GET /v1/jobs/{id}` and `jobstream jobs status` show it."""
 
@@ -98,6 +125,10 @@ class JobStatus(BaseModel):
     trace_id: str | None = None
     not_before: datetime | None = None
     """When the job was due to start (a delayed job); None: at once."""
+    key: str | None = None
+    """The ordering key it was published with."""
+    history: tuple[Attempt, ...] = ()
+    """Its last `HISTORY_MAX` attempts, oldest first."""
 
 
 class StatusStore(Protocol):
@@ -117,13 +148,49 @@ class StatusStore(Protocol):
         """Settle the reservation `holder` of binding `name` as `published` or `failed`
         (`_keys.settle_binding`)."""
 
+    async def list_jobs(self, query: JobQuery) -> JobPage:
+        """A bounded page of jobs, newest change first (`_status_query.scan`)."""
+
+    async def recent(self, since: datetime) -> list[JobStatus]:
+        """The jobs changed since `since`, at most `RECENT_MAX` (the newest)."""
+
+    async def report_worker(self, report: WorkerReport) -> None:
+        """Store a worker's report, expiring `WORKER_REPORT_TTL_S` after now."""
+
+    async def workers(self) -> list[WorkerReport]:
+        """The reports of the workers that reported lately (at most `WORKERS_MAX`)."""
+
     async def close(self) -> None: ...
+
+
+def _history(previous: tuple[Attempt, ...], entry: Attempt) -> tuple[Attempt, ...]:
+    """`previous` with `entry`, in the order they happened; the last `HISTORY_MAX` kept. A
+    start is a new row (a replay starts again at attempt 1, a redelivery repeats its
+    number: both are history); an end completes the last row of its attempt number that
+    has not ended (its non-None fields win), or is a row of its own."""
+    rows = list(previous)
+    if entry.started_at is None:
+        for index in range(len(rows) - 1, -1, -1):
+            row = rows[index]
+            if row.attempt == entry.attempt and row.outcome is None:
+                changes = {k: v for k, v in entry.model_dump().items() if v is not None}
+                rows[index] = row.model_copy(update=changes)
+                return tuple(rows[-HISTORY_MAX:])
+    rows.append(entry)
+    return tuple(rows[-HISTORY_MAX:])
 
 
 def _merge(
     previous: JobStatus | None, job_id: str, state: JobState, fields: dict[str, Any]
 ) -> JobStatus:
-    base = previous.model_dump() if previous is not None else {"job_id": job_id}
+    fields = dict(fields)  # a WATCH retry computes the change again from the same fields
+    entry = fields.pop("history_entry", None)
+    base: dict[str, Any] = previous.model_dump() if previous is not None else {"job_id": job_id}
+    if isinstance(entry, Attempt):
+        # An attempt's end is history even when the state keeps an earlier final state.
+        base["history"] = _history(previous.history if previous else (), entry)
+        if previous is not None and previous.state in FINAL_STATES and state not in FINAL_STATES:
+            return JobStatus.model_validate(base)
     if previous is not None and state in WAITING_STATES:
         # `pending` and `scheduled` are written by the ingress after its publish returned;
         # a fast worker may have started (or finished) the job by then, or a cancel come
@@ -148,14 +215,44 @@ class MemoryStatusStore:
         self._jobs: dict[str, JobStatus] = {}
         self._cancel: set[str] = set()
         self._keys: dict[str, KeyBinding] = {}
+        self._workers: dict[str, tuple[float, WorkerReport]] = {}
 
     async def get(self, job_id: str) -> JobStatus | None:
         return self._jobs.get(job_id)
 
     async def record(self, job_id: str, state: JobState, **fields: Any) -> JobStatus:
-        status = _merge(self._jobs.get(job_id), job_id, state, fields)
-        self._jobs[job_id] = status
+        status = _merge(self._jobs.pop(job_id, None), job_id, state, fields)
+        self._jobs[job_id] = status  # insertion order: the last change last
+        while len(self._jobs) > INDEX_MAX:
+            del self._jobs[next(iter(self._jobs))]
         return status
+
+    async def list_jobs(self, query: JobQuery) -> JobPage:
+        async def read(start: int, count: int) -> list[JobStatus | None]:
+            newest = list(reversed(self._jobs.values()))
+            return list(newest[start : start + count])
+
+        return await scan(read, query)
+
+    async def recent(self, since: datetime) -> list[JobStatus]:
+        found: list[JobStatus] = []
+        for status in reversed(self._jobs.values()):
+            if status.updated_at < since or len(found) == RECENT_MAX:
+                break
+            found.append(status)
+        return found
+
+    async def report_worker(self, report: WorkerReport) -> None:
+        now = time.monotonic()
+        self._workers[report.worker] = (now + WORKER_REPORT_TTL_S, report)
+        for name, (expires, _) in list(self._workers.items()):
+            if expires < now:
+                del self._workers[name]
+
+    async def workers(self) -> list[WorkerReport]:
+        now = time.monotonic()
+        live = [report for expires, report in self._workers.values() if expires >= now]
+        return sorted(live, key=lambda report: report.worker)[:WORKERS_MAX]
 
     async def request_cancel(self, job_id: str) -> None:
         self._cancel.add(job_id)
@@ -181,151 +278,6 @@ class MemoryStatusStore:
         return None
 
 
-class RedisStatusStore:
-    """One JSON value per job (`<ns>:status:<id>`), expiring `retention_s` after its last
-    change. Transitions are read-modify-write under WATCH, so concurrent writers (two
-    workers during a rebalance, the ingress) never lose a final state."""
-
-    def __init__(self, client: redis.Redis, namespace: str, retention_s: float) -> None:
-        self._client = client
-        self._ns = namespace
-        self._ttl_ms = max(1, int(retention_s * 1000))
-        self._records: MicroBatch[tuple[str, JobState, dict[str, Any]], JobStatus] = MicroBatch(
-            self._record_batch, timeout_s=WRITE_TIMEOUT_S
-        )
-        self._cancel_checks: MicroBatch[tuple[str, ...], set[str]] = MicroBatch(
-            self._cancelled_batch
-        )
-
-    @classmethod
-    async def connect(cls, url: str, namespace: str, retention_s: float) -> RedisStatusStore:
-        client = redis.Redis.from_url(
-            url, decode_responses=True, socket_connect_timeout=5, socket_timeout=5
-        )
-        await cast("Awaitable[Any]", client.ping())
-        return cls(client, namespace, retention_s)
-
-    def _key(self, kind: str, name: str) -> str:
-        return f"{self._ns}:{kind}:{name}"
-
-    async def get(self, job_id: str) -> JobStatus | None:
-        raw = await self._client.get(self._key("status", job_id))
-        return JobStatus.model_validate_json(raw) if raw else None
-
-    async def record(self, job_id: str, state: JobState, **fields: Any) -> JobStatus:
-        return await self._records((job_id, state, fields))
-
-    async def _record_batch(
-        self, records: Sequence[tuple[str, JobState, dict[str, Any]]]
-    ) -> list[JobStatus | Exception]:
-        """The transitions recorded in one turn of the loop, as one transaction: WATCH
-        their keys, read them with one MGET, merge each in order, write them all in one
-        MULTI/EXEC. A batch that lost a race is computed again, as `_transact` does."""
-        keys = list(dict.fromkeys(self._key("status", job_id) for job_id, _, _ in records))
-        async with self._client.pipeline(transaction=True) as pipe:
-            for _ in range(_WATCH_ATTEMPTS):
-                try:
-                    await pipe.watch(*keys)
-                    found = dict(zip(keys, await pipe.mget(keys), strict=True))
-                    answers, changed = self._merged(records, found)
-                    pipe.multi()  # type: ignore[no-untyped-call]
-                    for key, status in changed.items():
-                        pipe.set(key, status.model_dump_json(), px=self._ttl_ms)
-                    await pipe.execute()
-                    return answers
-                except redis.WatchError:
-                    continue
-        msg = f"{len(keys)} job statuses kept changing under {_WATCH_ATTEMPTS} attempts"
-        raise WatchConflict(msg)
-
-    def _merged(
-        self, records: Sequence[tuple[str, JobState, dict[str, Any]]], found: dict[str, Any]
-    ) -> tuple[list[JobStatus | Exception], dict[str, JobStatus]]:
-        """Each record merged onto what is stored (or onto the batch's earlier record of
-        the same job); a stored value that cannot be read fails its records only."""
-        current: dict[str, JobStatus | None] = {}
-        broken: dict[str, Exception] = {}
-        for key, raw in found.items():
-            try:
-                current[key] = JobStatus.model_validate_json(raw) if raw else None
-            except ValueError as error:
-                broken[key] = error
-        answers: list[JobStatus | Exception] = []
-        for job_id, state, fields in records:
-            key = self._key("status", job_id)
-            if key in broken:
-                answers.append(broken[key])
-                continue
-            current[key] = status = _merge(current[key], job_id, state, fields)
-            answers.append(status)
-        return answers, {k: v for k, v in current.items() if v is not None}
-
-    async def _transact(self, key: str, change: Callable[[str | None], tuple[str | None, T]]) -> T:
-        """Read `key`, compute `change(value)` -> (new value or None to keep it, result),
-        and write it back under WATCH, so concurrent writers (workers, ingress replicas)
-        never lose each other's change. A write that lost a race is computed again, at
-        most `_WATCH_ATTEMPTS` times: then `WatchConflict` (every loop is bounded)."""
-        async with self._client.pipeline(transaction=True) as pipe:
-            for _ in range(_WATCH_ATTEMPTS):
-                try:
-                    await pipe.watch(key)
-                    value, result = change(await pipe.get(key))
-                    if value is None:
-                        await pipe.unwatch()  # type: ignore[no-untyped-call]
-                        return result
-                    pipe.multi()  # type: ignore[no-untyped-call]
-                    pipe.set(key, value, px=self._ttl_ms)
-                    await pipe.execute()
-                    return result
-                except redis.WatchError:
-                    continue
-        msg = f"{key} kept changing under {_WATCH_ATTEMPTS} attempts to update it"
-        raise WatchConflict(msg)
-
-    async def request_cancel(self, job_id: str) -> None:
-        await self._client.set(self._key("cancel", job_id), "1", px=self._ttl_ms)
-
-    async def cancelled(self, job_ids: Iterable[str]) -> set[str]:
-        ids = tuple(job_ids)
-        return await self._cancel_checks(ids) if ids else set()
-
-    async def _cancelled_batch(self, checks: Sequence[tuple[str, ...]]) -> list[set[str]]:
-        """The cancellation checks of one turn (each job's, before it starts) as one MGET."""
-        ids = list(dict.fromkeys(job_id for check in checks for job_id in check))
-        flags = await self._client.mget([self._key("cancel", job_id) for job_id in ids])
-        found = {job_id for job_id, flag in zip(ids, flags, strict=True) if flag}
-        return [found.intersection(check) for check in checks]
-
-    async def reserve_key(
-        self, name: str, job_id: str, fingerprint: str, lease_s: float
-    ) -> KeyReservation:
-        """Apply `reserve_binding` under WATCH: two replicas reserving one key at once
-        cannot both hold it."""
-
-        def change(raw: str | None) -> tuple[str | None, KeyReservation]:
-            current = KeyBinding.model_validate_json(raw) if raw else None
-            reservation = reserve_binding(current, job_id, fingerprint, lease_s)
-            value = reservation.binding.model_dump_json() if reservation.held else None
-            return value, reservation
-
-        return await self._transact(self._key("idemkey", name), change)
-
-    async def settle_key(
-        self, name: str, holder: str, state: KeyState, *, spooled: bool = False
-    ) -> None:
-        def change(raw: str | None) -> tuple[str | None, None]:
-            current = KeyBinding.model_validate_json(raw) if raw else None
-            settled = settle_binding(current, holder, state, spooled=spooled)
-            return (settled.model_dump_json() if settled is not None else None), None
-
-        await self._transact(self._key("idemkey", name), change)
-
-    async def close(self) -> None:
-        await self._records.close()
-        await self._cancel_checks.close()
-        await self._client.aclose()
-
-
 async def cancel_job(store: StatusStore, job_id: str) -> tuple[bool, JobStatus]:
     """Ask for `job_id` to be cancelled (`POST /v1/jobs/{id}/cancel`, `jobstream jobs
     cancel`). Returns (False, its status) if it already ended; else (True, its status):
@@ -339,16 +291,6 @@ async def cancel_job(store: StatusStore, job_id: str) -> tuple[bool, JobStatus]:
     if current is None or current.state in WAITING_STATES:
         current = await store.record(job_id, JobState.CANCELLED)
     return True, current
-
-
-async def open_status_store(
-    backend: str, url: str | None, namespace: str, retention_s: float
-) -> StatusStore | None:
-    if backend == "none":
-        return None
-    if backend == "memory":
-        return MemoryStatusStore()
-    return await RedisStatusStore.connect(url or "", namespace, retention_s)
 
 
 def trace_id_now() -> str | None:

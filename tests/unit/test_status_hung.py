@@ -15,7 +15,7 @@ import redis.asyncio as redis
 from consumer.core import Delivery, JobRun, Outcome
 from consumer.steps import StatusStep
 from consumer.stores import JobState
-from consumer.stores._status import WRITE_TIMEOUT_S, RedisStatusStore
+from consumer.stores._status_redis import WRITE_TIMEOUT_S, RedisStatusStore
 from schemas import Job, encode
 
 

@@ -1,0 +1,7 @@
+"""The on-call dashboard at `/ui` (docs/dashboard.md): jobs and their attempts, dead
+letters with replay, the live view. `jobstream ingress` mounts it (`ui.enabled`);
+`jobstream ui` serves it alone."""
+
+from jobstream.ui._app import create_ui_app, mount
+
+__all__ = ["create_ui_app", "mount"]
