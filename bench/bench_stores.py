@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import gc
 import os
 import statistics
@@ -26,6 +27,9 @@ import uuid
 from collections import Counter, deque
 from collections.abc import Callable, Hashable, Sequence
 
+import nats
+import psycopg
+import redis.asyncio as redis
 from aiokafka import TopicPartition
 from opentelemetry import metrics, trace
 
@@ -107,12 +111,29 @@ def bench_app() -> App:
     return app
 
 
-async def open_store(name: str) -> IdempotencyStore:
+async def open_store(name: str, namespace: str) -> IdempotencyStore:
     if name == "memory":
         return MemoryIdempotencyStore()
-    namespace = f"bench{uuid.uuid4().hex[:8]}"
     idempotency = {"backend": name, "url": URLS[name], "namespace": namespace}
     return await open_idempotency_store(Settings.model_validate({"idempotency": idempotency}))
+
+
+async def clean_up(name: str, namespace: str) -> None:
+    """Delete what a run left in the shared servers (its keys, table or bucket)."""
+    if name == "postgres":
+        async with await psycopg.AsyncConnection.connect(URLS[name], autocommit=True) as conn:
+            await conn.execute(f"DROP TABLE IF EXISTS {namespace}_idempotency")
+    elif name == "nats-kv":
+        client = await nats.connect(URLS[name])
+        with contextlib.suppress(Exception):
+            await client.jetstream().delete_key_value(f"{namespace}_idempotency")
+        await client.close()
+    elif name == "redis":
+        client = redis.Redis.from_url(URLS[name])
+        keys = [key async for key in client.scan_iter(f"{namespace}:*", count=1000)]
+        for start in range(0, len(keys), 1000):
+            await client.delete(*keys[start : start + 1000])
+        await client.aclose()
 
 
 async def drain(
@@ -140,10 +161,10 @@ async def run_once(
     name: str, deliveries: list[Delivery], problems: list[str], status_backend: str = "none"
 ) -> float:
     """CPU µs per job of one drain (and a check that a second delivery is skipped)."""
-    store = await open_store(name)
+    namespace = f"bench{uuid.uuid4().hex[:8]}"
+    store = await open_store(name, namespace)
     status = None
     if status_backend == "redis":
-        namespace = f"bench{uuid.uuid4().hex[:8]}"
         status = await open_status_store("redis", URLS["redis"], namespace, 600)
     try:
         gc.collect()
@@ -161,6 +182,8 @@ async def run_once(
         await store.close()
         if status is not None:
             await status.close()
+            await clean_up("redis", namespace)
+        await clean_up(name, namespace)
     n = len(deliveries)
     if set(first.settled) != set(range(n)) or max(first.settled.values()) != 1:
         problems.append(f"{name}: {len(first.settled)} distinct jobs settled, expected {n}")

@@ -12,7 +12,13 @@ import typer
 import uvicorn
 
 from consumer import Settings
-from consumer.stores import MemoryStatusStore, StatusStore, cancel_job, open_status
+from consumer.stores import (
+    STORE_OUTAGES,
+    MemoryStatusStore,
+    StatusStore,
+    cancel_job,
+    open_status,
+)
 from consumer.telemetry import configure, configure_logging
 from jobstream._config import USAGE, fail, import_job_modules, load_settings, run
 from jobstream._ingress import connect_early, create_app
@@ -31,7 +37,16 @@ def _settings(**flags: object) -> Settings:
 
 
 async def _with_status(settings: Settings) -> StatusStore:
-    store = await open_status(settings)
+    """The status store, connected; one line and exit 1 when it does not answer (its
+    connect and first answer are bounded by 5 s each)."""
+    try:
+        store = await open_status(settings)
+    except STORE_OUTAGES as error:
+        msg = (
+            f"the status store did not answer ({type(error).__name__}: {error}): check "
+            "JOBSTREAM_STATUS__URL and that Redis runs"
+        )
+        raise fail(msg) from None
     assert store is not None
     return store
 

@@ -46,7 +46,7 @@ from jobstream._ingress_keys import publish_bound_s
 from jobstream._ingress_publish import ProducerHandle
 from jobstream._ingress_submit import Submissions, read_body
 from jobstream._job_options import JobOptions, parse_job_options
-from jobstream.ui import mount
+from jobstream.ui import answer_store_outages, mount
 from producer import BrokerUnavailable
 from schemas import (
     JobRegistry,
@@ -213,6 +213,7 @@ def create_app(
     app.add_api_route("/readyz", ingress.readyz, include_in_schema=False)
     if settings.ui.enabled:
         mount(app, settings, status)
+    answer_store_outages(app, settings.ingress.retry_after_s)
     app.openapi = lambda: ingress.openapi(app)  # type: ignore[method-assign]
     return app
 

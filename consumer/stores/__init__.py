@@ -23,10 +23,12 @@ from consumer.stores._status import (
     trace_id_now,
 )
 from consumer.stores._status_query import JobPage, JobQuery, PartitionBacklog, WorkerReport
+from consumer.stores._status_redis import STORE_OUTAGES
 
 __all__ = [
     "FINAL_STATES",
     "HOLD_LEASES",
+    "STORE_OUTAGES",
     "WAITING_STATES",
     "Attempt",
     "ClaimState",

@@ -40,12 +40,14 @@ from consumer.stores._status_query import (
     scan,
 )
 
-__all__ = ["RedisStatusStore"]
+__all__ = ["STORE_OUTAGES", "RedisStatusStore"]
 
 T = TypeVar("T")
 
 _WATCH_ATTEMPTS = 100
 """Most times one status or key update is computed again after losing a WATCH race."""
+STORE_OUTAGES: tuple[type[Exception], ...] = (redis.RedisError, ConnectionError, TimeoutError)
+"""What a status store raises when it cannot be reached or does not answer in time."""
 WRITE_TIMEOUT_S = 2.0
 """The most a batch of status writes may take: status is an observation, and a job never
 waits longer for it (the status step relies on this bound)."""

@@ -49,7 +49,7 @@ from opentelemetry.trace import (
     TraceState,
 )
 
-from consumer.core import JobRun, Next, Outcome, error_text
+from consumer.core import JobRun, Next, Outcome, error_text, traceback_text
 from producer import tracecontext as otel
 from producer.tracecontext import span_context_of, traceparent_of
 from schemas import JobAttributes
@@ -104,16 +104,20 @@ def job_attributes(attributes: JobAttributes) -> dict[str, str | int]:
 
 
 def record_failure(span: Span, error: BaseException) -> None:
-    """The exception as an event and the span's status; a handler's exception is untrusted
-    (its `__str__` may raise, its message be huge), so only its safe text is used."""
+    """The exception as an event (the semantic conventions' `exception` event) and the
+    span's status. A handler's exception is untrusted: its `__str__` may raise, its
+    message be huge or hold lone surrogates an exporter cannot encode, so only its safe
+    text and a bounded, printable traceback are used (not `Span.record_exception`, which
+    takes them raw)."""
     text = error_text(error, 200)
-    try:
-        span.record_exception(error)
-    except BaseException:  # noqa: BLE001 - the SDK calls str(error), which may raise anything
-        span.add_event(
-            "exception",
-            {"exception.type": type(error).__name__, "exception.message": text},
-        )
+    span.add_event(
+        "exception",
+        {
+            "exception.type": type(error).__name__,
+            "exception.message": text,
+            "exception.stacktrace": traceback_text(error),
+        },
+    )
     span.set_status(Status(StatusCode.ERROR, f"{type(error).__name__}: {text}"[:200]))
 
 

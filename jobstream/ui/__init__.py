@@ -2,6 +2,6 @@
 letters with replay, the live view. `jobstream ingress` mounts it (`ui.enabled`);
 `jobstream ui` serves it alone."""
 
-from jobstream.ui._app import create_ui_app, mount
+from jobstream.ui._app import answer_store_outages, create_ui_app, mount
 
-__all__ = ["create_ui_app", "mount"]
+__all__ = ["answer_store_outages", "create_ui_app", "mount"]

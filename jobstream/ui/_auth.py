@@ -10,18 +10,24 @@ browser out. Without a token the dashboard is as open as the API.
 
 `ui.read_only` hides the cancel and replay actions and refuses them on the server (403):
 hiding a button is not a permission.
+
+An action (cancel, replay) from another origin is refused (403) whether or not a token is
+set: `SameSite=Strict` keeps the cookie from other *sites*, but another port or a sibling
+subdomain is the same site, and without a token there is no cookie to withhold. A browser
+says where a form came from (`Sec-Fetch-Site`, `Origin`); a request with neither (curl, a
+script) is not a browser's and is judged by its token alone.
 """
 
 from __future__ import annotations
 
 import hashlib
 import hmac
-from urllib.parse import parse_qs
+from urllib.parse import parse_qs, urlsplit
 
 from fastapi import Request
 from pydantic import SecretStr
 
-__all__ = ["COOKIE", "Access", "first", "read_form"]
+__all__ = ["COOKIE", "Access", "cross_origin", "first", "read_form"]
 
 COOKIE = "jobstream_ui"
 MAX_FORM_BYTES = 64 * 1024
@@ -54,6 +60,19 @@ class Access:
             return True
         cookie = request.cookies.get(COOKIE, "")
         return hmac.compare_digest(cookie.encode(), self.session.encode())
+
+
+def cross_origin(request: Request) -> bool:
+    """Whether a browser sent `request` from a page of another origin (scheme, host and
+    port: `Sec-Fetch-Site` other than `same-origin`/`none`, or an `Origin` whose host and
+    port are not this request's `Host`)."""
+    site = request.headers.get("sec-fetch-site")
+    if site is not None and site not in ("same-origin", "none"):
+        return True
+    origin = request.headers.get("origin")
+    if origin is None:
+        return False
+    return urlsplit(origin).netloc != request.headers.get("host", "")
 
 
 async def read_form(request: Request) -> dict[str, list[str]] | None:

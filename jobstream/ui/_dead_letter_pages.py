@@ -29,8 +29,13 @@ class DeadLetterPages:
         self.dash = dash
 
     def _destinations(self, chosen: str | None) -> list[str]:
+        """Every known dead-letter destination, or the one chosen; a destination that is
+        not one of them matches nothing (never "all of them": a replay filter must not
+        widen)."""
         known = _dlq.default_destinations(self.dash.settings)
-        return [chosen] if chosen and chosen in known else known
+        if not chosen:
+            return known
+        return [chosen] if chosen in known else []
 
     async def _find(
         self, destinations: list[str], where: DeadLetterFilter

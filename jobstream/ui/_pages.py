@@ -22,7 +22,7 @@ from fastapi.responses import HTMLResponse, RedirectResponse, Response
 
 from consumer import Settings
 from consumer.stores import FINAL_STATES, JobQuery, JobState, StatusStore, cancel_job
-from jobstream.ui._auth import COOKIE, Access, first, read_form
+from jobstream.ui._auth import COOKIE, Access, cross_origin, first, read_form
 from jobstream.ui._dead_letter_pages import DeadLetterPages
 from jobstream.ui._live import OUTCOMES, live_view
 from schemas import default_registry
@@ -99,6 +99,14 @@ class Dashboard:
         refused = self.refused(request)
         if refused is not None:
             return refused
+        if cross_origin(request):
+            return self.render(
+                request,
+                "message.html",
+                403,
+                title="refused",
+                message="Cancel and replay are taken only from the dashboard's own pages.",
+            )
         if self.access.read_only:
             return self.render(
                 request,
@@ -155,8 +163,17 @@ class Dashboard:
         if wanted and await self.status.get(wanted) is not None:
             return RedirectResponse(f"/ui/jobs/{quote(wanted, safe='')}", 303)
         state = params.get("state") or None
+        if state is not None and state not in set(JobState):
+            known = ", ".join(s.value for s in JobState)
+            return self.render(
+                request,
+                "message.html",
+                400,
+                title="no such state",
+                message=f"{state!r}: one of {known}",
+            )
         query = JobQuery(
-            state=JobState(state) if state in set(JobState) else None,
+            state=JobState(state) if state is not None else None,
             job_type=params.get("type") or None,
             key=params.get("key") or None,
             limit=self.config.page_size,
@@ -241,7 +258,11 @@ def _read_htmx(configured: str | None) -> bytes | None:
 
 
 def _int(value: str | None) -> int:
-    return int(value) if value and value.isdigit() else 0
+    """A small non-negative integer from a query parameter (a cursor), else 0: at most 9
+    ASCII digits, so a huge or non-ASCII number never reaches the store."""
+    if value and len(value) <= 9 and value.isascii() and value.isdigit():
+        return int(value)
+    return 0
 
 
 def _local(target: str | None) -> str:

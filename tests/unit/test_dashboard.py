@@ -4,11 +4,13 @@ bounds over the ASGI app."""
 
 from __future__ import annotations
 
+import socket
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
 
 import httpx
 import pytest
+import redis.asyncio as redis
 
 from consumer import Settings
 from consumer.stores import (
@@ -19,7 +21,11 @@ from consumer.stores import (
     PartitionBacklog,
     WorkerReport,
 )
+from consumer.stores._status_redis import RedisStatusStore
+from jobstream import _dlq
+from jobstream._ingress import create_app
 from jobstream.ui import create_ui_app
+from schemas import examples  # noqa: F401 - registers job types: dead-letter destinations
 
 TOKEN = "unit-token"
 XSS = "<script>alert(1)</script>"
@@ -231,3 +237,96 @@ async def test_live_panel_counts_outcomes_and_reports(
     assert "<td>jobs.t.retry.1</td><td>2</td>" in panel.text
     live = await signed_in.get("/ui/live")
     assert 'hx-trigger="every 2s"' in live.text or "htmx" not in live.text
+
+
+async def test_an_action_from_another_origin_is_refused(
+    signed_in: httpx.AsyncClient, store: MemoryStatusStore
+) -> None:
+    """A page of another port on the same host is the same *site*, so `SameSite=Strict`
+    sends the cookie: the origin check refuses its forms (found by a new user's CSRF test:
+    a page on another port cancelled a job)."""
+    for headers in (
+        {"Origin": "http://ui:18799"},
+        {"Origin": "null"},
+        {"Sec-Fetch-Site": "same-site"},
+        {"Sec-Fetch-Site": "cross-site", "Origin": "http://evil.example"},
+    ):
+        cancel = await signed_in.post("/ui/jobs/job-1/cancel", headers=headers)
+        replay = await signed_in.post(
+            "/ui/dead-letters/replay", headers=headers, data={"type": "t", "confirm": "yes"}
+        )
+        assert (cancel.status_code, replay.status_code) == (403, 403), headers
+    assert await store.cancelled(["job-1"]) == set()
+    own = await signed_in.post(
+        "/ui/jobs/job-1/cancel", headers={"Origin": "http://ui", "Sec-Fetch-Site": "same-origin"}
+    )
+    assert own.status_code == 303
+    assert await store.cancelled(["job-1"]) == {"job-1"}
+
+
+async def test_without_a_token_another_origin_cannot_act_either(store: MemoryStatusStore) -> None:
+    settings = Settings(transport="memory")
+    transport = httpx.ASGITransport(app=create_ui_app(settings, store))
+    async with httpx.AsyncClient(transport=transport, base_url="http://ui") as http:
+        forged = await http.post("/ui/jobs/job-1/cancel", headers={"Origin": "http://evil.example"})
+        assert forged.status_code == 403
+    assert await store.cancelled(["job-1"]) == set()
+
+
+async def test_an_unknown_destination_matches_no_dead_letter(
+    signed_in: httpx.AsyncClient, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A replay filtered by a destination that does not exist replayed every dead letter
+    (the filter fell back to all destinations): it now reads none."""
+    assert _dlq.default_destinations(Settings(transport="memory"))  # (schemas.examples)
+    asked: list[list[str]] = []
+
+    async def find(settings: object, destinations: list[str], where: object) -> list[object]:
+        asked.append(destinations)
+        return []
+
+    monkeypatch.setattr(_dlq, "find", find)
+    page = await signed_in.get("/ui/dead-letters", params={"destination": "no.such.dlq"})
+    replay = await signed_in.post(
+        "/ui/dead-letters/replay", data={"destination": "no.such.dlq", "confirm": "yes"}
+    )
+    assert (page.status_code, replay.status_code) == (200, 200)
+    assert asked == []  # nothing read, so nothing can be replayed
+    await signed_in.get("/ui/dead-letters")
+    assert asked and asked[-1]  # no filter: every known destination
+
+
+async def test_bad_query_parameters_get_a_page_not_a_500(signed_in: httpx.AsyncClient) -> None:
+    for cursor in ("99999999999999999999999999", "²", "-1", "1e400", "abc"):
+        page = await signed_in.get("/ui/jobs", params={"cursor": cursor})
+        assert page.status_code == 200, cursor
+    bogus = await signed_in.get("/ui/jobs", params={"state": "bogus"})
+    assert bogus.status_code == 400 and "succeeded" in bogus.text
+
+
+async def test_a_status_store_that_is_away_gets_503_with_retry_after() -> None:
+    """Found by a new user: a status store that refused connections made every page and
+    `GET /v1/jobs/{id}` answer a bare 500."""
+    client = redis.Redis.from_url(f"redis://127.0.0.1:{closed_port()}/0", socket_timeout=2)
+    away = RedisStatusStore(client, "t", 600)
+    settings = Settings(transport="memory", ingress={"auth_token": TOKEN})
+    headers = {"Authorization": f"Bearer {TOKEN}"}
+    for app, path in (
+        (create_ui_app(settings, away), "/ui/jobs"),
+        (create_ui_app(settings, away), "/ui/jobs/abc"),
+        (create_app(settings, away), "/v1/jobs/abc"),
+        (create_app(settings, away), "/ui/live/panel"),
+    ):
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://ui") as http:
+            answer = await http.get(path, headers=headers)
+        assert answer.status_code == 503, path
+        assert answer.headers["retry-after"] == "5", path
+        assert "the status store is unavailable" in answer.text, path
+    await client.aclose()
+
+
+def closed_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])

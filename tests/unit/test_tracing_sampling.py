@@ -11,6 +11,7 @@ from collections.abc import Sequence
 import pytest
 from opentelemetry import trace
 from opentelemetry.context import Context
+from opentelemetry.exporter.otlp.proto.common.trace_encoder import encode_spans
 from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
@@ -30,7 +31,7 @@ from opentelemetry.util.types import Attributes
 
 from consumer.core import Delivery, JobRun, Outcome
 from consumer.telemetry import TracingStep
-from consumer.telemetry._tracing import Presampler
+from consumer.telemetry._tracing import Presampler, record_failure
 from schemas import encode
 from schemas.examples import GenerateReport
 
@@ -189,3 +190,25 @@ async def test_another_sampler_is_asked_by_the_sdk_alone_with_everything() -> No
         await step(run_with(traceparent), handler)
     provider.shutdown()
     assert sampler.calls == [11] * 5  # once per attempt, every attribute known at start
+
+
+def test_a_hostile_exception_is_recorded_printable_and_bounded() -> None:
+    """Found by a new user: an error message with a lone surrogate made the OTLP exporter
+    fail on every batch holding its span (`Span.record_exception` takes the text raw);
+    a huge message went in whole."""
+    exporter = InMemorySpanExporter()
+    provider = TracerProvider()
+    provider.add_span_processor(SimpleSpanProcessor(exporter))
+    with provider.get_tracer("t").start_as_current_span("job") as span:
+        try:
+            raise ValueError("bad \ud800 " + "x" * 100_000 + " \ud800 end")
+        except ValueError as error:
+            record_failure(span, error)
+    [finished] = exporter.get_finished_spans()
+    [event] = finished.events
+    attributes = event.attributes or {}
+    message = str(attributes["exception.message"])
+    assert message.startswith("bad ? x") and len(message.encode()) <= 200
+    stacktrace = str(attributes["exception.stacktrace"])
+    assert stacktrace.endswith("? end\n") and len(stacktrace.encode()) <= 4000
+    encode_spans([finished]).SerializeToString()  # raised UnicodeEncodeError before
