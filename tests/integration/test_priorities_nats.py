@@ -144,14 +144,15 @@ async def drain_rate(*, priorities: bool, jobs: int, max_in_flight: int, sleep_s
 
 
 @pytest.mark.timeout(300)
-@pytest.mark.parametrize(
-    ("jobs", "max_in_flight", "sleep_s"), [(1_000, 64, 0.0), (300, 4, 0.05), (2_000, 64, 0.02)]
-)
+@pytest.mark.parametrize(("jobs", "max_in_flight", "sleep_s"), [(300, 4, 0.05), (2_000, 64, 0.02)])
 async def test_idle_levels_cost_a_one_level_backlog_nothing(
     jobs: int, max_in_flight: int, sleep_s: float
 ) -> None:
-    """Every job at one level: the drain with priorities runs about as fast as without
-    (the idle levels hold no room the busy level could use; best of 3, interleaved)."""
+    """Every job at one level, with handlers that take time (the room is the limit): the
+    drain with priorities runs about as fast as without (the idle levels hold no room the
+    busy level could use; best of 3, interleaved). With handlers that take no time the
+    worker's CPU is the limit, and the busy level's `no_wait` pulls cost about a third
+    there (docs/nats.md#priorities): a CPU figure, measured in bench/, not asserted."""
     rates: dict[bool, list[float]] = {True: [], False: []}
     for _ in range(3):
         for priorities in (True, False):
