@@ -295,22 +295,13 @@ class KafkaSource:
         return self._tracker.pending_commit()
 
     async def backlog(self) -> list[Backlog]:
-        """Per assigned partition: records not yet settled here, i.e. its end minus the
-        fetch position, plus what was fetched and is not settled yet (the
-        `jobstream.consumer.lag` metric, the dashboard's lag; on a tier topic, the retries
-        waiting there). The end is asked of the broker (one ListOffsets request for all):
-        the highwater of the last fetch answer is stale while the worker is full and
-        fetches nothing, which hid most of a growing backlog."""
+        """Per assigned partition: records not yet settled here, i.e. its end (highwater)
+        minus the fetch position, plus what was fetched and is not settled yet (the
+        `jobstream.consumer.lag` metric; on a tier topic, the retries waiting there)."""
         held = self._held.counts()
-        assigned = sorted(self._assignment)
-        ends: dict[TopicPartition, int] = {}
-        try:
-            ends = await asyncio.wait_for(self._consumer.end_offsets(assigned), 2.0)
-        except (KafkaError, IllegalStateError, TimeoutError) as error:
-            log.debug("end offsets unknown (%r): the last fetch's highwater is used", error)
         found: list[Backlog] = []
-        for tp in assigned:
-            end = ends.get(tp, self._consumer.highwater(tp))
+        for tp in sorted(self._assignment):
+            end = self._consumer.highwater(tp)
             if end is None:
                 continue  # no fetch answered for it yet
             try:

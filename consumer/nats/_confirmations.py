@@ -61,6 +61,8 @@ class Confirmations:
         self._replies: Subscription | None = None
         self._rounds: dict[str, tuple[_Round, int]] = {}  # by reply subject
         self._tokens = itertools.count()
+        self.resent = 0
+        """Verbs sent again because their reply did not come within a round."""
 
     async def start(self, client: NatsClient) -> None:
         """Send the queued verbs over `client` from now on."""
@@ -154,6 +156,7 @@ class Confirmations:
             self._give_up([item for item in left if now >= item[0].deadline])
             left = [item for item in left if now < item[0].deadline]
             if left:
+                self.resent += len(left)
                 await asyncio.sleep(_CONFIRM_BACKOFF.wait(attempt))
         for held, _ in batch:
             self._forget(held)
