@@ -5,6 +5,10 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 SERVICES ?= kafka nats redis postgres jaeger
+# SECURE=1: `make up` also starts the secured variants (scripts/secure_services.py, docs/
+# security.md): Kafka SASL_SSL+SCRAM on 9192, NATS TLS+nkey on 4322, Redis TLS on 6380,
+# PostgreSQL TLS on 5433, certificates from a local CA in .run/secure.
+SECURE ?=
 PYTEST_ARGS ?=
 PACKAGES := schemas producer consumer jobstream
 
@@ -24,11 +28,13 @@ $(BIN)/.installed: pyproject.toml constraints.txt
 
 venv: $(BIN)/.installed ## create or update the virtualenv (pinned by constraints.txt)
 
-up: venv ## start Kafka, NATS, Redis, PostgreSQL and Jaeger on 127.0.0.1 (reuses what runs)
+up: venv ## start Kafka, NATS, Redis, PostgreSQL and Jaeger on 127.0.0.1 (reuses what runs); SECURE=1 adds the secured variants
 	@$(BIN)/python scripts/services.py up $(SERVICES)
+	@if test -n "$(SECURE)"; then $(BIN)/python scripts/secure_services.py up; fi
 
 down: ## stop every local service; leaves no process behind
 	@if test -x $(BIN)/python; then $(BIN)/python scripts/services.py down; else $(PYTHON) scripts/services.py down; fi
+	@if test -x $(BIN)/python; then $(BIN)/python scripts/secure_services.py down; fi
 
 status: venv ## say which local services run
 	@$(BIN)/python scripts/services.py status

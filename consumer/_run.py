@@ -14,6 +14,7 @@ import logging
 import os
 import re
 import signal
+import ssl
 import time
 import urllib.parse
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -166,8 +167,8 @@ async def _until_answers(settings: Settings, store: str, connect: Callable[[], A
     url = getattr(settings, store).url
     where = f" at {_without_password(url.get_secret_value())}" if url is not None else ""
 
-    def retried(error: Exception) -> bool:  # a bad value is not waited out
-        return not isinstance(error, ValueError | TypeError)
+    def retried(error: Exception) -> bool:  # a bad value or a refusal is not waited out
+        return not isinstance(error, ValueError | TypeError) and not _refused(error)
 
     def unreachable(error: Exception, wait_s: float) -> None:
         log.warning(
@@ -189,11 +190,34 @@ async def _until_answers(settings: Settings, store: str, connect: Callable[[], A
     except Exception as error:
         variable = f"JOBSTREAM_{store.upper()}__URL"
         happened = f"did not answer within {budget:g}s" if retried(error) else "cannot be used"
-        msg = (
-            f"the {store} store{where} {happened}: {_reason(error)}; check {variable} "
-            "and that it runs"
-        )
+        check = f"{variable} and that it runs"
+        if _refused(error):
+            check = f"{store}.url (its user, CA and host) and {store}.password_file"
+            happened = "refused the connection"
+        msg = f"the {store} store{where} {happened}: {_reason(error)}; check {check}"
         raise WorkerError(msg) from error
+
+
+_REFUSALS = (
+    "password authentication failed",  # PostgreSQL
+    "no pg_hba.conf entry",  # PostgreSQL: no rule lets this user, host or TLS state in
+    "certificate verify failed",  # TLS: an untrusted certificate, or one for another host
+    "invalid username-password pair",  # Redis AUTH
+    "invalid password",  # Redis AUTH (older servers)
+)
+
+
+def _refused(error: BaseException) -> bool:
+    """Whether `error` is a store refusing the connection (credentials, certificate): no
+    retry cures it (docs/security.md)."""
+    seen: BaseException | None = error
+    while seen is not None:
+        if isinstance(seen, ssl.SSLCertVerificationError):
+            return True
+        if any(reason in str(seen).lower() for reason in _REFUSALS):
+            return True
+        seen = seen.__cause__ or seen.__context__
+    return False
 
 
 def _reason(error: BaseException) -> str:

@@ -116,12 +116,19 @@ def run(coroutine: Callable[[], Coroutine[Any, Any, T]]) -> T:
     # The clients log their own connection failures; the CLI reports them as one line.
     for name in ("aiokafka", "nats"):
         logging.getLogger(name).setLevel(logging.CRITICAL)
+    logging.getLogger("asyncio").addFilter(_no_tls_eof_notice)
     try:
         return asyncio.run(coroutine())
     except JobstreamError as error:
         raise fail(" ".join(str(error).split()), RUNTIME) from None
     except ValueError as error:
         raise refused(error) from None
+
+
+def _no_tls_eof_notice(record: logging.LogRecord) -> bool:
+    # asyncio's notice when a TLS connection of nats-py closes (its protocol asks to keep
+    # the transport half open, which TLS cannot): harmless, and not the user's to fix.
+    return not str(record.msg).startswith("returning true from eof_received()")
 
 
 def refused(error: ValueError) -> typer.Exit:

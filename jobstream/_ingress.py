@@ -34,6 +34,7 @@ from collections.abc import AsyncIterator, Mapping
 from typing import Any
 
 from fastapi import FastAPI, Request
+from fastapi.middleware.cors import CORSMiddleware
 from fastapi.openapi.utils import get_openapi
 from fastapi.responses import JSONResponse, Response
 from opentelemetry import propagate, trace
@@ -42,6 +43,7 @@ from consumer import Settings
 from consumer.core import MAX_DELAY_S
 from consumer.stores import StatusStore, cancel_job
 from jobstream._ingress_answers import error as _error
+from jobstream._ingress_http import RequestIds
 from jobstream._ingress_keys import publish_bound_s
 from jobstream._ingress_publish import ProducerHandle
 from jobstream._ingress_submit import Submissions, read_body
@@ -186,6 +188,15 @@ def create_app(
     )
     app.state.ingress = ingress
     app.middleware("http")(ingress.guard)
+    app.middleware("http")(RequestIds())  # outermost: its id is on the guard's answers too
+    if settings.ingress.cors_origins:
+        app.add_middleware(
+            CORSMiddleware,
+            allow_origins=settings.ingress.cors_origins,
+            allow_methods=["GET", "POST"],
+            allow_headers=["Authorization", "Content-Type", "Idempotency-Key", "X-Request-Id"],
+            expose_headers=["X-Request-Id", "Retry-After"],
+        )
     for job_type in registry.job_types():
         model = registry.latest(job_type)
         app.add_api_route(

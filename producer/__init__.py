@@ -7,6 +7,7 @@ is a package of its own, imported only when `transport` names it (`producer._bac
 
 from producer._errors import (
     BrokerBusy,
+    BrokerRefused,
     BrokerUnavailable,
     DestinationMissing,
     NotASpool,
@@ -45,6 +46,7 @@ __all__ = [
     "ENV_PREFIX",
     "PRIORITIES",
     "BrokerBusy",
+    "BrokerRefused",
     "BrokerUnavailable",
     "DestinationHook",
     "DestinationMissing",

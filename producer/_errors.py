@@ -3,6 +3,9 @@
     JobstreamError (schemas)            root of every error jobstream raises
      └── PublishError                   publish-error: the broker refused or failed a publish
           ├── BrokerUnavailable         broker-unavailable (retriable): cannot reach the broker
+          ├── BrokerRefused             broker-refused: the broker (or its certificate) refused
+          │                              the connection: credentials, CA or host name; the
+          │                              message names the setting to fix
           ├── BrokerBusy                broker-busy (retriable): the broker cannot take the
           │                              record right now (leader election, throttling)
           ├── PublishTimeout            publish-timeout (retriable): no acknowledgement in time
@@ -43,6 +46,7 @@ from schemas import JobstreamError
 
 __all__ = [
     "BrokerBusy",
+    "BrokerRefused",
     "BrokerUnavailable",
     "DestinationMissing",
     "NotASpool",
@@ -86,6 +90,24 @@ class BrokerUnavailable(PublishError):
             f"{transport} is not reachable at {address} ({detail}); check that the broker "
             f"runs and that {setting} and the credentials are right (locally: `make up`)"
         )
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (type(self), (self.transport, self.address, self.detail))
+
+
+class BrokerRefused(PublishError):
+    """The broker was reached, but the connection was refused for a reason that no retry
+    cures: credentials the broker rejected, a certificate the client does not trust, a
+    certificate that does not name the host connected to (docs/security.md). Permanent:
+    a worker or CLI stops at once with this one line."""
+
+    reason = "broker-refused"
+
+    def __init__(self, transport: str, address: str, detail: str) -> None:
+        self.transport = transport
+        self.address = address
+        self.detail = detail
+        super().__init__(f"{transport} at {address} refused the connection: {detail}")
 
     def __reduce__(self) -> tuple[Any, ...]:
         return (type(self), (self.transport, self.address, self.detail))

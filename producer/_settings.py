@@ -13,7 +13,7 @@ import re
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator, model_validator
 from pydantic_settings import (
     BaseSettings,
     PydanticBaseSettingsSource,
@@ -49,6 +49,10 @@ class KafkaSettings(_Frozen):
     """SASL user name."""
     sasl_password: SecretStr | None = None
     """SASL password (secret)."""
+    sasl_password_file: Path | None = None
+    """A file holding the SASL password (a mounted Kubernetes Secret; one trailing newline
+    is ignored), read at each connect, so a rotated password needs no restart. Give it or
+    `sasl_password`, not both."""
     ssl_cafile: Path | None = None
     """CA bundle to verify the brokers' certificates (default: the system store)."""
     ssl_certfile: Path | None = None
@@ -72,6 +76,16 @@ class KafkaSettings(_Frozen):
     compression: Literal["none", "gzip"] = "none"
     """Record batch compression."""
 
+    @model_validator(mode="after")
+    def _one_password(self) -> KafkaSettings:
+        _one_of(self.sasl_password, self.sasl_password_file, "kafka.sasl_password")
+        return self
+
+    def sasl_password_text(self) -> str | None:
+        """The SASL password, from `sasl_password` or `sasl_password_file` (`ValueError`
+        naming the setting if the file cannot be read)."""
+        return secret_text(self.sasl_password, self.sasl_password_file, "kafka.sasl_password")
+
 
 class NatsSettings(_Frozen):
     """How to reach NATS JetStream."""
@@ -88,8 +102,12 @@ class NatsSettings(_Frozen):
     """Token authentication (secret)."""
     user: str | None = None
     """User name for user/password authentication."""
+    token_file: Path | None = None
+    """A file holding the token (a mounted Secret), read at each connect; or `token`."""
     password: SecretStr | None = None
     """Password for user/password authentication (secret)."""
+    password_file: Path | None = None
+    """A file holding the password (a mounted Secret), read at each connect; or `password`."""
     tls_ca_file: Path | None = None
     """CA bundle to verify the server (turns TLS on)."""
     tls_cert_file: Path | None = None
@@ -110,6 +128,35 @@ class NatsSettings(_Frozen):
     while the connection is down, so a publish that reported an error is never sent later."""
     max_in_flight: int = Field(default=1000, ge=1)
     """Most publishes awaiting their JetStream acknowledgement at once in `publish_many`."""
+
+    @model_validator(mode="after")
+    def _one_secret_each(self) -> NatsSettings:
+        _one_of(self.token, self.token_file, "nats.token")
+        _one_of(self.password, self.password_file, "nats.password")
+        return self
+
+
+def _one_of(value: SecretStr | None, file: Path | None, setting: str) -> None:
+    if value is not None and file is not None:
+        msg = f"give {setting} or {setting}_file, not both"
+        raise ValueError(msg)
+
+
+def secret_text(value: SecretStr | None, file: Path | None, setting: str) -> str | None:
+    """The secret `value`, or the text of `file` without its trailing newline (how a
+    Kubernetes Secret mounted as a file, or `echo ... >file`, holds it), or None.
+    `ValueError` naming `<setting>_file` if the file cannot be read; the message never
+    holds the secret."""
+    if value is not None:
+        return value.get_secret_value()
+    if file is None:
+        return None
+    try:
+        return file.read_text().removesuffix("\n").removesuffix("\r")
+    except (OSError, UnicodeDecodeError) as error:
+        reason = error.strerror if isinstance(error, OSError) else "not UTF-8 text"
+        msg = f"cannot read {setting}_file {file}: {reason}; point it at a readable file"
+        raise ValueError(msg) from None
 
 
 class RoutingSettings(_Frozen):

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Iterable
+from pathlib import Path
 from typing import Annotated, Literal, Self
 
 from pydantic import (
@@ -121,7 +122,11 @@ class IdempotencySettings(_Frozen):
     url: SecretStr | None = None
     """Connection URL of the backend (`redis://host:6379/0`, `postgresql://user@host/db`).
     `nats-kv` needs none: it uses the `nats` connection settings (a `nats://` URL here
-    replaces their servers; their credentials and TLS still apply)."""
+    replaces their servers; their credentials and TLS still apply). TLS: `rediss://...
+    ?ssl_ca_certs=/ca.pem`, `postgresql://...?sslmode=verify-full&sslrootcert=/ca.pem`."""
+    password_file: Path | None = None
+    """A file holding the store's password (a mounted Kubernetes Secret; one trailing
+    newline is ignored), put into `url` at connect time, so the URL itself holds none."""
     lease_s: float = Field(default=60.0, gt=0)
     """How long a claim lives without a renewal; renewed every third of it while the job
     runs. A run that cannot renew its claim for a whole lease, or finds it taken, is cut
@@ -321,7 +326,10 @@ class StatusSettings(_Frozen):
     """`redis` for real deployments; `memory` is per process; `none` records nothing (and
     then cancellation and `Idempotency-Key` need a store: the ingress refuses to start)."""
     url: SecretStr | None = None
-    """Redis URL (`redis://host:6379/0`)."""
+    """Redis URL (`redis://host:6379/0`; TLS: `rediss://host:6380/0?ssl_ca_certs=/ca.pem`)."""
+    password_file: Path | None = None
+    """A file holding the Redis password (a mounted Secret), put into `url` at connect
+    time, so the URL itself holds none."""
     namespace: str = "jobstream"
     """Key prefix, to share one Redis safely."""
     retention_s: float = Field(default=7 * 24 * 3600.0, gt=0)
@@ -365,7 +373,27 @@ class IngressSettings(_Frozen):
     retry_after_s: int = Field(default=5, ge=1)
     """Retry-After (seconds) sent with 503 answers."""
     auth_token: SecretStr | None = None
-    """When set, every `/v1` request needs `Authorization: Bearer <token>`."""
+    """When set, every `/v1` request needs `Authorization: Bearer <token>` (compared in
+    constant time). Or `auth_token_file`."""
+    auth_token_file: Path | None = None
+    """A file holding the token (a mounted Kubernetes Secret; one trailing newline is
+    ignored), read at start; it replaces `auth_token`."""
+    cors_origins: list[str] = Field(default_factory=list)
+    """Origins (`https://app.example.com`) whose browser pages may call `/v1` (CORS).
+    Empty (the default): no CORS headers, browsers keep other sites' pages out."""
+
+    @model_validator(mode="after")
+    def _token_from_file(self) -> Self:
+        if self.auth_token_file is None:
+            return self
+        try:
+            text = self.auth_token_file.read_text().removesuffix("\n").removesuffix("\r")
+        except (OSError, UnicodeDecodeError) as error:
+            reason = error.strerror if isinstance(error, OSError) else "not UTF-8 text"
+            msg = f"cannot read ingress.auth_token_file {self.auth_token_file}: {reason}"
+            raise ValueError(msg) from None
+        object.__setattr__(self, "auth_token", SecretStr(text))
+        return self
 
 
 class UiSettings(_Frozen):

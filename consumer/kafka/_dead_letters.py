@@ -20,7 +20,7 @@ from opentelemetry.trace import TracerProvider
 
 from consumer.core import DeadLetterFilter, DeadLetterRecord, ReplayResult, Settings
 from consumer.runtime import replay_records
-from producer.kafka import kafka_client_options
+from producer.kafka import kafka_client_options, start_client
 from producer.tracecontext import recording_provider
 
 _DRAIN_POLL_MS = 500
@@ -31,7 +31,7 @@ async def read_topics(settings: Settings, topics: Sequence[str]) -> list[DeadLet
     consumer = AIOKafkaConsumer(
         **kafka_client_options(settings.kafka), group_id=None, enable_auto_commit=False
     )
-    await consumer.start()
+    await start_client(consumer, settings.kafka)
     records: list[DeadLetterRecord] = []
     try:
         await consumer._client.force_metadata_update()
@@ -79,7 +79,7 @@ class ReplayLedger:
 
     async def ensure(self) -> None:
         admin = AIOKafkaAdminClient(**kafka_client_options(self._settings.kafka))
-        await admin.start()
+        await start_client(admin, self._settings.kafka)
         try:
             if self.topic in await admin.list_topics():
                 return
@@ -126,7 +126,7 @@ async def replay(
     ) -> None:
         await producer.send_and_wait(topic, value, key=key, headers=headers)
 
-    await producer.start()
+    await start_client(producer, settings.kafka)
     try:
         return await replay_records(
             settings,

@@ -5,8 +5,15 @@ creation. The only producer package that imports aiokafka."""
 from producer._settings import ProducerSettings
 from producer.kafka._provision import ensure_kafka_topics
 from producer.kafka._publisher import KafkaPublisher, kafka_client_options
+from producer.kafka._refusal import start_client
 
-__all__ = ["KafkaPublisher", "ensure_kafka_topics", "kafka_client_options", "make_publisher"]
+__all__ = [
+    "KafkaPublisher",
+    "ensure_kafka_topics",
+    "kafka_client_options",
+    "make_publisher",
+    "start_client",
+]
 
 
 def make_publisher(settings: ProducerSettings) -> KafkaPublisher:

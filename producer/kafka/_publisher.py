@@ -40,7 +40,6 @@ from aiokafka.errors import (
     RecordTooLargeError,
     UnknownTopicOrPartitionError,
 )
-from aiokafka.helpers import create_ssl_context
 from aiokafka.partitioner import DefaultPartitioner
 
 from producer._errors import (
@@ -53,7 +52,9 @@ from producer._errors import (
 )
 from producer._publisher import Receipt
 from producer._settings import KafkaSettings, RoutingSettings, Transport
+from producer.kafka._options import kafka_client_options
 from producer.kafka._provision import ensure_kafka_topics
+from producer.kafka._refusal import raise_if_refused
 from producer.retrying import Backoff, retry
 from schemas import JobMessage, to_kafka
 
@@ -68,31 +69,6 @@ _CONNECT_ERRORS = (KafkaError, OSError, TimeoutError)
 _CONNECT_BACKOFF = Backoff(initial_s=0.1, max_s=2.0)
 # The broker no longer accepts this client's idempotent session: only a new client helps.
 _STALE_SESSION = (OutOfOrderSequenceNumber, InvalidProducerEpoch, ProducerFenced)
-
-
-def kafka_client_options(settings: KafkaSettings) -> dict[str, Any]:
-    """Keyword arguments every aiokafka client (producer, consumer, admin) needs to reach
-    the cluster: addresses, client id, request timeout, TLS and SASL."""
-    options: dict[str, Any] = {
-        "bootstrap_servers": settings.bootstrap_servers,
-        "client_id": settings.client_id,
-        "request_timeout_ms": int(settings.request_timeout_s * 1000),
-        "security_protocol": settings.security_protocol,
-    }
-    if settings.security_protocol in ("SSL", "SASL_SSL"):
-        password = settings.ssl_password.get_secret_value() if settings.ssl_password else None
-        options["ssl_context"] = create_ssl_context(
-            cafile=settings.ssl_cafile,
-            certfile=settings.ssl_certfile,
-            keyfile=settings.ssl_keyfile,
-            password=password,
-        )
-    if settings.security_protocol.startswith("SASL_"):
-        options["sasl_mechanism"] = settings.sasl_mechanism or "PLAIN"
-        options["sasl_plain_username"] = settings.sasl_username
-        if settings.sasl_password is not None:
-            options["sasl_plain_password"] = settings.sasl_password.get_secret_value()
-    return options
 
 
 def _unreachable(error: Exception, wait_s: float) -> None:
@@ -134,6 +110,9 @@ class KafkaPublisher:
                     await producer.start()
             except _CONNECT_ERRORS:
                 await producer.stop()
+                # aiokafka reports a refused login or certificate as "no broker answered":
+                # one connection of our own tells which (a permanent `BrokerRefused`).
+                await raise_if_refused(self._settings, deadline - time.monotonic())
                 raise
             return producer
 

@@ -34,6 +34,7 @@ from nats.js.errors import NotFoundError
 
 from producer._errors import (
     BrokerBusy,
+    BrokerRefused,
     BrokerUnavailable,
     DestinationMissing,
     PublishError,
@@ -41,8 +42,9 @@ from producer._errors import (
     RecordTooLarge,
 )
 from producer._publisher import Receipt
-from producer._settings import NatsSettings, RoutingSettings, Transport
+from producer._settings import NatsSettings, RoutingSettings, Transport, secret_text
 from producer.nats._provision import ensure_nats_stream
+from producer.nats._refusal import nats_refusal
 from schemas import JobMessage, to_nats
 
 __all__ = ["KEY_PARTITIONS_METADATA", "NatsPublisher", "connect_nats", "key_partition"]
@@ -83,10 +85,6 @@ async def connect_nats(settings: NatsSettings) -> NatsClient:
     connected = False
     servers = ", ".join(settings.servers)
 
-    async def on_error(error: Exception) -> None:
-        # During start, failed attempts are expected and reported by BrokerUnavailable.
-        log.log(logging.WARNING if connected else logging.DEBUG, "nats: %r", error)
-
     async def on_disconnected() -> None:
         if client.is_closed:  # our own close()
             return
@@ -95,21 +93,55 @@ async def connect_nats(settings: NatsSettings) -> NatsClient:
     async def on_reconnected() -> None:
         log.warning("nats: reconnected to %s", _url(client))
 
+    # A refusal (credentials, certificate) is final: stop at the first instead of trying
+    # again until the connect timeout.
+    refused: asyncio.Future[str] = asyncio.get_running_loop().create_future()
+
+    async def on_error(error: Exception) -> None:
+        if connected:
+            log.warning("nats: %r", error)
+            return
+        # During start, failed attempts are expected and reported by BrokerUnavailable.
+        log.debug("nats: %r", error)
+        why = nats_refusal(settings, error)
+        if why is not None and not refused.done():
+            refused.set_result(why)
+
+    attempt = asyncio.ensure_future(
+        client.connect(
+            **_connect_options(settings),
+            error_cb=on_error,
+            disconnected_cb=on_disconnected,
+            reconnected_cb=on_reconnected,
+        )
+    )
     try:
         async with asyncio.timeout(settings.connect_timeout_s):
-            await client.connect(
-                **_connect_options(settings),
-                error_cb=on_error,
-                disconnected_cb=on_disconnected,
-                reconnected_cb=on_reconnected,
-            )
+            either: list[asyncio.Future[Any]] = [attempt, refused]
+            await asyncio.wait(either, return_when=asyncio.FIRST_COMPLETED)
+            if not attempt.done():
+                await _abandon(attempt, client)
+                raise BrokerRefused("nats", servers, refused.result())
+            await attempt
     except (TimeoutError, OSError, nats.errors.Error) as error:
+        await _abandon(attempt, client)
         last = client.last_error or error
-        with contextlib.suppress(Exception):
-            await client.close()
+        why = nats_refusal(settings, last)
+        if why is not None:
+            raise BrokerRefused("nats", servers, why) from None
         raise BrokerUnavailable("nats", servers, _describe(last)) from error
     connected = True
     return client
+
+
+async def _abandon(attempt: asyncio.Future[None], client: NatsClient) -> None:
+    """Stop a connect attempt (bounded: a second at most) and close its client."""
+    attempt.cancel()
+    await asyncio.wait([attempt], timeout=1.0)
+    if attempt.done() and not attempt.cancelled():
+        attempt.exception()  # retrieved: no "never retrieved" warning
+    with contextlib.suppress(Exception):
+        await client.close()
 
 
 class NatsPublisher:
@@ -357,12 +389,14 @@ def _connect_options(settings: NatsSettings) -> dict[str, Any]:
             options["user_credentials"] = str(settings.credentials_file)
         if settings.nkey_seed_file:
             options["nkeys_seed"] = str(settings.nkey_seed_file)
-    if settings.token is not None:
-        options["token"] = settings.token.get_secret_value()
+    token = secret_text(settings.token, settings.token_file, "nats.token")
+    if token is not None:
+        options["token"] = token
     if settings.user is not None:
         options["user"] = settings.user
-        if settings.password is not None:
-            options["password"] = settings.password.get_secret_value()
+        password = secret_text(settings.password, settings.password_file, "nats.password")
+        if password is not None:
+            options["password"] = password
     if settings.tls_ca_file or settings.tls_cert_file:
         context = ssl.create_default_context(
             cafile=str(settings.tls_ca_file) if settings.tls_ca_file else None

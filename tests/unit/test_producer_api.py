@@ -17,6 +17,7 @@ from pydantic import BaseModel
 import producer
 from producer import (
     BrokerBusy,
+    BrokerRefused,
     BrokerUnavailable,
     DestinationMissing,
     JobProducer,
@@ -43,6 +44,7 @@ EXPECTED = {
     "CONFIG_FILE_ENV",
     "ENV_PREFIX",
     "BrokerBusy",
+    "BrokerRefused",
     "BrokerUnavailable",
     "DestinationHook",
     "DestinationMissing",
@@ -81,6 +83,7 @@ BACKENDS = {
         "ensure_kafka_topics",
         "kafka_client_options",
         "make_publisher",
+        "start_client",
     },
     "producer.nats": {
         "KEY_PARTITIONS_METADATA",
@@ -133,6 +136,7 @@ def test_public_signatures_are_typed() -> None:
         (PublishError("x"), False, "publish-error"),
         (BrokerUnavailable("kafka", "127.0.0.1:1", "refused"), True, "broker-unavailable"),
         (PublishTimeout("nats", "jobs.x", 2.5), True, "publish-timeout"),
+        (BrokerRefused("kafka", "127.0.0.1:1", "fix kafka.ssl_cafile"), False, "broker-refused"),
         (DestinationMissing("kafka", "jobs.x"), False, "destination-missing"),
         (BrokerBusy("kafka", "jobs.x", "NotLeaderForPartitionError"), True, "broker-busy"),
         (RecordTooLarge("nats", "jobs.x", "maximum payload exceeded"), False, "record-too-large"),

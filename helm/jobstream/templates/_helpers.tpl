@@ -136,7 +136,7 @@ Call with (dict "tree" .Values.config "transport" "kafka").
 {{- $env := dict -}}
 {{- $mount := trimSuffix "/" .Values.secretFiles.mountPath -}}
 {{- range $section, $settings := .Values.secretFiles.settings -}}
-{{- if eq $section $.Values.config.transport -}}
+{{- if or (eq $section $.Values.config.transport) (not (has $section (list "kafka" "nats"))) -}}
 {{- range $name, $file := $settings -}}
 {{- if $file -}}
 {{- $_ := set $env (include "jobstream.envName" (printf "%s.%s" $section $name)) (printf "%s/%s" $mount $file) -}}
@@ -150,9 +150,12 @@ Call with (dict "tree" .Values.config "transport" "kafka").
 {{/* Files the pods mount, by file name (transport-filtered). */}}
 {{- define "jobstream.usedFiles" -}}
 {{- $files := list -}}
-{{- $settings := get .Values.secretFiles.settings .Values.config.transport | default dict -}}
+{{- range $section, $settings := .Values.secretFiles.settings -}}
+{{- if or (eq $section $.Values.config.transport) (not (has $section (list "kafka" "nats"))) -}}
 {{- range $name, $file := $settings -}}
 {{- if $file -}}{{- $files = append $files $file -}}{{- end -}}
+{{- end -}}
+{{- end -}}
 {{- end -}}
 {{- $files | uniq | sortAlpha | toJson -}}
 {{- end -}}
@@ -238,8 +241,8 @@ drain, or jobs cut off by the kill are redelivered although they might have fini
 {{- if not (and (get $kafka "sasl_mechanism") (get $kafka "sasl_username")) -}}
 {{- fail (printf "config.kafka.security_protocol=%s needs config.kafka.sasl_mechanism and config.kafka.sasl_username, and the password in secrets (JOBSTREAM_KAFKA__SASL_PASSWORD)." $protocol) -}}
 {{- end -}}
-{{- if not (or $v.secrets.existingSecret $v.secrets.values.kafka.sasl_password) -}}
-{{- fail (printf "config.kafka.security_protocol=%s needs a SASL password: set secrets.values.kafka.sasl_password, or secrets.existingSecret with the key JOBSTREAM_KAFKA__SASL_PASSWORD." $protocol) -}}
+{{- if not (or $v.secrets.existingSecret $v.secrets.values.kafka.sasl_password $v.secretFiles.settings.kafka.sasl_password_file) -}}
+{{- fail (printf "config.kafka.security_protocol=%s needs a SASL password: set secrets.values.kafka.sasl_password, secrets.existingSecret with the key JOBSTREAM_KAFKA__SASL_PASSWORD, or secretFiles.settings.kafka.sasl_password_file." $protocol) -}}
 {{- end -}}
 {{- end -}}
 {{- else if eq $transport "nats" -}}
