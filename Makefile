@@ -13,7 +13,7 @@ PYTEST_ARGS ?=
 PACKAGES := schemas producer consumer jobstream
 
 .DEFAULT_GOAL := help
-.PHONY: chaos openapi openapi-check helm htmx chromium demo fmt-check schemas help venv up down status test test-unit check fmt lint types imports schemas-check bench lock clean
+.PHONY: chaos chaos-outbox openapi openapi-check helm htmx chromium demo fmt-check schemas help venv up down status test test-unit check fmt lint types imports schemas-check bench lock clean
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-14s %s\n", $$1, $$2}'
@@ -107,6 +107,9 @@ schemas: venv ## regenerate schemas/jsonschema/ from the job models
 
 chaos: up ## 3 workers, 20 SIGKILLs, a broker and a store restart during 20,000 jobs (Kafka, NATS)
 	@$(BIN)/python -m tests.chaos $(CHAOS_ARGS)
+
+chaos-outbox: up ## the outbox and transactional handlers: 10 relay and 20 worker SIGKILLs during 20,000 jobs (Kafka, NATS)
+	@$(BIN)/python -m tests.chaos_outbox --private --worker-kills 20 --rate 200 $(CHAOS_ARGS)
 
 $(BIN)/.bench-installed: $(BIN)/.installed
 	@PIP_CACHE_DIR=.cache/pip $(BIN)/pip install -q -c constraints.txt -e '.[dev,bench]'

@@ -93,9 +93,11 @@ def backend_for(transport: str) -> Backend:
     return cast("Backend", importlib.import_module(f"consumer.{transport}").BACKEND)
 
 
-async def open_idempotency_store(settings: Settings) -> IdempotencyStore:
+async def open_idempotency_store(
+    settings: Settings, *, max_connections: int = 8
+) -> IdempotencyStore:
     """The store `idempotency.backend` names: memory, Redis and PostgreSQL from
     `consumer.stores`; `nats-kv` from the NATS backend (whatever the transport)."""
     if settings.idempotency.backend == "nats-kv":
         return await backend_for("nats").open_idempotency_store(settings)
-    return await open_store(settings.idempotency)
+    return await open_store(settings.idempotency, max_connections=max_connections)

@@ -21,8 +21,8 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import TypeVar
 
 from consumer._backends import Backend, backend_for, open_idempotency_store
-from consumer.core import App, Settings, WorkerError
-from consumer.runtime import HealthServer, Worker, until_reachable
+from consumer.core import App, Settings, WorkerError, store_connections
+from consumer.runtime import HealthServer, Worker, transactional_problem, until_reachable
 from consumer.stores import IdempotencyStore, open_status
 from consumer.telemetry import Telemetry, configure
 from producer import JobProducer, SpoolSettings
@@ -46,6 +46,9 @@ async def open_worker(
     to the one `settings.transport` names (pass one to share an in-memory broker)."""
     telemetry = telemetry if telemetry is not None else Telemetry.from_global()
     backend = backend if backend is not None else backend_for(settings.transport)
+    problem = transactional_problem(app, settings.idempotency.backend)
+    if problem is not None:  # before any connection: the settings alone decide
+        raise WorkerError(problem)
     async with contextlib.AsyncExitStack() as stack:
         tracer = telemetry.tracer("jobstream.worker") if telemetry.tracing else None
         # The stores first: a store that cannot be opened stops the worker before it
@@ -56,7 +59,11 @@ async def open_worker(
         store: IdempotencyStore | None = None
         if settings.idempotency.backend != "memory":
             store = await _until_answers(
-                settings, "idempotency", lambda: open_idempotency_store(settings)
+                settings,
+                "idempotency",
+                lambda: open_idempotency_store(
+                    settings, max_connections=store_connections(app, settings)
+                ),
             )
             stack.push_async_callback(store.close)
         source, router = await backend.open(app, settings, stack, tracer)

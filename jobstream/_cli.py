@@ -11,6 +11,7 @@ import typer
 from jobstream import (
     _cli_dlq,
     _cli_ingress,
+    _cli_outbox,
     _cli_publish,
     _cli_schemas,
     _cli_spool,
@@ -33,6 +34,7 @@ _cli_worker.register(app)
 _cli_dlq.register(app)
 _cli_ingress.register(app)
 _cli_spool.register(app)
+_cli_outbox.register(app)
 
 
 def main() -> None:

@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import typer
-from pydantic import ValidationError
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError
 from pydantic_settings import BaseSettings, SettingsError
 
 from producer import CONFIG_FILE_ENV, ENV_PREFIX, ProducerSettings
@@ -81,6 +81,40 @@ def load_settings(cls: type[S], **overrides: Any) -> S:
             "JOBSTREAM_NATS__SERVERS='[\"nats://a:4222\"]'; see docs/configuration.md)",
             USAGE,
         ) from None
+
+
+class OutboxSettings(BaseModel):
+    """The transactional outbox and its relay (`JOBSTREAM_OUTBOX__*`, docs/outbox.md)."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    url: SecretStr | None = None
+    """PostgreSQL URL of the database that holds the outbox table (the one the producing
+    service writes its own rows to), e.g. `postgresql://app@db:5432/app`. Required by
+    `jobstream outbox relay`."""
+    table: str = Field(default="jobstream_outbox", pattern=r"^[A-Za-z_][A-Za-z0-9_]{0,50}$")
+    """The outbox table (a plain SQL identifier); the relay creates it if missing."""
+    batch_size: int = Field(default=500, ge=1, le=10_000)
+    """Most rows the relay reads and publishes per round."""
+    poll_s: float = Field(default=0.2, gt=0, le=60)
+    """The relay's wait after a round that found nothing (seconds)."""
+    standby_poll_s: float = Field(default=1.0, gt=0, le=60)
+    """How often a standby relay replica tries to take the publishing lock (seconds)."""
+    retention_s: float = Field(default=7 * 86400.0, ge=0)
+    """Sent rows are deleted this long after they were sent (seconds)."""
+    prune_every_s: float = Field(default=60.0, gt=0)
+    """How often the relay deletes sent rows past `retention_s` (seconds)."""
+    health_port: int = Field(default=0, ge=0, le=65535)
+    """Port of the relay's `/livez` and `/readyz`; 0: no health endpoint."""
+    liveness_silence_s: float = Field(default=60.0, gt=0)
+    """`/livez` answers 503 when no relay round ended for this long (seconds)."""
+
+
+class OutboxRelaySettings(ProducerSettings):
+    """The producer's settings plus the `outbox` section: what `jobstream outbox` reads."""
+
+    outbox: OutboxSettings = Field(default_factory=OutboxSettings)
+    """The transactional outbox and its relay (`JOBSTREAM_OUTBOX__*`)."""
 
 
 def settings_for(**flags: Any) -> ProducerSettings:

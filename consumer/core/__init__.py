@@ -5,7 +5,14 @@ failure decisions and details, dead letters, and the `Backend` seam.
 Nothing here imports a broker client; `make check` enforces it.
 """
 
-from consumer.core._app import App, CancellationSignal, HandlerSpec, JobContext, main_destinations
+from consumer.core._app import (
+    App,
+    CancellationSignal,
+    HandlerSpec,
+    JobContext,
+    main_destinations,
+    store_connections,
+)
 from consumer.core._cron import MAX_CATCH_UP, CronSchedule, JobFactory
 from consumer.core._dead_letters import (
     DeadLetterFilter,
@@ -22,7 +29,14 @@ from consumer.core._delays import (
     remaining_s,
 )
 from consumer.core._due import DueQueue
-from consumer.core._errors import DeadLetter, JobTimeout, MaxDeliveries, Retry, WorkerError
+from consumer.core._errors import (
+    CommitUnknown,
+    DeadLetter,
+    JobTimeout,
+    MaxDeliveries,
+    Retry,
+    WorkerError,
+)
 from consumer.core._failures import (
     ERROR,
     FAILURE_EXTENSIONS,
@@ -66,6 +80,7 @@ __all__ = [
     "SOURCE_TOPIC",
     "App",
     "CancellationSignal",
+    "CommitUnknown",
     "CronSchedule",
     "CronSettings",
     "DeadLetter",
@@ -110,6 +125,7 @@ __all__ = [
     "reduced_dead_letter",
     "remaining_s",
     "replay_headers",
+    "store_connections",
     "traceback_text",
     "unescape",
     "utc_now",

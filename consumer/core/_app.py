@@ -25,11 +25,14 @@ import math
 import time
 from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from consumer.core._cron import CronSchedule, JobFactory
 from consumer.core._settings import Settings
 from schemas import Job, JobAttributes, JobRegistry
+
+if TYPE_CHECKING:
+    from psycopg import AsyncConnection
 
 J = TypeVar("J", bound=Job)
 F = TypeVar("F", bound=Callable[..., Any])
@@ -75,7 +78,7 @@ class JobContext:
     Read-only for handlers. `logger` and the cancellation signal's event are made when
     first used, not for every job."""
 
-    __slots__ = ("_attributes", "_cancellation", "_deadline", "_logger")
+    __slots__ = ("_attributes", "_cancellation", "_deadline", "_logger", "_transaction")
 
     def __init__(
         self,
@@ -90,6 +93,7 @@ class JobContext:
         self._logger = logger
         self._deadline = deadline
         self._cancellation = cancellation if cancellation is not None else CancellationSignal()
+        self._transaction: AsyncConnection[Any] | None = None
 
     def __repr__(self) -> str:
         return f"JobContext(job_id={self.job_id!r}, attempt={self.attempt})"
@@ -121,6 +125,25 @@ class JobContext:
     def cancellation(self) -> CancellationSignal:
         """Set when the job is cancelled or the worker shuts down; stop cooperatively."""
         return self._cancellation
+
+    @property
+    def transaction(self) -> AsyncConnection[Any]:
+        """The PostgreSQL connection of this run's transaction (a psycopg 3
+        `AsyncConnection`, inside `BEGIN`), for handlers registered with
+        `transactional=True`: write the job's effects through it. The runtime commits it
+        together with the job's completion record, or rolls it back (docs/outbox.md).
+        Do not commit, roll back or close it. `RuntimeError` for other handlers."""
+        if self._transaction is None:
+            msg = (
+                "ctx.transaction is only for handlers registered with transactional=True "
+                "(and the postgres idempotency store)"
+            )
+            raise RuntimeError(msg)
+        return self._transaction
+
+    def use_transaction(self, connection: AsyncConnection[Any] | None) -> None:
+        """For the runtime: the transaction `transaction` returns (None: no more)."""
+        self._transaction = connection
 
     def next_attempt(self, attributes: JobAttributes, deadline: float) -> JobContext:
         """The context of the job's next attempt (an in-place retry): same signal."""
@@ -159,6 +182,8 @@ class HandlerSpec:
     is_async: bool
     timeout_s: float | None
     cpu_bound: bool
+    transactional: bool = False
+    """Run in a PostgreSQL transaction that commits with the job's completion record."""
 
     @property
     def name(self) -> str:
@@ -175,9 +200,18 @@ class App:
         self.registry = JobRegistry()
 
     def handler(
-        self, model: type[J], *, timeout_s: float | None = None, cpu_bound: bool = False
+        self,
+        model: type[J],
+        *,
+        timeout_s: float | None = None,
+        cpu_bound: bool = False,
+        transactional: bool = False,
     ) -> Callable[[Handler[J]], Handler[J]]:
-        """Register `func` for jobs of `model` (one type and version)."""
+        """Register `func` for jobs of `model` (one type and version).
+
+        `transactional=True` (async handlers, the `postgres` idempotency store): the
+        handler writes through `ctx.transaction`, which commits together with the job's
+        completion record, so its effect lands once (docs/outbox.md)."""
 
         def register(func: Handler[J]) -> Handler[J]:
             key = (model.job_type, model.job_version)
@@ -191,7 +225,15 @@ class App:
             if cpu_bound and is_async:
                 msg = f"{func.__qualname__}: cpu_bound handlers must be plain (sync) functions"
                 raise TypeError(msg)
-            self._handlers[key] = HandlerSpec(model, func, is_async, timeout_s, cpu_bound)
+            if transactional and not is_async:
+                msg = (
+                    f"{func.__qualname__}: transactional handlers must be async functions "
+                    "(ctx.transaction is an async psycopg connection)"
+                )
+                raise TypeError(msg)
+            self._handlers[key] = HandlerSpec(
+                model, func, is_async, timeout_s, cpu_bound, transactional
+            )
             self.registry.register(model)
             return func
 
@@ -251,6 +293,19 @@ class App:
 
     def __iter__(self) -> Iterator[HandlerSpec]:
         return iter(self._handlers.values())
+
+
+STORE_CONNECTIONS = 8
+"""The PostgreSQL idempotency store's pool bound for apps without transactional handlers."""
+
+
+def store_connections(app: App, settings: Settings) -> int:
+    """The PostgreSQL idempotency store's pool bound: with transactional handlers every job
+    in flight may hold a connection for its transaction, plus 4 for claims, renewals and
+    completions (a renewal starved of a connection would lose its lease)."""
+    if any(spec.transactional for spec in app):
+        return max(STORE_CONNECTIONS, settings.worker.max_in_flight + 4)
+    return STORE_CONNECTIONS
 
 
 def main_destinations(app: App, settings: Settings) -> list[str]:

@@ -10,6 +10,9 @@ JobstreamError (schemas)                    root of every jobstream error
 ├── Retry(delay_s=None)                     raised by a handler: retry, optionally after delay_s
 ├── DeadLetter(reason)                      raised by a handler: do not retry, dead-letter now
 ├── JobTimeout                              retriable: the job ran past its timeout
+├── CommitUnknown                           retriable: no answer to the COMMIT of a
+│                                           transactional handler (the completion
+│                                           record decides what the retry does)
 ├── MaxDeliveries                           dead-letter: the broker's last delivery (NATS
 │                                           max_deliver) after crashes or cut-offs
 └── WorkerError                             fatal: the worker exits non-zero, the
@@ -56,6 +59,22 @@ class JobTimeout(JobstreamError):
     def __init__(self, limit_s: float) -> None:
         super().__init__(f"job did not finish within its timeout of {limit_s:g}s")
         self.limit_s = limit_s
+
+
+class CommitUnknown(JobstreamError):
+    """The COMMIT of a transactional handler's transaction got no answer (connection lost,
+    cancelled while committing): the effect and its completion record landed together or
+    not at all, and which is unknown here. Retriable: the retry's claim finds the
+    completion (skipped) or finds none (runs). Never reported as done."""
+
+    retriable: ClassVar[bool] = True
+    reason: ClassVar[str] = "commit-unknown"
+
+    def __init__(self, error: BaseException) -> None:
+        super().__init__(
+            f"the commit of the job's transaction got no answer ({error!r}): the job is "
+            "retried, and its completion record decides whether it runs again"
+        )
 
 
 class MaxDeliveries(JobstreamError):

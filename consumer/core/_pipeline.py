@@ -1,8 +1,10 @@
 """How one job is processed: a chain of steps, composed in one visible place.
 
 Order (outermost first): tracing -> metrics -> logging -> idempotency -> status ->
-failure routing -> cancellation -> timeout -> handler (tracing and metrics only when
-telemetry is on; see `_worker.py`, where the chain is composed). Status
+failure routing -> cancellation -> timeout -> transaction -> handler (tracing and metrics
+only when telemetry is on, the transaction only for `transactional=True` handlers, right
+around the handler so each in-place retry has a transaction of its own; see `_worker.py`,
+where the chain is composed). Status
 sits outside failure routing so it records `retrying` / `dead_lettered`; cancellation sits
 inside it so a cancelled job that raises is not retried. The status and cancellation steps
 are present when a status store is configured. Each step is a module of its own and sees
@@ -52,6 +54,11 @@ class JobRun:
     """Set by the handler step when it stops waiting for a cancelled handler call (a thread
     or pool process runs on, abandoned): done when that call really ends. The idempotency
     step keeps the job's claim until then, so no other delivery runs the job meanwhile."""
+    claim: tuple[str, str] | None = None
+    """Set by the idempotency step while it holds the job's claim: (key, fencing token)."""
+    completed_in_transaction: bool = False
+    """Set by the transaction step once the handler's transaction committed with the job's
+    completion record: the idempotency step then writes no second one."""
 
     @property
     def attributes(self) -> JobAttributes | None:

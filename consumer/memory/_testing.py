@@ -32,6 +32,7 @@ from consumer.core import (
     Outcome,
     Settings,
     main_destinations,
+    store_connections,
 )
 from consumer.memory._backend import MemoryBackend
 from consumer.memory._dead_letters import list_dead_letters
@@ -136,7 +137,9 @@ class TestApp:
     async def __aenter__(self) -> Self:
         job_types = self.settings.worker.subscribe_types or self.app.job_types()
         await self.backend.provision(self.settings, job_types)
-        self._store = await open_store(self.settings.idempotency)
+        self._store = await open_store(
+            self.settings.idempotency, max_connections=store_connections(self.app, self.settings)
+        )
         self._status = await open_status(self.settings)
         await self.producer.start()
         try:

@@ -15,7 +15,7 @@ from consumer.runtime._reachable import until_reachable
 from consumer.runtime._record_routing import RecordFailureRouter, RecordPublisher
 from consumer.runtime._replay import replay_records
 from consumer.runtime._weighted import PriorityLevels, normal_topics
-from consumer.runtime._worker import Worker
+from consumer.runtime._worker import Worker, transactional_problem
 
 __all__ = [
     "CronScheduler",
@@ -31,6 +31,7 @@ __all__ = [
     "normal_topics",
     "replay_records",
     "store_dead_letter",
+    "transactional_problem",
     "until_acknowledged",
     "until_reachable",
 ]

@@ -58,6 +58,7 @@ from consumer.core import (
     Step,
     WorkerError,
     compose,
+    store_connections,
 )
 from consumer.runtime._cron import CronScheduler, TickPublisher
 from consumer.runtime._cut_offs import CutOffs, Running
@@ -74,6 +75,8 @@ from consumer.steps import (
     RecordFailures,
     StatusStep,
     TimeoutStep,
+    TransactionalStore,
+    TransactionStep,
     logging_step,
 )
 from consumer.stores import IdempotencyStore, StatusStore, open_store
@@ -200,7 +203,10 @@ class Worker:
             processes = functools.partial(ProcessPoolExecutor, worker.process_pool_size or None)
         self._handler = HandlerStep(self._threads, processes, worker.cancel_grace_s)
         own_store = self._store is None
-        store = self._store or await open_store(self.settings.idempotency)
+        store = self._store or await open_store(
+            self.settings.idempotency, max_connections=store_connections(self.app, self.settings)
+        )
+        transaction = await self._transaction_steps(store, own_store=own_store)
         cancellation = (
             CancellationStep(self._status, self.settings.status.cancel_poll_s)
             if self._status is not None
@@ -217,6 +223,7 @@ class Worker:
                 FailureStep(self._router, self.settings.retry),
                 *([cancellation] if cancellation is not None else []),
                 TimeoutStep(worker.job_timeout_s),
+                *transaction,
             ],
             self._handler,
         )
@@ -269,6 +276,21 @@ class Worker:
             self._let_go_of_pools()
         if self._fault is not None:
             raise WorkerError(f"worker stopped by a fault: {self._fault!r}") from self._fault
+
+    async def _transaction_steps(self, store: IdempotencyStore, *, own_store: bool) -> list[Step]:
+        """The transaction step when the app has transactional handlers (none otherwise:
+        the chain stays as short as before); `WorkerError` with one line when the store
+        cannot write a completion inside a transaction."""
+        transactional = [spec.name for spec in self.app if spec.transactional]
+        if not transactional:
+            return []
+        if not isinstance(store, TransactionalStore):
+            if own_store:
+                await store.close()
+            self._let_go_of_pools()
+            backend = self.settings.idempotency.backend
+            raise WorkerError(transactional_problem(self.app, backend) or "")
+        return [TransactionStep(store, self.settings.idempotency.retention_s)]
 
     def _cron_scheduler(self, store: IdempotencyStore) -> CronScheduler | None:
         schedules = self.app.schedules
@@ -533,6 +555,19 @@ class Worker:
         if late:
             self._cut_offs.cut_off(late, "revoke timeout", self._handler)
             await self._cut_offs.ended(late, self.settings.worker.cancel_grace_s)
+
+
+def transactional_problem(app: App, backend: str) -> str | None:
+    """Why `app` cannot run with the idempotency store `backend` (one line), or None:
+    transactional handlers need the postgres store (docs/outbox.md)."""
+    transactional = [spec.name for spec in app if spec.transactional]
+    if not transactional or backend == "postgres":
+        return None
+    return (
+        f"transactional handlers ({', '.join(transactional)}) need the postgres "
+        f"idempotency store, not {backend!r}: set JOBSTREAM_IDEMPOTENCY__BACKEND=postgres "
+        "and JOBSTREAM_IDEMPOTENCY__URL to the database the handlers write to"
+    )
 
 
 async def _stop_task(task: asyncio.Task[None], grace_s: float) -> None:

@@ -1,6 +1,7 @@
 """The steps of a job run, one module each, composed by the worker in this order
 (outermost first): tracing -> metrics (`consumer.telemetry`) -> logging -> idempotency ->
-status -> failure routing -> cancellation -> timeout -> handler. See `core/_pipeline.py`."""
+status -> failure routing -> cancellation -> timeout -> transaction (transactional handlers only)
+-> handler. See `core/_pipeline.py`."""
 
 from consumer.steps._cancel import CancellationStep
 from consumer.steps._failure import FailureStep, RecordFailures
@@ -9,6 +10,7 @@ from consumer.steps._idempotency import IdempotencyStep
 from consumer.steps._logging import logging_step
 from consumer.steps._status import StatusStep
 from consumer.steps._timeout import TimeoutStep
+from consumer.steps._transaction import TransactionalStore, TransactionStep
 
 __all__ = [
     "AbandonedRun",
@@ -19,5 +21,7 @@ __all__ = [
     "RecordFailures",
     "StatusStep",
     "TimeoutStep",
+    "TransactionStep",
+    "TransactionalStore",
     "logging_step",
 ]

@@ -13,6 +13,9 @@ job, to another worker or to the same one, never shares the first one's claim.
   answered "not yours" (taken over, or completed by another run), or no renewal for a
   whole lease, cuts the run off (`JobRun.cut_off`, through the worker's `cut_off`): it
   is never settled, and is delivered again.
+- A transactional handler's completion is written in its own transaction
+  (`steps/_transaction.py`, fenced by this delivery's token, `JobRun.claim`); the step
+  then writes no second record.
 - Completion is recorded before the step returns, i.e. before the offset can be
   committed. While the store cannot record it, the claim is still renewed and the job
   stays unsettled, for `record_timeout_s` at most; then `WorkerError` stops the worker
@@ -87,6 +90,7 @@ class IdempotencyStep:
         if state is ClaimState.COMPLETED:
             return Outcome.DUPLICATE
         lease = _Lease(self, self._store, run, key, token, sent)
+        run.claim = (key, token)  # the fence of a transactional completion
         try:
             outcome = await call_next(run)
         except BaseException:
@@ -104,6 +108,9 @@ class IdempotencyStep:
             return outcome
         # Completed and dead-lettered are final: a redelivery is skipped.
         lease.handler_ended()
+        if run.completed_in_transaction:  # committed with the handler's transaction
+            lease.stop()
+            return outcome
         try:
             await self._record(key, token)
         finally:

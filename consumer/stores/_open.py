@@ -16,9 +16,14 @@ from consumer.stores._status import MemoryStatusStore, StatusStore
 from consumer.stores._status_redis import RedisStatusStore
 
 
-async def open_store(settings: IdempotencySettings) -> IdempotencyStore:
+async def open_store(
+    settings: IdempotencySettings, *, max_connections: int = 8
+) -> IdempotencyStore:
     """The store `settings.backend` names, connected. Raises `ValueError` for `nats-kv`,
-    which `consumer._backends.open_idempotency_store` opens through the NATS backend."""
+    which `consumer._backends.open_idempotency_store` opens through the NATS backend.
+    `max_connections`: the PostgreSQL pool's bound (a transactional handler holds one
+    connection while it runs: the worker passes its `max_in_flight` plus room for the
+    claims, renewals and completions)."""
     if settings.backend == "memory":
         return MemoryIdempotencyStore()
     url = settings.url.get_secret_value() if settings.url else ""
@@ -30,7 +35,9 @@ async def open_store(settings: IdempotencySettings) -> IdempotencyStore:
     if settings.backend == "postgres":
         from consumer.stores._postgres import PostgresIdempotencyStore  # noqa: PLC0415
 
-        return await PostgresIdempotencyStore.connect(url, settings.namespace)
+        return await PostgresIdempotencyStore.connect(
+            url, settings.namespace, max_connections=max_connections
+        )
     msg = f"idempotency backend {settings.backend!r} is opened by its broker backend"
     raise ValueError(msg)
 

@@ -8,12 +8,20 @@ microseconds), which every renewal moves; `take_over` is an `UPDATE` conditional
 Expired rows are deleted now and then (the retention bound). Claims and completions made
 in one turn of the event loop go to the server together, in pipeline mode
 (`_batching.MicroBatch`): one round trip for the batch, each statement its own transaction.
+
+Transactional completion (docs/outbox.md): `transaction()` lends a pooled connection for a
+handler's transaction, and `complete_in` writes the completion inside it, fenced: an
+`UPDATE` that matches only this delivery's running claim (its token), so a delivery whose
+claim was taken over completes nothing, and the row it locks makes a takeover wait for the
+commit (then it finds the job done).
 """
 
 from __future__ import annotations
 
 import re
-from collections.abc import Sequence
+from collections.abc import AsyncIterator, Sequence
+from contextlib import asynccontextmanager
+from typing import Any
 
 import psycopg
 from psycopg import sql
@@ -35,8 +43,28 @@ class PostgresIdempotencyStore:
             self._complete_batch
         )
 
+    @asynccontextmanager
+    async def transaction(self) -> AsyncIterator[psycopg.AsyncConnection[Any]]:
+        """A pooled connection for one handler transaction (the caller runs `BEGIN` through
+        `connection.transaction()`); `psycopg_pool.PoolTimeout` when none is free in time."""
+        async with self._pool.connection() as conn:
+            yield conn
+
+    async def complete_in(
+        self, conn: psycopg.AsyncConnection[Any], key: str, token: str, retention_s: float
+    ) -> bool:
+        """Record `key` completed inside `conn`'s open transaction, only if `token` still
+        holds its running claim; False (nothing written) when it does not."""
+        query = sql.SQL(
+            "UPDATE {} SET state = 'done', expires_at = now() + make_interval(secs => %s)"
+            " WHERE key = %s AND owner = %s AND state = 'running'"
+        ).format(self._table)
+        return (await conn.execute(query, (retention_s, key, token))).rowcount == 1
+
     @classmethod
-    async def connect(cls, url: str, namespace: str) -> PostgresIdempotencyStore:
+    async def connect(
+        cls, url: str, namespace: str, *, max_connections: int = 8
+    ) -> PostgresIdempotencyStore:
         if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", namespace):
             msg = f"idempotency namespace {namespace!r} must be a plain SQL identifier"
             raise ValueError(msg)
@@ -53,7 +81,7 @@ class PostgresIdempotencyStore:
                 ).format(table)
             )
         pool = AsyncConnectionPool(
-            url, min_size=1, max_size=8, open=False, kwargs={"autocommit": True}
+            url, min_size=1, max_size=max_connections, open=False, kwargs={"autocommit": True}
         )
         await pool.open(wait=True, timeout=10)
         return cls(pool, f"{namespace}_idempotency")

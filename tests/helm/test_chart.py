@@ -28,6 +28,7 @@ import yaml
 from pydantic import BaseModel
 
 from consumer import Settings
+from jobstream._config import OutboxSettings
 
 ROOT = Path(__file__).resolve().parents[2]
 CHART = ROOT / "helm" / "jobstream"
@@ -164,6 +165,13 @@ CASES: dict[str, dict[str, Any]] = {
         "metrics": {"serviceMonitor": {"enabled": True}},
         "podDisruptionBudget": {"maxUnavailable": "25%"},
     },
+    "kafka-outbox-relay": {
+        "outboxRelay": {
+            "enabled": True,
+            "table": "orders_outbox",
+            "urlSecret": {"name": "orders-db", "key": "url"},
+        },
+    },
     "nats-hpa-recreate-digest": {
         "config": {"transport": "nats"},
         "image": {"repository": "registry.example.com/mail", "digest": "sha256:" + "0" * 64},
@@ -265,7 +273,9 @@ def settings_fields(model: type[BaseModel] = Settings, path: str = "") -> dict[s
 
 
 SETTINGS = settings_fields()
-SETTINGS_ENV = frozenset(SETTINGS.values())
+# `jobstream outbox relay` reads the `outbox` section besides the worker's settings.
+OUTBOX_ENV = frozenset(f"JOBSTREAM_OUTBOX__{name.upper()}" for name in OutboxSettings.model_fields)
+SETTINGS_ENV = frozenset(SETTINGS.values()) | OUTBOX_ENV
 
 
 def config_of(values: dict[str, Any], section: str) -> dict[str, Any]:
@@ -520,7 +530,7 @@ def test_probes_security_and_storage(rendered: dict[str, list[dict[str, Any]]], 
     docs = rendered[case]
     for deployment, container in containers(docs):
         pod = only(docs, "Deployment", deployment)["spec"]["template"]["spec"]
-        port_name = "health" if deployment == WORKER else "http"
+        port_name = "http" if deployment == INGRESS else "health"
         assert container["livenessProbe"]["httpGet"] == {"path": "/livez", "port": port_name}
         assert container["readinessProbe"]["httpGet"] == {"path": "/readyz", "port": port_name}
         assert port_name in {p["name"] for p in container["ports"]}
@@ -892,3 +902,20 @@ def test_the_built_helm_renders_the_chart_without_a_kube_version(helm: str) -> N
     assert result.returncode == 0, result.stderr
     kinds = {doc["kind"] for doc in yaml.safe_load_all(result.stdout) if doc}
     assert {"Deployment", "ConfigMap"} <= kinds, kinds
+
+
+def test_the_outbox_relay_is_off_by_default_and_publishes_from_its_table_when_on(
+    rendered: dict[str, list[dict[str, Any]]],
+) -> None:
+    relay = f"{RELEASE}-jobstream-outbox-relay"
+    assert all(doc["metadata"]["name"] != relay for doc in rendered["kafka-fixed-defaults"])
+    deployment = only(rendered["kafka-outbox-relay"], "Deployment", relay)
+    assert deployment["spec"]["replicas"] == 2  # one publishes, one stands by
+    (container,) = deployment["spec"]["template"]["spec"]["containers"]
+    assert container["command"] == ["jobstream", "outbox", "relay"]
+    env = {e["name"]: e for e in container["env"]}
+    assert env["JOBSTREAM_OUTBOX__TABLE"]["value"] == "orders_outbox"
+    assert env["JOBSTREAM_OUTBOX__HEALTH_PORT"]["value"] == "8081"
+    assert env["JOBSTREAM_OUTBOX__URL"]["valueFrom"] == {
+        "secretKeyRef": {"name": "orders-db", "key": "url"}
+    }

@@ -15,6 +15,7 @@ from pathlib import Path
 from pydantic import BaseModel
 
 from consumer import Settings
+from jobstream._config import OutboxSettings
 
 DOC = Path(__file__).resolve().parents[2] / "docs" / "configuration.md"
 # A table row: | `setting.path` | `JOBSTREAM_...` | ...
@@ -45,6 +46,8 @@ def env_vars(model: type[BaseModel], prefix: str) -> list[str]:
 
 
 SETTINGS = env_vars(Settings, Settings.model_config.get("env_prefix") or "")
+# `jobstream outbox` reads the producer's settings plus the `outbox` section.
+SETTINGS += env_vars(OutboxSettings, "JOBSTREAM_OUTBOX__")
 
 
 def test_the_walk_reaches_nested_settings() -> None:
