@@ -26,6 +26,7 @@ from consumer.runtime import HealthServer
 from jobstream._config import USAGE, OutboxRelaySettings, fail, load_settings, run
 from producer import JobProducer
 from producer.outbox import OutboxRelay, RelayOptions, outbox_ddl
+from producer.secrets import with_password
 
 log = logging.getLogger("jobstream.outbox")
 
@@ -87,7 +88,14 @@ def _url(settings: OutboxRelaySettings) -> str:
             "holds the outbox table, e.g. postgresql://app@db:5432/app",
             USAGE,
         )
-    return settings.outbox.url.get_secret_value()
+    try:
+        return with_password(
+            settings.outbox.url.get_secret_value(),
+            settings.outbox.password_file,
+            "outbox.password_file",
+        )
+    except ValueError as error:
+        raise fail(str(error), USAGE) from None
 
 
 async def _relay(settings: OutboxRelaySettings, url: str) -> None:

@@ -92,6 +92,9 @@ class OutboxSettings(BaseModel):
     """PostgreSQL URL of the database that holds the outbox table (the one the producing
     service writes its own rows to), e.g. `postgresql://app@db:5432/app`. Required by
     `jobstream outbox relay`."""
+    password_file: Path | None = None
+    """A file holding the database password (a mounted Kubernetes Secret; one trailing
+    newline is ignored), put into `url` when the relay connects (docs/security.md)."""
     table: str = Field(default="jobstream_outbox", pattern=r"^[A-Za-z_][A-Za-z0-9_]{0,50}$")
     """The outbox table (a plain SQL identifier); the relay creates it if missing."""
     batch_size: int = Field(default=500, ge=1, le=10_000)

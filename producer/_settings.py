@@ -281,6 +281,10 @@ class UniqueSettings(_Frozen):
     bucket over the `nats` connection settings; `nats://host:port` replaces their servers)
     or `memory` (this producer only: tests, the memory transport). None: a publish with a
     `unique_key` raises `ValueError`."""
+    password_file: Path | None = None
+    """A file holding the Redis or PostgreSQL password (a mounted Kubernetes Secret; one
+    trailing newline is ignored), put into `url` when the store connects, so the URL
+    itself holds none (docs/security.md)."""
     namespace: str = "jobstream"
     """Prefix of the keys (Redis: `<namespace>:unique:<key>`), table (PostgreSQL:
     `<namespace>_unique`) or bucket (NATS: `<namespace>_unique`)."""

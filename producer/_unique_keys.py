@@ -39,6 +39,7 @@ from producer._unique import (
     settle_record,
 )
 from producer.retrying import Backoff, retry
+from producer.secrets import with_password
 
 __all__ = ["HeldClaims", "Reservation", "UniqueKeys", "open_unique_keys"]
 
@@ -235,6 +236,8 @@ def open_unique_keys(
         return UniqueKeys(MemoryUniqueStore(), unique, "memory")
     scheme = url.split("://", 1)[0] if "://" in url else "postgresql"  # else a conninfo
     module = importlib.import_module(_STORES[scheme])
+    if scheme != "nats":  # NATS: the `nats` connection settings hold its credentials
+        url = with_password(url, unique.password_file, "unique.password_file")
     opened = cast("UniqueStore", module.make_unique_store(settings, url))
     return UniqueKeys(opened, unique, _redacted(url))
 

@@ -7,13 +7,11 @@ imports nats-py.
 
 from __future__ import annotations
 
-from pathlib import Path
-from urllib.parse import quote, urlsplit, urlunsplit
-
 from consumer.core import IdempotencySettings, Settings
 from consumer.stores._idempotency import IdempotencyStore, MemoryIdempotencyStore
 from consumer.stores._status import MemoryStatusStore, StatusStore
 from consumer.stores._status_redis import RedisStatusStore
+from producer.secrets import with_password
 
 
 async def open_store(
@@ -59,26 +57,3 @@ async def open_status(settings: Settings) -> StatusStore | None:
     if url is not None:
         url = with_password(url, status.password_file, "status.password_file")
     return await open_status_store(status.backend, url, status.namespace, status.retention_s)
-
-
-def with_password(url: str, password_file: Path | None, setting: str) -> str:
-    """`url` with the password read from `password_file` (without its trailing newline)
-    put in: into the URL's user part (`redis://:pw@host`, `postgresql://user:pw@host`),
-    or appended as `password=...` to a PostgreSQL conninfo string. `ValueError` naming
-    `setting` if the file cannot be read; the message never holds the password."""
-    if password_file is None:
-        return url
-    try:
-        password = password_file.read_text().removesuffix("\n").removesuffix("\r")
-    except (OSError, UnicodeDecodeError) as error:
-        reason = error.strerror if isinstance(error, OSError) else "not UTF-8 text"
-        msg = f"cannot read {setting} {password_file}: {reason}; point it at a readable file"
-        raise ValueError(msg) from None
-    if "://" not in url:  # conninfo: key=value pairs, values quoted with '...'
-        escaped = password.replace("\\", "\\\\").replace("'", "\\'")
-        return f"{url} password='{escaped}'"
-    parts = urlsplit(url)
-    user = parts.netloc.rpartition("@")[0].partition(":")[0]
-    host = parts.netloc.rpartition("@")[2]
-    netloc = f"{user}:{quote(password, safe='')}@{host}"
-    return urlunsplit(parts._replace(netloc=netloc))

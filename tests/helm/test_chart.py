@@ -701,6 +701,7 @@ def test_values_schema_matches_the_settings_model() -> None:
     _, formats = _settings_schema()
     secret = {path for path, fmt in formats.items() if fmt == "password"}
     files = {path for path, fmt in formats.items() if fmt == "path"} - CHART_OWNED
+    files |= {"outbox.password_file"}  # the relay's (`OutboxSettings`), not the worker's
     assert _leaf_paths(chart["secrets"]["properties"]["values"]) == secret
     assert _leaf_paths(chart["secretFiles"]["properties"]["settings"]) == files
 

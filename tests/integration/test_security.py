@@ -28,9 +28,11 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+import psycopg
 import pytest
 import redis
 
+from producer.outbox import outbox_ddl
 from tests.support import ROOT, free_port, read_sink, wait_until
 
 pytestmark = pytest.mark.integration
@@ -546,3 +548,68 @@ def test_a_worker_with_a_wrong_password_stops_with_one_line(
     setting = "kafka.sasl_password" if transport == "kafka" else "nats.password"
     assert last.startswith(f"error: {transport} at ") and setting in last
     assert "not-the-password" not in result.stdout + result.stderr
+
+
+def test_unique_keys_and_the_outbox_read_their_postgres_password_from_a_file(
+    secured: Secured, tmp_path: Path
+) -> None:
+    """`unique.password_file` and `outbox.password_file` over TLS PostgreSQL: two publishes
+    of one unique key give one job id; `outbox status` reads the table; a wrong password
+    file is one line naming the setting's URL, without the password."""
+    ca = secured.home / "ca.pem"
+    database = (
+        f"postgresql://jobstream@127.0.0.1:{POSTGRES_PORT}/postgres"
+        f"?sslmode=verify-full&sslrootcert={ca}"
+    )
+    password = secured.home / "postgres-password"
+    topic = f"secure.unique.{tmp_path.name[-20:]}".replace("_", "-")
+    env = _env(
+        secured.kafka_env(),
+        JOBSTREAM_ROUTING__ROUTES=json.dumps({"test.record": topic}),
+        JOBSTREAM_ROUTING__PARTITIONS="1",
+        JOBSTREAM_UNIQUE__URL=database,
+        JOBSTREAM_UNIQUE__PASSWORD_FILE=str(password),
+    )
+    assert _cli("topics", "ensure", env=env).returncode == 0
+    key = f"k-{tmp_path.name}"
+    ids = []
+    for _ in range(2):
+        published = _cli(
+            "publish", "test.record", "--data", '{"seq": 1, "key": "a"}', "--unique-key", key,
+            "--unique-for", "60", env=env,
+        )  # fmt: skip
+        assert published.returncode == 0, published.stderr
+        ids.append(json.loads(published.stdout.splitlines()[0])["job_id"])
+    assert ids[0] == ids[1]
+
+    table = f"outbox_{tmp_path.name[-20:]}".replace("-", "_")
+    with psycopg.connect(database, password=secured.secret("postgres-password")) as conn:
+        for statement in outbox_ddl(table):
+            conn.execute(statement)
+    outbox = _env(
+        JOBSTREAM_OUTBOX__URL=database,
+        JOBSTREAM_OUTBOX__PASSWORD_FILE=str(password),
+        JOBSTREAM_OUTBOX__TABLE=table,
+    )
+    status = _cli("outbox", "status", "--json", env=outbox)
+    assert status.returncode == 0, status.stderr
+    assert json.loads(status.stdout) == {
+        "waiting": 0, "set_aside": 0, "sent": 0, "oldest_waiting_s": 0.0,
+    }  # fmt: skip
+
+    wrong = tmp_path / "wrong-password"
+    wrong.write_text("not-the-password\n")
+    refused = _cli(
+        "outbox", "status", env={**outbox, "JOBSTREAM_OUTBOX__PASSWORD_FILE": str(wrong)}
+    )
+    assert refused.returncode != 0
+    assert len(refused.stderr.strip().splitlines()) == 1, refused.stderr
+    assert "password authentication failed" in refused.stderr
+    assert "not-the-password" not in refused.stderr + refused.stdout
+    missing = _cli(
+        "outbox",
+        "status",
+        env={**outbox, "JOBSTREAM_OUTBOX__PASSWORD_FILE": str(tmp_path / "none")},
+    )
+    assert missing.returncode == 2
+    assert missing.stderr.startswith("error: cannot read outbox.password_file"), missing.stderr

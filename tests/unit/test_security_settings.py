@@ -14,13 +14,13 @@ from pydantic import ValidationError
 
 from consumer import Settings
 from consumer.stores import MemoryStatusStore
-from consumer.stores._open import with_password
 from jobstream._ingress import create_app
 from producer import KafkaSettings, NatsSettings
 from producer._refusals import tls_refusal
 from producer.kafka import kafka_client_options
 from producer.memory import BROKER
 from producer.nats._refusal import nats_refusal
+from producer.secrets import with_password
 from schemas import Job, JobRegistry
 
 
