@@ -3,10 +3,16 @@
 creation. The only producer package that imports aiokafka."""
 
 from producer._settings import ProducerSettings
-from producer.kafka._provision import ensure_kafka_topics
+from producer.kafka._provision import ensure_kafka_topics, kafka_replication
 from producer.kafka._publisher import KafkaPublisher, kafka_client_options
 
-__all__ = ["KafkaPublisher", "ensure_kafka_topics", "kafka_client_options", "make_publisher"]
+__all__ = [
+    "KafkaPublisher",
+    "ensure_kafka_topics",
+    "kafka_client_options",
+    "kafka_replication",
+    "make_publisher",
+]
 
 
 def make_publisher(settings: ProducerSettings) -> KafkaPublisher:
