@@ -9,11 +9,14 @@ SERVICES ?= kafka nats redis postgres jaeger
 # security.md): Kafka SASL_SSL+SCRAM on 9192, NATS TLS+nkey on 4322, Redis TLS on 6380,
 # PostgreSQL TLS on 5433, certificates from a local CA in .run/secure.
 SECURE ?=
+# CLUSTER=3: `make up` starts a three-node Kafka (KRaft) and a three-node NATS JetStream
+# cluster instead (scripts/cluster.py, docs/operations.md); `make down` stops both kinds.
+CLUSTER ?= 1
 PYTEST_ARGS ?=
 PACKAGES := schemas producer consumer jobstream
 
 .DEFAULT_GOAL := help
-.PHONY: chaos chaos-outbox openapi openapi-check helm htmx chromium demo fmt-check schemas help venv up down status test test-unit check fmt lint types imports schemas-check bench lock clean
+.PHONY: chaos chaos-outbox chaos-cluster test-cluster openapi openapi-check helm htmx chromium demo fmt-check schemas help venv up down status test test-unit check fmt lint types imports schemas-check bench lock clean
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-14s %s\n", $$1, $$2}'
@@ -28,12 +31,16 @@ $(BIN)/.installed: pyproject.toml constraints.txt
 
 venv: $(BIN)/.installed ## create or update the virtualenv (pinned by constraints.txt)
 
-up: venv ## start Kafka, NATS, Redis, PostgreSQL and Jaeger on 127.0.0.1 (reuses what runs); SECURE=1 adds the secured variants
-	@$(BIN)/python scripts/services.py up $(SERVICES)
+up: venv ## start Kafka, NATS, Redis, PostgreSQL and Jaeger on 127.0.0.1 (reuses what runs); SECURE=1 adds the secured variants; CLUSTER=3: 3-node Kafka and NATS clusters instead
+	@case "$(CLUSTER)" in \
+	  1) $(BIN)/python scripts/services.py up $(SERVICES) ;; \
+	  3) $(BIN)/python scripts/cluster.py up kafka nats ;; \
+	  *) echo "error: CLUSTER must be 1 (single brokers) or 3 (three-node clusters), got '$(CLUSTER)'"; exit 2 ;; \
+	esac
 	@if test -n "$(SECURE)"; then $(BIN)/python scripts/secure_services.py up; fi
 
-down: ## stop every local service; leaves no process behind
-	@if test -x $(BIN)/python; then $(BIN)/python scripts/services.py down; else $(PYTHON) scripts/services.py down; fi
+down: ## stop every local service, secured variant and cluster node; leaves no process behind
+	@py=$(BIN)/python; test -x $$py || py=$(PYTHON); $$py scripts/services.py down; $$py scripts/cluster.py down
 	@if test -x $(BIN)/python; then $(BIN)/python scripts/secure_services.py down; fi
 
 status: venv ## say which local services run
@@ -110,6 +117,12 @@ chaos: up ## 3 workers, 20 SIGKILLs, a broker and a store restart during 20,000 
 
 chaos-outbox: up ## the outbox and transactional handlers: 10 relay and 20 worker SIGKILLs during 20,000 jobs (Kafka, NATS)
 	@$(BIN)/python -m tests.chaos_outbox --private --worker-kills 20 --rate 200 $(CHAOS_ARGS)
+
+test-cluster: up ## the cluster failover tests alone (own 3-node clusters on private ports; also in `make test`)
+	@$(BIN)/pytest tests/integration/test_cluster_kafka.py tests/integration/test_cluster_nats.py $(PYTEST_ARGS)
+
+chaos-cluster: up ## leader kills, a rolling restart during 20,000 jobs on 3-node clusters (prints figures)
+	@$(BIN)/python -m tests.cluster $(CLUSTER_ARGS)
 
 $(BIN)/.bench-installed: $(BIN)/.installed
 	@PIP_CACHE_DIR=.cache/pip $(BIN)/pip install -q -c constraints.txt -e '.[dev,bench]'

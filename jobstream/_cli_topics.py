@@ -30,9 +30,11 @@ def register(app: typer.Typer) -> None:
         help="Create every missing topic (Kafka) or the stream (NATS) for the job types in "
         "JOBSTREAM_JOB_MODULES. Idempotent; run it on deploy.\n\n"
         "Kafka topics get JOBSTREAM_ROUTING__PARTITIONS partitions and "
-        "JOBSTREAM_ROUTING__REPLICATION_FACTOR replicas; existing topics are left unchanged. "
-        "The NATS stream JOBSTREAM_ROUTING__STREAM is created, or given missing subjects and "
-        "the configured limits.",
+        "JOBSTREAM_ROUTING__REPLICATION_FACTOR replicas (default: from the cluster's size, "
+        "3 with min.insync.replicas=2 on 3 brokers or more); existing topics are left "
+        "unchanged. "
+        "The NATS stream JOBSTREAM_ROUTING__STREAM is created (R3 on a cluster of 3 or more), "
+        "or given missing subjects and the configured limits.",
     )
     def ensure(
         transport: Annotated[

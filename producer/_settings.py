@@ -178,8 +178,19 @@ class RoutingSettings(_Frozen):
     """Window in which JetStream drops a publish whose `Nats-Msg-Id` (the job id) it saw."""
     partitions: int = Field(default=6, ge=1)
     """Partitions of topics created by `jobstream topics ensure`."""
-    replication_factor: int = Field(default=1, ge=1)
-    """Replication factor of topics created by `topics ensure` (and stream replicas)."""
+    replication_factor: int = Field(default=0, ge=0)
+    """Replicas of the topics, streams and buckets `topics ensure` creates; 0 (the default)
+    chooses from the cluster's size: 3 on a cluster of 3 or more nodes, else the node count
+    (1 on a single broker). Kafka topics get `min.insync.replicas` 2 with 3 or more
+    replicas, else 1 (docs/operations.md)."""
+
+    def replicas_for(self, nodes: int) -> tuple[int, int]:
+        """(replicas, Kafka `min.insync.replicas`) on a cluster of `nodes` brokers or
+        servers: `replication_factor` if set, else min(3, nodes); min in-sync 2 from 3
+        replicas on (a write survives one lost replica; the classic RF 3 / ISR 2), else 1."""
+        replicas = self.replication_factor or min(3, max(nodes, 1))
+        return replicas, 2 if replicas >= 3 else 1
+
     priorities: bool = False
     """Three priority levels (`high`, `normal`, `low`): a job published with `priority=`
     `high` or `low` goes to `<destination>.priority-<level>` (a topic or subject of its own),

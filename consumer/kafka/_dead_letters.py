@@ -20,7 +20,7 @@ from opentelemetry.trace import TracerProvider
 
 from consumer.core import DeadLetterFilter, DeadLetterRecord, ReplayResult, Settings
 from consumer.runtime import replay_records
-from producer.kafka import kafka_client_options, start_client
+from producer.kafka import kafka_client_options, kafka_replication, start_client
 from producer.tracecontext import recording_provider
 
 _DRAIN_POLL_MS = 500
@@ -83,10 +83,9 @@ class ReplayLedger:
         try:
             if self.topic in await admin.list_topics():
                 return
-            config = {"cleanup.policy": "compact"}
-            topic = NewTopic(
-                self.topic, 1, self._settings.routing.replication_factor, topic_configs=config
-            )
+            replicas, config = await kafka_replication(admin, self._settings.routing)
+            config = {**config, "cleanup.policy": "compact"}
+            topic = NewTopic(self.topic, 1, replicas, topic_configs=config)
             with contextlib.suppress(TopicAlreadyExistsError):  # created concurrently
                 await admin.create_topics([topic])
         finally:

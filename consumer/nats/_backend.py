@@ -36,7 +36,7 @@ from consumer.nats._source import NatsSource
 from consumer.runtime import until_reachable
 from consumer.stores import IdempotencyStore
 from producer import Publisher, plan_destinations
-from producer.nats import NatsPublisher, connect_nats
+from producer.nats import NatsPublisher, connect_nats, nats_replicas
 
 
 class NatsBackend:
@@ -98,6 +98,11 @@ class NatsBackend:
         ]
         client = await connect_nats(settings.nats)
         try:
+            # Replicas from the cluster's size, once, for the streams and the buckets alike.
+            routing = routing.model_copy(
+                update={"replication_factor": nats_replicas(client, routing)}
+            )
+            settings = settings.model_copy(update={"routing": routing})
             publisher = NatsPublisher(settings.nats, settings.routing)
             await publisher.start()
             try:

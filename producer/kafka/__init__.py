@@ -3,7 +3,7 @@
 creation. The only producer package that imports aiokafka."""
 
 from producer._settings import ProducerSettings
-from producer.kafka._provision import ensure_kafka_topics
+from producer.kafka._provision import ensure_kafka_topics, kafka_replication
 from producer.kafka._publisher import KafkaPublisher, kafka_client_options
 from producer.kafka._refusal import start_client
 
@@ -11,6 +11,7 @@ __all__ = [
     "KafkaPublisher",
     "ensure_kafka_topics",
     "kafka_client_options",
+    "kafka_replication",
     "make_publisher",
     "start_client",
 ]

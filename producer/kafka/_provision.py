@@ -1,5 +1,6 @@
-"""Creating Kafka topics: the missing ones, with the configured partitions and replicas,
-waiting until each partition has a leader. An existing topic is left as it is."""
+"""Creating Kafka topics: the missing ones, with the configured partitions and replicas
+(chosen from the cluster's size unless set) and `min.insync.replicas`, waiting until each
+partition has a leader. An existing topic is left as it is."""
 
 from __future__ import annotations
 
@@ -17,6 +18,16 @@ _LEADER_WAIT_S = 30.0
 _LEADER_BACKOFF = Backoff(initial_s=0.05, max_s=1.0)
 
 
+async def kafka_replication(
+    admin: AIOKafkaAdminClient, routing: RoutingSettings
+) -> tuple[int, dict[str, str]]:
+    """(replication factor, topic configs) for a new topic: `routing.replicas_for` the
+    number of brokers the cluster's metadata lists, and its `min.insync.replicas`."""
+    brokers = len((await admin.describe_cluster())["brokers"])
+    replicas, min_insync = routing.replicas_for(brokers)
+    return replicas, {"min.insync.replicas": str(min_insync)}
+
+
 async def ensure_kafka_topics(
     admin: AIOKafkaAdminClient, topics: Sequence[str], routing: RoutingSettings
 ) -> list[str]:
@@ -25,8 +36,9 @@ async def ensure_kafka_topics(
     missing = [t for t in dict.fromkeys(topics) if t not in existing]
     if not missing:
         return []
+    replicas, configs = await kafka_replication(admin, routing)
     response = await admin.create_topics(
-        [NewTopic(t, routing.partitions, routing.replication_factor) for t in missing]
+        [NewTopic(t, routing.partitions, replicas, topic_configs=configs) for t in missing]
     )
     created: list[str] = []
     for entry in response.topic_errors:

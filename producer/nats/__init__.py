@@ -3,7 +3,7 @@ client of jobstream shares (`connect_nats`), key partitions and stream creation.
 producer package that imports nats."""
 
 from producer._settings import ProducerSettings
-from producer.nats._provision import ensure_nats_stream, stream_subjects
+from producer.nats._provision import ensure_nats_stream, nats_replicas, stream_subjects
 from producer.nats._publisher import (
     KEY_PARTITIONS_METADATA,
     NatsPublisher,
@@ -18,6 +18,7 @@ __all__ = [
     "ensure_nats_stream",
     "key_partition",
     "make_publisher",
+    "nats_replicas",
     "stream_subjects",
 ]
 

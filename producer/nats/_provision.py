@@ -1,7 +1,8 @@
 """Creating the JetStream stream: one stream (`RoutingSettings.stream`) capturing
 `<subject_prefix>>` plus any routed subject outside that prefix, with message schedules
 allowed (delayed jobs). An existing stream gets the missing subjects and the configured
-limits; its storage type is never changed."""
+limits (replicas included: JetStream moves a stream from R1 to R3 in place); its storage
+type is never changed. Replicas are chosen from the cluster's size unless set."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ import logging
 from collections.abc import Iterable, Sequence
 from typing import Any
 
+from nats.aio.client import Client
 from nats.js import JetStreamContext
 from nats.js.api import StorageType, StreamConfig
 from nats.js.errors import NotFoundError
@@ -16,6 +18,20 @@ from nats.js.errors import NotFoundError
 from producer._settings import RoutingSettings
 
 log = logging.getLogger("jobstream.producer")
+
+
+def nats_cluster_size(client: Client) -> int:
+    """Servers in the cluster of the server `client` is connected to: the client URLs it
+    announced (`connect_urls` of its INFO), 1 for a server outside a cluster."""
+    info = client._server_info  # nats-py keeps the INFO only here
+    if not info.get("cluster"):
+        return 1
+    return max(len(info.get("connect_urls") or ()), 1)
+
+
+def nats_replicas(client: Client, routing: RoutingSettings) -> int:
+    """The replicas of streams and buckets: `routing.replicas_for` the cluster's size."""
+    return routing.replicas_for(nats_cluster_size(client))[0]
 
 
 def stream_subjects(prefix: str, subjects: Iterable[str]) -> list[str]:
@@ -38,7 +54,7 @@ async def ensure_nats_stream(
         "max_age": routing.stream_max_age_s,
         "max_bytes": routing.stream_max_bytes,
         "duplicate_window": routing.duplicate_window_s,
-        "num_replicas": routing.replication_factor,
+        "num_replicas": nats_replicas(js._nc, routing),
         # Delayed jobs wait in JetStream's message scheduler (nats-server 2.12+, ADR-51).
         "allow_msg_schedules": True,
     }

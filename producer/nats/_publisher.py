@@ -6,10 +6,14 @@ Guarantees:
   the same job id within the stream's duplicate window (`Receipt.duplicate`): the headers
   carry `Nats-Msg-Id` = job id.
 - Nothing waits forever: `start()` gives up after `connect_timeout_s`; a publish after
-  `publish_timeout_s`.
+  `publish_timeout_s`, or as soon as the connection it was sent on drops (its PubAck can no
+  longer come): both are `PublishTimeout`, ambiguous (publish again with the same job id).
 - By default (`reconnect_buffer_bytes=0`) nothing is buffered while the connection is down:
   a publish fails at once with `BrokerUnavailable` and is never sent later.
-- A subject no stream captures fails at once with `DestinationMissing` ("no responders").
+- A publish nobody answers ("no responders") is looked up: a subject no stream captures
+  fails with `DestinationMissing`; a stream that has no leader at the moment (a cluster
+  electing a new one after losing a server) fails with `BrokerBusy`, retriable, like a
+  lookup that gets no answer either (docs/operations.md).
 - `send_many` keeps at most `max_in_flight` publishes awaiting their acknowledgement.
 """
 
@@ -22,7 +26,8 @@ import itertools
 import logging
 import math
 import ssl
-from collections.abc import AsyncIterator, Sequence
+import time
+from collections.abc import AsyncIterator, Callable, Sequence
 from typing import Any
 
 import nats.errors
@@ -53,6 +58,7 @@ log = logging.getLogger("jobstream.producer")
 
 _NO_RESPONDERS = "503"
 _MESSAGE_TOO_LARGE = 10054  # JSStreamMessageExceedsMaximumErr: over the stream's max_msg_size
+_LOOKUP_TIMEOUT_S = 5.0  # the stream lookup after a publish nobody answered
 _TEMPORARY = {10008, 10023}  # JetStream temporarily unavailable; insufficient resources
 KEY_PARTITIONS_METADATA = "jobstream.key-partitions"
 """Stream metadata entry: into how many subjects per job type jobs are partitioned by key."""
@@ -78,17 +84,22 @@ _CONNECTION_ERRORS = (
 )
 
 
-async def connect_nats(settings: NatsSettings) -> NatsClient:
+async def connect_nats(
+    settings: NatsSettings, *, on_disconnected: Callable[[], None] | None = None
+) -> NatsClient:
     """A connected nats-py client built from `settings` (auth, TLS, reconnects), or
-    `BrokerUnavailable` once `connect_timeout_s` passed without a connection."""
+    `BrokerUnavailable` once `connect_timeout_s` passed without a connection.
+    `on_disconnected` is called each time the connection drops (not on `close()`)."""
     client = NatsClient()
     connected = False
     servers = ", ".join(settings.servers)
 
-    async def on_disconnected() -> None:
+    async def disconnected() -> None:
         if client.is_closed:  # our own close()
             return
         log.warning("nats: disconnected from %s; reconnecting", servers)
+        if on_disconnected is not None:
+            on_disconnected()
 
     async def on_reconnected() -> None:
         log.warning("nats: reconnected to %s", _url(client))
@@ -111,7 +122,7 @@ async def connect_nats(settings: NatsSettings) -> NatsClient:
         client.connect(
             **_connect_options(settings),
             error_cb=on_error,
-            disconnected_cb=on_disconnected,
+            disconnected_cb=disconnected,
             reconnected_cb=on_reconnected,
         )
     )
@@ -172,11 +183,18 @@ class NatsPublisher:
     async def start(self) -> None:
         if self._client is not None:
             return
-        client = await connect_nats(self._settings)
+        client = await connect_nats(self._settings, on_disconnected=self._connection_lost)
         acks = _AckInbox(client)
         await acks.open()
         self._client, self._acks = client, acks
         self._partitions = await self._key_partitions()
+
+    def _connection_lost(self) -> None:
+        """The connection dropped: no PubAck awaited on it will come (nats-py does not fail
+        them), so fail them now instead of at `publish_timeout_s`. Each stays ambiguous
+        (`PublishTimeout`: the server may have stored it before the drop)."""
+        if self._acks is not None:
+            self._acks.fail_all()
 
     async def stop(self) -> None:
         client, self._client, self._acks = self._client, None, None
@@ -288,13 +306,46 @@ class NatsPublisher:
                     raise PublishError(msg) from error
                 future.add_done_callback(lambda _: window.release())
                 pending.append((subject, headers.get("Nats-Msg-Id", ""), token, future))
-            receipts: list[Receipt] = []
             async with self._deadline(pending[-1][0] if pending else ""):
-                for subject, job_id, _, future in pending:
-                    receipts.append(_receipt(job_id, subject, await future))
+                return await self._receipts(pending)
         finally:
             acks.forget(t for _, _, t, f in pending if not f.done())
+            for _, _, _, future in pending:  # an ack lost with its connection: retrieved
+                if future.done() and not future.cancelled():
+                    future.exception()
+
+    async def _receipts(
+        self, pending: list[tuple[str, str, str, asyncio.Future[Msg]]]
+    ) -> list[Receipt]:
+        """The receipts of `pending` publishes (subject, job id, token, PubAck), in order."""
+        receipts: list[Receipt] = []
+        sent = time.monotonic()
+        for subject, job_id, _, future in pending:
+            try:
+                reply = await future
+            except _AckLost as lost:  # ambiguous: stored or not, nobody can say
+                waited = max(time.monotonic() - sent, 0.1)
+                raise PublishTimeout("nats", subject, round(waited, 1)) from lost
+            if _no_responders(reply):
+                await self._no_stream_or_no_leader(subject)
+            receipts.append(_receipt(job_id, subject, reply))
         return receipts
+
+    async def _no_stream_or_no_leader(self, subject: str) -> None:
+        """Nobody answered a publish to `subject`: no stream captures it (permanent:
+        `DestinationMissing`), or its stream has no leader at this moment, as while a
+        cluster elects a new one after losing the old (transient: `BrokerBusy`). Only an
+        answer from JetStream that no stream captures it is taken as missing; a lookup
+        that fails too (the meta leader is being elected) is transient as well."""
+        js = self.client.jetstream(timeout=min(self._timeout, _LOOKUP_TIMEOUT_S))
+        try:
+            stream = await js.find_stream_name_by_subject(subject)
+        except NotFoundError:
+            raise DestinationMissing("nats", subject) from None
+        except (nats.errors.Error, TimeoutError) as error:
+            detail = f"no answer, and the stream lookup failed too: {_describe(error)}"
+            raise BrokerBusy("nats", subject, detail) from error
+        raise BrokerBusy("nats", subject, f"stream {stream!r} has no leader right now")
 
     @contextlib.asynccontextmanager
     async def _deadline(self, subject: str) -> AsyncIterator[None]:
@@ -303,6 +354,13 @@ class NatsPublisher:
                 yield
         except TimeoutError as error:
             raise PublishTimeout("nats", subject, self._timeout) from error
+
+
+class _AckLost(Exception):
+    """The connection a publish was sent on dropped before its PubAck came."""
+
+    def __init__(self) -> None:
+        super().__init__("the connection dropped before the acknowledgement came")
 
 
 class _AckInbox:
@@ -333,6 +391,13 @@ class _AckInbox:
             raise
         return token, future
 
+    def fail_all(self) -> None:
+        """Fail every awaited acknowledgement with `_AckLost` (the connection dropped)."""
+        waiting, self._waiting = self._waiting, {}
+        for future in waiting.values():
+            if not future.done():
+                future.set_exception(_AckLost())
+
     def forget(self, tokens: Any) -> None:
         """Stop waiting for these acknowledgements (after a timeout or an error)."""
         for token in tokens:
@@ -346,8 +411,12 @@ class _AckInbox:
             future.set_result(msg)
 
 
+def _no_responders(reply: Msg) -> bool:
+    return bool(reply.headers and reply.headers.get("Status") == _NO_RESPONDERS)
+
+
 def _receipt(job_id: str, subject: str, reply: Msg) -> Receipt:
-    if reply.headers and reply.headers.get("Status") == _NO_RESPONDERS:
+    if _no_responders(reply):
         raise DestinationMissing("nats", subject)
     try:
         # orjson: a PubAck per job, read in 0.2 us instead of 2 (docs/benchmarks.md).

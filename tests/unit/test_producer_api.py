@@ -82,6 +82,7 @@ BACKENDS = {
         "KafkaPublisher",
         "ensure_kafka_topics",
         "kafka_client_options",
+        "kafka_replication",
         "make_publisher",
         "start_client",
     },
@@ -92,6 +93,7 @@ BACKENDS = {
         "ensure_nats_stream",
         "key_partition",
         "make_publisher",
+        "nats_replicas",
         "stream_subjects",
     },
     "producer.memory": {
