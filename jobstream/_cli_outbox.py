@@ -1,12 +1,13 @@
 """`jobstream outbox relay|status`: publish the transactional outbox, and see what it holds.
 
-`relay` runs until SIGTERM/SIGINT: it creates the outbox table if missing, then publishes
-committed rows in insert order per key with the configured transport (one replica at a
-time: the others stand by; `producer/_outbox_relay.py`). `/livez` (with
-`outbox.health_port`) answers 503 when no round ended for `outbox.liveness_silence_s`;
-`/readyz` 503 until the broker and the database answered once. `status` prints the rows
-waiting, set aside and sent (kept for `outbox.retention_s`), and the oldest waiting row's
-age. Without `outbox.url` both exit 2 with one line.
+`relay` runs until SIGTERM/SIGINT: it creates the outbox table if missing (an existing
+one needs only SELECT, UPDATE and DELETE), then publishes committed rows in insert order
+per key with the configured transport (one replica at a time: the others stand by;
+`producer/_outbox_relay.py`). `/livez` (with `outbox.health_port`) answers 503 when no
+round ended for `outbox.liveness_silence_s`; `/readyz` 503 until the broker and the
+database answered once. `status` prints the rows waiting, set aside and sent (kept for
+`outbox.retention_s`), and the oldest waiting row's age. Without `outbox.url` both exit
+2 with one line.
 """
 
 from __future__ import annotations
@@ -104,8 +105,23 @@ async def _relay(settings: OutboxRelaySettings, url: str) -> None:
         async with await psycopg.AsyncConnection.connect(
             url, autocommit=True, connect_timeout=5
         ) as conn:
-            for statement in outbox_ddl(section.table):
-                await conn.execute(statement)
+            # Only a missing table is created: a relay role with SELECT, UPDATE and DELETE
+            # on a table a migration made may not run CREATE (even with IF NOT EXISTS).
+            found = await (
+                await conn.execute(
+                    "SELECT to_regclass(%s)", (sql.Identifier(section.table).as_string(conn),)
+                )
+            ).fetchone()
+            if found is None or found[0] is None:
+                for statement in outbox_ddl(section.table):
+                    await conn.execute(statement)
+    except psycopg.errors.InsufficientPrivilege as error:
+        raise fail(
+            f"cannot create the outbox table {section.table!r} "
+            f"({' '.join(str(error).split())}): create it with a role that may "
+            "(`Outbox.ensure_table`, docs/outbox.md), then grant the relay's role SELECT, "
+            "UPDATE and DELETE on it"
+        ) from None
     except psycopg.Error as error:
         raise fail(
             f"cannot reach the outbox database ({' '.join(str(error).split())}); check "

@@ -16,6 +16,8 @@ Guarantees (docs/outbox.md):
   <destination>` when an SDK records, else the caller's context; the caller's context is
   the job's origin). A row published again after a relay crash is the same job, byte for
   byte in its id, so the worker's idempotency store skips it.
+- `add` refuses (`ValueError`) an autocommit connection with no transaction open: the job
+  would commit on its own, not with the caller's writes.
 - `add` validates as `JobProducer.publish` does (`ValueError` for a bad delay or a
   priority the routing does not allow, `InvalidAttributes` for oversized headers) before
   anything is written.
@@ -34,6 +36,7 @@ from typing import Any
 from opentelemetry import trace
 from opentelemetry.trace import SpanKind, TracerProvider
 from psycopg import AsyncConnection, Connection, sql
+from psycopg.pq import TransactionStatus
 
 from producer import tracecontext as otel
 from producer._request import PublishRequest, due
@@ -116,7 +119,10 @@ class Outbox:
     ) -> str:
         """Insert `job` into the outbox in `conn`'s transaction; returns its job id. The
         options are `JobProducer.publish`'s (no unique keys: the transaction is the
-        uniqueness). Committed, the job is published by the relay; rolled back, never."""
+        uniqueness). Committed, the job is published by the relay; rolled back, never.
+        `ValueError` (nothing written) for an autocommit connection outside a transaction
+        block: the row would commit on its own, apart from the caller's writes."""
+        _in_transaction(conn)
         row = self.row(job, key, id, idempotency_key, not_before, subject, delay, priority)
         await conn.execute(self._insert, row)
         return row[0]
@@ -135,6 +141,7 @@ class Outbox:
         priority: Priority = "normal",
     ) -> str:
         """`add` for a synchronous psycopg `Connection` (same row, same guarantees)."""
+        _in_transaction(conn)
         row = self.row(job, key, id, idempotency_key, not_before, subject, delay, priority)
         conn.execute(self._insert, row)
         return row[0]
@@ -204,6 +211,18 @@ class Outbox:
         _, headers = to_kafka(message.attributes)  # raises InvalidAttributes when oversized
         text = json.dumps([[name, value.decode()] for name, value in headers])
         return message.attributes.id, destination, request.key, text, message.body
+
+
+def _in_transaction(conn: AsyncConnection[Any] | Connection[Any]) -> None:
+    """Refuse a connection on which the insert would commit on its own (autocommit, no
+    transaction open). Without autocommit psycopg opens one (the caller commits it)."""
+    if conn.autocommit and conn.info.transaction_status is TransactionStatus.IDLE:
+        msg = (
+            "Outbox.add must run inside a transaction: the connection is in autocommit mode "
+            "with none open, so the job would commit on its own; wrap it and the writes it "
+            "belongs with in `conn.transaction()`"
+        )
+        raise ValueError(msg)
 
 
 def _checked(table: str) -> str:

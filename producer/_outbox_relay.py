@@ -6,10 +6,12 @@
 Guarantees (docs/outbox.md):
 
 - One replica publishes at a time: the one holding the table's session advisory lock
-  (`pg_try_advisory_lock`, on the connection it reads and marks rows with). The others
-  stand by and take over when that connection ends (a killed relay's lock is released
-  with its session). Two replicas never publish one row at the same time.
-- Rows are read in insert order (`id`), at most `batch_size` per round. Within a round a
+  (`pg_try_advisory_lock`, keyed by the table's OID, so same-named tables in two schemas
+  are two outboxes; on the connection it reads and marks rows with). The others stand by
+  and take over when that connection ends (a killed relay's lock is released with its
+  session). Two replicas never publish one row at the same time.
+- Rows are read in insert order (`id`), at most `batch_size` per round, and no more rows
+  once their bodies passed `batch_bytes`. Within a round a
   key's rows go in waves: a key's next row is sent only after the broker's receipt for
   the previous one (rows without a key go in the first wave). Rows are marked sent only
   after their receipt, one `UPDATE` per wave.
@@ -26,6 +28,8 @@ Guarantees (docs/outbox.md):
   stored goes twice, under its one job id.)
 - Sent rows are deleted `retention_s` after they were sent, `prune_batch` at a time, every
   `prune_every_s` (the table's size bound).
+- Every statement is bounded (`database_timeout_s`): a database that stops answering is
+  a database error (one log line, a new connection), not a silent hang.
 - Health from progress: `last_progress` is the `time.monotonic()` of the last round that
   ended (a publishing round, an empty one, or a standby's look at the lock).
 """
@@ -38,7 +42,6 @@ import json
 import logging
 import os
 import time
-import zlib
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -56,6 +59,8 @@ __all__ = ["OutboxRelay", "RelayOptions"]
 
 log = logging.getLogger("jobstream.outbox")
 
+_LOCK_CLASS = 0x6A6F62  # the advisory lock's first key: "job"
+
 _Row = tuple[int, str, str, str | None, Any, bytes]  # id, job id, destination, key, headers, body
 
 
@@ -67,6 +72,9 @@ class RelayOptions:
     """The outbox table (a plain SQL identifier)."""
     batch_size: int = 500
     """Most rows read and published per round."""
+    batch_bytes: int = 4 * 1024 * 1024
+    """Most body bytes read per round (the rows up to the one that passes it; a first row
+    larger than this goes alone): the relay's memory bound when rows are large."""
     poll_s: float = 0.2
     """Wait after a round that found nothing (seconds)."""
     standby_poll_s: float = 1.0
@@ -77,6 +85,9 @@ class RelayOptions:
     """How often sent rows past `retention_s` are deleted (seconds)."""
     prune_batch: int = 10_000
     """Most rows one prune statement deletes (a bounded transaction)."""
+    database_timeout_s: float = 30.0
+    """Longest wait for one statement's answer (seconds): then the connection is dropped,
+    the error logged, and the relay connects again (its lock is let go with it)."""
     backoff: Backoff = field(
         default_factory=lambda: Backoff(initial_s=0.2, max_s=10.0, jitter=True)
     )
@@ -90,9 +101,15 @@ class OutboxRelay:
         self._publisher = publisher
         self._options = options
         name = sql.Identifier(options.table)
+        # A round's rows: the first `batch_size` unsent ones, cut where their bodies pass
+        # `batch_bytes` (the first row always goes): the relay's memory is bounded by
+        # bytes, not only by rows. `octet_length` reads a stored body's size, not the body.
         self._select = sql.SQL(
-            "SELECT id, job_id, destination, record_key, headers, body FROM {}"
-            " WHERE sent_at IS NULL AND error IS NULL ORDER BY id LIMIT %s"
+            "SELECT id, job_id, destination, record_key, headers, body FROM"
+            " (SELECT id, job_id, destination, record_key, headers, body,"
+            " sum(octet_length(body)) OVER (ORDER BY id) - octet_length(body) AS before"
+            " FROM {} WHERE sent_at IS NULL AND error IS NULL ORDER BY id LIMIT %s) AS unsent"
+            " WHERE before < %s ORDER BY id"
         ).format(name)
         self._mark = sql.SQL("UPDATE {} SET sent_at = now() WHERE id = ANY(%s)").format(name)
         self._set_aside = sql.SQL("UPDATE {} SET error = %s WHERE id = %s").format(name)
@@ -100,8 +117,12 @@ class OutboxRelay:
             "DELETE FROM {t} WHERE id IN (SELECT id FROM {t} WHERE sent_at IS NOT NULL"
             " AND sent_at < now() - make_interval(secs => %s) LIMIT %s)"
         ).format(t=name)
-        # One lock per table: (a constant, the table name's CRC) as the two-int4 key.
-        self._lock_key = (0x6A6F62, zlib.crc32(options.table.encode()) - 2**31)
+        # One lock per table: (a constant, the table's OID) as the two-int4 key. The OID,
+        # not the name: same-named tables in two schemas of one database (a service per
+        # schema, set by search_path) are two outboxes, each with a relay publishing.
+        self._lock = sql.SQL("SELECT pg_try_advisory_lock({}, {}::regclass::oid::int)").format(
+            sql.Literal(_LOCK_CLASS), sql.Literal(name.as_string())
+        )
         self.last_progress = time.monotonic()
         """`time.monotonic()` of the last round that ended (health)."""
         self.leading = False
@@ -116,6 +137,7 @@ class OutboxRelay:
         """Relay until `stop` is set. Errors are logged and retried with backoff; only a
         cancellation ends it otherwise."""
         failures = 0
+        failed_at = time.monotonic()  # the backoff restarts once a round ended after it
         publisher_started = False
         try:
             while not stop.is_set():
@@ -127,6 +149,8 @@ class OutboxRelay:
                     failures = 0
                 except (psycopg.Error, OSError, PublishError) as error:
                     self.leading = False
+                    if self.last_progress > failed_at:  # recovered since: a new outage
+                        failures = 0
                     wait_s = self._options.backoff.wait(failures)
                     failures += 1
                     log.warning(
@@ -136,6 +160,7 @@ class OutboxRelay:
                         wait_s,
                     )
                     await _wait(stop, wait_s)
+                    failed_at = time.monotonic()
         finally:
             self.leading = False
             if publisher_started:
@@ -150,9 +175,7 @@ class OutboxRelay:
             application_name=f"jobstream-outbox-relay:{os.getpid()}",  # who holds the lock
         ) as conn:
             while not stop.is_set():
-                row = await (
-                    await conn.execute("SELECT pg_try_advisory_lock(%s, %s)", self._lock_key)
-                ).fetchone()
+                row = await (await self._execute(conn, self._lock)).fetchone()
                 if row is not None and row[0]:
                     break
                 self.last_progress = time.monotonic()
@@ -176,7 +199,9 @@ class OutboxRelay:
 
     async def relay_round(self, conn: psycopg.AsyncConnection[Any]) -> int:
         """Publish one batch of unsent rows in waves; returns the rows marked sent."""
-        cursor = await conn.execute(self._select, (self._options.batch_size,))
+        cursor = await self._execute(
+            conn, self._select, (self._options.batch_size, self._options.batch_bytes)
+        )
         rows: list[_Row] = await cursor.fetchall()
         if not rows:
             return 0
@@ -203,7 +228,7 @@ class OutboxRelay:
             if error.retriable:
                 raise
             return await self._one_by_one(conn, items, ids)
-        await conn.execute(self._mark, (ids,))
+        await self._execute(conn, self._mark, (ids,))
         self.published += len(ids)
         return len(ids)
 
@@ -225,7 +250,7 @@ class OutboxRelay:
                     raise
                 await self._put_aside(conn, row_id, message.attributes.id, error)
                 continue
-            await conn.execute(self._mark, ([row_id],))
+            await self._execute(conn, self._mark, ([row_id],))
             self.published += 1
             sent += 1
         return sent
@@ -254,8 +279,23 @@ class OutboxRelay:
             row_id,
             reason,
         )
-        await conn.execute(self._set_aside, (reason, row_id))
+        await self._execute(conn, self._set_aside, (reason, row_id))
         self.set_aside += 1
+
+    async def _execute(
+        self, conn: psycopg.AsyncConnection[Any], query: sql.Composed, params: Any = None
+    ) -> psycopg.AsyncCursor[Any]:
+        """`conn.execute`, bounded by `database_timeout_s`: a database that does not answer
+        (hung, or a lock held on the table) is `psycopg.OperationalError`, logged and retried
+        on a new connection like any database error (psycopg first cancels the statement,
+        itself bounded)."""
+        timeout_s = self._options.database_timeout_s
+        try:
+            async with asyncio.timeout(timeout_s):
+                return await conn.execute(query, params)
+        except TimeoutError:
+            msg = f"no answer within {timeout_s:g}s"
+            raise psycopg.OperationalError(msg) from None
 
     async def _prune_when_due(self, conn: psycopg.AsyncConnection[Any]) -> None:
         now = time.monotonic()
@@ -266,7 +306,7 @@ class OutboxRelay:
     async def prune(self, conn: psycopg.AsyncConnection[Any]) -> int:
         """Delete up to `prune_batch` rows sent more than `retention_s` ago; how many."""
         options = self._options
-        cursor = await conn.execute(self._prune, (options.retention_s, options.prune_batch))
+        cursor = await self._execute(conn, self._prune, (options.retention_s, options.prune_batch))
         if cursor.rowcount:
             log.info(
                 "outbox relay: pruned %d sent rows older than %gs",

@@ -25,8 +25,10 @@ from typing import Any
 
 import psycopg
 from psycopg import sql
+from psycopg.pq import TransactionStatus
 from psycopg_pool import AsyncConnectionPool
 
+from consumer.core import DeadLetter
 from consumer.stores._batching import MicroBatch
 from consumer.stores._idempotency import HOLD_LEASES, ClaimState
 
@@ -54,7 +56,16 @@ class PostgresIdempotencyStore:
         self, conn: psycopg.AsyncConnection[Any], key: str, token: str, retention_s: float
     ) -> bool:
         """Record `key` completed inside `conn`'s open transaction, only if `token` still
-        holds its running claim; False (nothing written) when it does not."""
+        holds its running claim; False (nothing written) when it does not. `DeadLetter`
+        when the handler ended the transaction itself (a COMMIT or ROLLBACK sent through
+        `ctx.transaction`): the completion would commit on its own, apart from the effect."""
+        if conn.info.transaction_status is TransactionStatus.IDLE:
+            msg = (
+                "the handler ended ctx.transaction itself (a COMMIT or ROLLBACK through it): "
+                "its effect and the completion can no longer commit together; do not commit, "
+                "roll back or close ctx.transaction"
+            )
+            raise DeadLetter(msg)
         query = sql.SQL(
             "UPDATE {} SET state = 'done', expires_at = now() + make_interval(secs => %s)"
             " WHERE key = %s AND owner = %s AND state = 'running'"
