@@ -207,10 +207,16 @@ async def _until_answers(settings: Settings, store: str, connect: Callable[[], A
 
 _REFUSALS = (
     "password authentication failed",  # PostgreSQL
+    "no password supplied",  # PostgreSQL: the server wants one, the settings give none
     "no pg_hba.conf entry",  # PostgreSQL: no rule lets this user, host or TLS state in
+    "pg_hba.conf rejects connection",  # PostgreSQL: a rule refuses it (e.g. without TLS)
+    "does not match host name",  # PostgreSQL: a certificate for another host
+    "root certificate file",  # PostgreSQL: `sslrootcert` missing or unreadable
     "certificate verify failed",  # TLS: an untrusted certificate, or one for another host
+    "no certificate or crl found",  # Redis: `ssl_ca_certs` is not PEM
     "invalid username-password pair",  # Redis AUTH
     "invalid password",  # Redis AUTH (older servers)
+    "authentication required",  # Redis: the server wants a password, none was sent
 )
 
 
@@ -232,11 +238,14 @@ def _reason(error: BaseException) -> str:
 
 
 def _without_password(url: str) -> str:
-    """`url` with its password replaced by `***` (URLs and libpq `key=value` strings)."""
+    """`url` with its password replaced by `***` (URLs, their `password=` query parameter,
+    which libpq takes too, and libpq `key=value` strings, quoted values included)."""
     if "://" not in url:
-        return re.sub(r"(password\s*=\s*)\S+", r"\1***", url)
+        return re.sub(r"(password\s*=\s*)('(?:[^'\\]|\\.)*'|\S+)", r"\1***", url)
     parts = urllib.parse.urlsplit(url)
-    if parts.password is None:
-        return url
-    netloc = f"{parts.username or ''}:***@{parts.netloc.rpartition('@')[2]}"
-    return urllib.parse.urlunsplit(parts._replace(netloc=netloc))
+    query = re.sub(r"(?i)((?:^|&)password=)[^&]*", r"\1***", parts.query)
+    parts = parts._replace(query=query)
+    if parts.password is not None:
+        netloc = f"{parts.username or ''}:***@{parts.netloc.rpartition('@')[2]}"
+        parts = parts._replace(netloc=netloc)
+    return urllib.parse.urlunsplit(parts)

@@ -17,7 +17,8 @@ A local CA (made with `trustme`, once per run folder) signs one server certifica
 the IP address 127.0.0.1 (not `localhost`: connecting by that name is the hostname
 mismatch the tests use). Everything the clients need lands in `<run>/secure/`: `ca.pem`,
 one file per secret (mode 0600), an `other-ca.pem` nobody trusts (for tests), and
-`jobstream.env` with the `JOBSTREAM_*` settings that reach all four services. Secrets are
+`jobstream.env` with the `JOBSTREAM_*` settings that reach Kafka and NATS (docs/security.md
+shows the store URLs). Secrets are
 generated once per run folder and never printed; servers read them from 0600 files, not
 from their command lines (which `ps` shows).
 """
