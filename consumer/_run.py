@@ -14,7 +14,6 @@ import logging
 import os
 import re
 import signal
-import ssl
 import time
 import urllib.parse
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -23,7 +22,7 @@ from typing import TypeVar
 from consumer._backends import Backend, backend_for, open_idempotency_store
 from consumer.core import App, Settings, WorkerError, store_connections
 from consumer.runtime import HealthServer, Worker, transactional_problem, until_reachable
-from consumer.stores import IdempotencyStore, open_status
+from consumer.stores import IdempotencyStore, open_status, store_refused
 from consumer.telemetry import Telemetry, configure
 from producer import JobProducer, SpoolSettings
 from producer.retrying import Backoff, retry
@@ -175,7 +174,7 @@ async def _until_answers(settings: Settings, store: str, connect: Callable[[], A
     where = f" at {_without_password(url.get_secret_value())}" if url is not None else ""
 
     def retried(error: Exception) -> bool:  # a bad value or a refusal is not waited out
-        return not isinstance(error, ValueError | TypeError) and not _refused(error)
+        return not isinstance(error, ValueError | TypeError) and not store_refused(error)
 
     def unreachable(error: Exception, wait_s: float) -> None:
         log.warning(
@@ -198,39 +197,11 @@ async def _until_answers(settings: Settings, store: str, connect: Callable[[], A
         variable = f"JOBSTREAM_{store.upper()}__URL"
         happened = f"did not answer within {budget:g}s" if retried(error) else "cannot be used"
         check = f"{variable} and that it runs"
-        if _refused(error):
+        if store_refused(error):
             check = f"{store}.url (its user, CA and host) and {store}.password_file"
             happened = "refused the connection"
         msg = f"the {store} store{where} {happened}: {_reason(error)}; check {check}"
         raise WorkerError(msg) from error
-
-
-_REFUSALS = (
-    "password authentication failed",  # PostgreSQL
-    "no password supplied",  # PostgreSQL: the server wants one, the settings give none
-    "no pg_hba.conf entry",  # PostgreSQL: no rule lets this user, host or TLS state in
-    "pg_hba.conf rejects connection",  # PostgreSQL: a rule refuses it (e.g. without TLS)
-    "does not match host name",  # PostgreSQL: a certificate for another host
-    "root certificate file",  # PostgreSQL: `sslrootcert` missing or unreadable
-    "certificate verify failed",  # TLS: an untrusted certificate, or one for another host
-    "no certificate or crl found",  # Redis: `ssl_ca_certs` is not PEM
-    "invalid username-password pair",  # Redis AUTH
-    "invalid password",  # Redis AUTH (older servers)
-    "authentication required",  # Redis: the server wants a password, none was sent
-)
-
-
-def _refused(error: BaseException) -> bool:
-    """Whether `error` is a store refusing the connection (credentials, certificate): no
-    retry cures it (docs/security.md)."""
-    seen: BaseException | None = error
-    while seen is not None:
-        if isinstance(seen, ssl.SSLCertVerificationError):
-            return True
-        if any(reason in str(seen).lower() for reason in _REFUSALS):
-            return True
-        seen = seen.__cause__ or seen.__context__
-    return False
 
 
 def _reason(error: BaseException) -> str:

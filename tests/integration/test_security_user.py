@@ -20,7 +20,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.support import ROOT
+from tests.support import ROOT, free_port
 
 pytestmark = pytest.mark.integration
 
@@ -158,3 +158,36 @@ def test_a_nats_refusal_is_the_workers_only_line(home: Path) -> None:
         "nats.password_file)"
     ]
     assert took < 15, took
+
+
+@pytest.mark.parametrize("command", ["ingress", "ui"])
+def test_a_status_store_refusal_names_its_password_setting(
+    home: Path, tmp_path: Path, command: str
+) -> None:
+    """`ingress` and `ui` start with a wrong status-store password: one line naming
+    `status.password_file`, without the password (before: "did not answer")."""
+    wrong = tmp_path / "wrong"
+    wrong.write_text("not-the-redis-password\n")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("JOBSTREAM_")}
+    env.update(
+        PYTHONPATH=str(ROOT),
+        JOBSTREAM_STATUS__BACKEND="redis",
+        JOBSTREAM_STATUS__URL=f"rediss://127.0.0.1:{REDIS_PORT}/0?ssl_ca_certs={home / 'ca.pem'}",
+        JOBSTREAM_STATUS__PASSWORD_FILE=str(wrong),
+        JOBSTREAM_INGRESS__PORT=str(free_port()),
+    )
+    result = subprocess.run(
+        [sys.executable, "-m", "jobstream", command],
+        env=env,
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    lines = result.stderr.strip().splitlines()
+    assert result.returncode == 1, result.stderr[-2000:]
+    assert len(lines) == 1, lines
+    assert lines[0].startswith("error: the status store refused the connection"), lines[0]
+    assert lines[0].endswith("check status.url (its user, CA and host) and status.password_file")
+    assert "not-the-redis-password" not in result.stderr + result.stdout
