@@ -20,8 +20,9 @@ from aiokafka.errors import UnsupportedSaslMechanismError
 from pydantic import ValidationError
 
 from consumer import Settings
-from consumer._run import _refused, _without_password
+from consumer._run import _without_password
 from consumer.stores import MemoryStatusStore
+from consumer.stores import store_refused as _refused
 from jobstream import _dlq
 from jobstream.ui import create_ui_app
 from producer import BrokerRefused, BrokerUnavailable, KafkaSettings, NatsSettings
