@@ -14,7 +14,6 @@ import logging
 import os
 import re
 import signal
-import ssl
 import time
 import urllib.parse
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -23,7 +22,7 @@ from typing import TypeVar
 from consumer._backends import Backend, backend_for, open_idempotency_store
 from consumer.core import App, Settings, WorkerError, store_connections
 from consumer.runtime import HealthServer, Worker, transactional_problem, until_reachable
-from consumer.stores import IdempotencyStore, open_status
+from consumer.stores import IdempotencyStore, open_status, store_refused
 from consumer.telemetry import Telemetry, configure
 from producer import JobProducer, SpoolSettings
 from producer.retrying import Backoff, retry
@@ -175,7 +174,7 @@ async def _until_answers(settings: Settings, store: str, connect: Callable[[], A
     where = f" at {_without_password(url.get_secret_value())}" if url is not None else ""
 
     def retried(error: Exception) -> bool:  # a bad value or a refusal is not waited out
-        return not isinstance(error, ValueError | TypeError) and not _refused(error)
+        return not isinstance(error, ValueError | TypeError) and not store_refused(error)
 
     def unreachable(error: Exception, wait_s: float) -> None:
         log.warning(
@@ -198,33 +197,11 @@ async def _until_answers(settings: Settings, store: str, connect: Callable[[], A
         variable = f"JOBSTREAM_{store.upper()}__URL"
         happened = f"did not answer within {budget:g}s" if retried(error) else "cannot be used"
         check = f"{variable} and that it runs"
-        if _refused(error):
+        if store_refused(error):
             check = f"{store}.url (its user, CA and host) and {store}.password_file"
             happened = "refused the connection"
         msg = f"the {store} store{where} {happened}: {_reason(error)}; check {check}"
         raise WorkerError(msg) from error
-
-
-_REFUSALS = (
-    "password authentication failed",  # PostgreSQL
-    "no pg_hba.conf entry",  # PostgreSQL: no rule lets this user, host or TLS state in
-    "certificate verify failed",  # TLS: an untrusted certificate, or one for another host
-    "invalid username-password pair",  # Redis AUTH
-    "invalid password",  # Redis AUTH (older servers)
-)
-
-
-def _refused(error: BaseException) -> bool:
-    """Whether `error` is a store refusing the connection (credentials, certificate): no
-    retry cures it (docs/security.md)."""
-    seen: BaseException | None = error
-    while seen is not None:
-        if isinstance(seen, ssl.SSLCertVerificationError):
-            return True
-        if any(reason in str(seen).lower() for reason in _REFUSALS):
-            return True
-        seen = seen.__cause__ or seen.__context__
-    return False
 
 
 def _reason(error: BaseException) -> str:
@@ -232,11 +209,14 @@ def _reason(error: BaseException) -> str:
 
 
 def _without_password(url: str) -> str:
-    """`url` with its password replaced by `***` (URLs and libpq `key=value` strings)."""
+    """`url` with its password replaced by `***` (URLs, their `password=` query parameter,
+    which libpq takes too, and libpq `key=value` strings, quoted values included)."""
     if "://" not in url:
-        return re.sub(r"(password\s*=\s*)\S+", r"\1***", url)
+        return re.sub(r"(password\s*=\s*)('(?:[^'\\]|\\.)*'|\S+)", r"\1***", url)
     parts = urllib.parse.urlsplit(url)
-    if parts.password is None:
-        return url
-    netloc = f"{parts.username or ''}:***@{parts.netloc.rpartition('@')[2]}"
-    return urllib.parse.urlunsplit(parts._replace(netloc=netloc))
+    query = re.sub(r"(?i)((?:^|&)password=)[^&]*", r"\1***", parts.query)
+    parts = parts._replace(query=query)
+    if parts.password is not None:
+        netloc = f"{parts.username or ''}:***@{parts.netloc.rpartition('@')[2]}"
+        parts = parts._replace(netloc=netloc)
+    return urllib.parse.urlunsplit(parts)

@@ -18,6 +18,7 @@ from consumer.stores import (
     StatusStore,
     cancel_job,
     open_status,
+    store_refused,
 )
 from consumer.telemetry import configure, configure_logging
 from jobstream._config import USAGE, fail, import_job_modules, load_settings, run
@@ -46,6 +47,11 @@ async def _with_status(settings: Settings) -> StatusStore:
             f"the status store did not answer ({type(error).__name__}: {error}): check "
             "JOBSTREAM_STATUS__URL and that Redis runs"
         )
+        if store_refused(error):
+            msg = (
+                f"the status store refused the connection ({type(error).__name__}: {error}): "
+                "check status.url (its user, CA and host) and status.password_file"
+            )
         raise fail(msg) from None
     assert store is not None
     return store

@@ -20,7 +20,7 @@ import typer
 
 from consumer import App, Settings, WorkerError, run_worker
 from consumer.telemetry import configure_logging, flush_logs
-from jobstream._config import fail, load_settings, refused
+from jobstream._config import fail, load_settings, quiet_tls_eof_notice, refused
 from schemas import JobstreamError
 
 
@@ -77,6 +77,7 @@ def register(cli: typer.Typer) -> None:
         )
         app = load_app(target)
         configure_logging(settings.logging)
+        quiet_tls_eof_notice()
         try:
             asyncio.run(_work(app, settings))
         except WorkerError as error:

@@ -153,13 +153,18 @@ def run(coroutine: Callable[[], Coroutine[Any, Any, T]]) -> T:
     # The clients log their own connection failures; the CLI reports them as one line.
     for name in ("aiokafka", "nats"):
         logging.getLogger(name).setLevel(logging.CRITICAL)
-    logging.getLogger("asyncio").addFilter(_no_tls_eof_notice)
+    quiet_tls_eof_notice()
     try:
         return asyncio.run(coroutine())
     except JobstreamError as error:
         raise fail(" ".join(str(error).split()), RUNTIME) from None
     except ValueError as error:
         raise refused(error) from None
+
+
+def quiet_tls_eof_notice() -> None:
+    """Drop asyncio's notice when a TLS connection of nats-py closes (see below)."""
+    logging.getLogger("asyncio").addFilter(_no_tls_eof_notice)
 
 
 def _no_tls_eof_notice(record: logging.LogRecord) -> bool:

@@ -39,10 +39,10 @@ from psycopg import AsyncConnection, Connection, sql
 from psycopg.pq import TransactionStatus
 
 from producer import tracecontext as otel
-from producer._request import PublishRequest, due
+from producer._request import PublishRequest, encode_request
 from producer._settings import Priority, ProducerSettings
 from producer.tracecontext import TraceHeaders, current_trace_headers, traceparent_of
-from schemas import Job, encode, to_kafka
+from schemas import Job, to_kafka
 
 __all__ = ["DEFAULT_TABLE", "Outbox", "OutboxRow", "outbox_ddl"]
 
@@ -195,19 +195,7 @@ class Outbox:
     ) -> OutboxRow:
         if origin[0] is None:
             origin = trace
-        message = encode(
-            request.job,
-            source=self._settings.source,
-            id=request.id,
-            key=request.key,
-            idempotency_key=request.idempotency_key,
-            not_before=due(request),
-            subject=request.subject,
-            traceparent=trace[0],
-            tracestate=trace[1],
-            origin_traceparent=origin[0],
-            origin_tracestate=origin[1],
-        )
+        message = encode_request(request, self._settings.source, trace, origin)
         _, headers = to_kafka(message.attributes)  # raises InvalidAttributes when oversized
         text = json.dumps([[name, value.decode()] for name, value in headers])
         return message.attributes.id, destination, request.key, text, message.body

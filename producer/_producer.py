@@ -48,7 +48,7 @@ from producer import tracecontext as otel
 from producer._backends import make_publisher
 from producer._errors import PublishError
 from producer._publisher import Publisher, Receipt
-from producer._request import PublishRequest, due
+from producer._request import PublishRequest, due, encode_request
 from producer._settings import Priority, ProducerSettings
 from producer._spool_status import SpoolStatus
 from producer._spooling import SpoolingSender
@@ -437,19 +437,7 @@ class JobProducer:
                 origin_tracestate=origin[1],
             )
             return self._destination(message.attributes.type, "normal"), message
-        message = encode(
-            request.job,
-            source=self._settings.source,
-            id=request.id,
-            key=request.key,
-            idempotency_key=request.idempotency_key,
-            not_before=due(request),
-            subject=request.subject,
-            traceparent=trace[0],
-            tracestate=trace[1],
-            origin_traceparent=origin[0],
-            origin_tracestate=origin[1],
-        )
+        message = encode_request(request, self._settings.source, trace, origin)
         return self._destination(message.attributes.type, request.priority), message
 
     async def _send_batch(self, batch: list[tuple[str, JobMessage]]) -> list[Receipt]:

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import ssl
 
-__all__ = ["tls_refusal"]
+__all__ = ["file_refused", "tls_refusal"]
 
 
 def tls_refusal(error: BaseException, ca_setting: str, address_setting: str) -> str | None:
@@ -29,3 +29,15 @@ def tls_refusal(error: BaseException, ca_setting: str, address_setting: str) -> 
         f"the server's certificate is not trusted ({reason}); set {ca_setting} to the CA "
         "that signed it"
     )
+
+
+def file_refused(error: BaseException, setting: str, path: object) -> ValueError:
+    """The `ValueError` for a certificate, key or seed file that cannot be read or parsed:
+    one line naming `setting` (a bad file fails every connect alike, so it is a bad setting,
+    not a broker that is down). Never holds the file's content."""
+    if isinstance(error, ssl.SSLError):  # read, but not PEM (or not the right PEM)
+        reason, fix = error.reason or str(error), "point it at a PEM file"
+    else:
+        reason = (error.strerror if isinstance(error, OSError) else None) or str(error)
+        fix = "point it at a readable file"
+    return ValueError(f"cannot load {setting} {path}: {reason}; {fix}")

@@ -7,7 +7,7 @@ import math
 from datetime import UTC, datetime, timedelta
 
 from producer._settings import Priority
-from schemas import Job
+from schemas import Job, JobMessage, encode
 
 __all__ = ["PublishRequest", "due"]
 
@@ -55,3 +55,27 @@ def due(request: PublishRequest) -> datetime | None:
         msg = f"delay must be a finite number of seconds >= 0, got {delay!r}"
         raise ValueError(msg)
     return datetime.now(UTC) + timedelta(seconds=seconds)
+
+
+def encode_request(
+    request: PublishRequest,
+    source: str,
+    trace: tuple[str | None, str | None],
+    origin: tuple[str | None, str | None],
+) -> JobMessage:
+    """`request` as the message to publish (or to keep in the outbox): its options as
+    CloudEvents attributes, `trace` as its (`traceparent`, `tracestate`), `origin` as
+    the trace of the request that created it (`tracecontext.TraceHeaders`)."""
+    return encode(
+        request.job,
+        source=source,
+        id=request.id,
+        key=request.key,
+        idempotency_key=request.idempotency_key,
+        not_before=due(request),
+        subject=request.subject,
+        traceparent=trace[0],
+        tracestate=trace[1],
+        origin_traceparent=origin[0],
+        origin_tracestate=origin[1],
+    )

@@ -51,8 +51,9 @@ class KafkaSettings(_Frozen):
     """SASL password (secret)."""
     sasl_password_file: Path | None = None
     """A file holding the SASL password (a mounted Kubernetes Secret; one trailing newline
-    is ignored), read at each connect, so a rotated password needs no restart. Give it or
-    `sasl_password`, not both."""
+    is ignored), read each time a client starts (each command; a worker or ingress at its
+    start): a rotated password takes effect at the next start. Give it or `sasl_password`,
+    not both."""
     ssl_cafile: Path | None = None
     """CA bundle to verify the brokers' certificates (default: the system store)."""
     ssl_certfile: Path | None = None
@@ -103,11 +104,12 @@ class NatsSettings(_Frozen):
     user: str | None = None
     """User name for user/password authentication."""
     token_file: Path | None = None
-    """A file holding the token (a mounted Secret), read at each connect; or `token`."""
+    """A file holding the token (a mounted Secret), read when a client starts; or `token`."""
     password: SecretStr | None = None
     """Password for user/password authentication (secret)."""
     password_file: Path | None = None
-    """A file holding the password (a mounted Secret), read at each connect; or `password`."""
+    """A file holding the password (a mounted Secret), read when a client starts; or
+    `password`."""
     tls_ca_file: Path | None = None
     """CA bundle to verify the server (turns TLS on)."""
     tls_cert_file: Path | None = None

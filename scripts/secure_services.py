@@ -17,7 +17,8 @@ A local CA (made with `trustme`, once per run folder) signs one server certifica
 the IP address 127.0.0.1 (not `localhost`: connecting by that name is the hostname
 mismatch the tests use). Everything the clients need lands in `<run>/secure/`: `ca.pem`,
 one file per secret (mode 0600), an `other-ca.pem` nobody trusts (for tests), and
-`jobstream.env` with the `JOBSTREAM_*` settings that reach all four services. Secrets are
+`jobstream.env` with the `JOBSTREAM_*` settings that reach Kafka and NATS (docs/security.md
+shows the store URLs). Secrets are
 generated once per run folder and never printed; servers read them from 0600 files, not
 from their command lines (which `ps` shows).
 """
@@ -215,31 +216,16 @@ def _kafka_command() -> list[str]:
 def _kafka_ready() -> bool:
     if not services._port_open(KAFKA_PORT):
         return False
-    import asyncio  # noqa: PLC0415
+    from aiokafka.helpers import create_ssl_context  # noqa: PLC0415 - venv-only import
 
-    from aiokafka.admin import AIOKafkaAdminClient  # noqa: PLC0415 - venv-only imports
-    from aiokafka.helpers import create_ssl_context  # noqa: PLC0415
-
-    async def probe() -> bool:
-        admin = AIOKafkaAdminClient(
-            bootstrap_servers=f"{HOST}:{KAFKA_PORT}",
-            request_timeout_ms=3000,
-            security_protocol="SASL_SSL",
-            ssl_context=create_ssl_context(cafile=str(SECURE / "ca.pem")),
-            sasl_mechanism="SCRAM-SHA-512",
-            sasl_plain_username=KAFKA_USER,
-            sasl_plain_password=secret("kafka-password"),
-        )
-        try:
-            await admin.start()
-            await admin.list_topics()
-            return True
-        except Exception:  # noqa: BLE001 - any failure means "not ready yet"
-            return False
-        finally:
-            await admin.close()
-
-    return asyncio.run(probe())
+    return services.kafka_answers(
+        bootstrap_servers=f"{HOST}:{KAFKA_PORT}",
+        security_protocol="SASL_SSL",
+        ssl_context=create_ssl_context(cafile=str(SECURE / "ca.pem")),
+        sasl_mechanism="SCRAM-SHA-512",
+        sasl_plain_username=KAFKA_USER,
+        sasl_plain_password=secret("kafka-password"),
+    )
 
 
 # --- NATS: TLS, an nkey user and a user/password user ------------------------------------

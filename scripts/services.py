@@ -229,17 +229,14 @@ def _kafka_command() -> list[str]:
     ]
 
 
-def _kafka_ready() -> bool:
-    """Ready when an admin client can list topics (the broker answers metadata)."""
-    if not _port_open(KAFKA_PORT):
-        return False
+def kafka_answers(**options: object) -> bool:
+    """Whether an admin client made with `options` (aiokafka's keyword arguments, the
+    address included) can list topics: the broker answers metadata. Any failure: False."""
 
     async def probe() -> bool:
         from aiokafka.admin import AIOKafkaAdminClient  # noqa: PLC0415 - venv-only import
 
-        admin = AIOKafkaAdminClient(
-            bootstrap_servers=f"{HOST}:{KAFKA_PORT}", request_timeout_ms=3000
-        )
+        admin = AIOKafkaAdminClient(request_timeout_ms=3000, **options)
         try:
             await admin.start()
             await admin.list_topics()
@@ -250,6 +247,11 @@ def _kafka_ready() -> bool:
             await admin.close()
 
     return asyncio.run(probe())
+
+
+def _kafka_ready() -> bool:
+    """Ready when an admin client can list topics (the broker answers metadata)."""
+    return _port_open(KAFKA_PORT) and kafka_answers(bootstrap_servers=f"{HOST}:{KAFKA_PORT}")
 
 
 # --- NATS --------------------------------------------------------------------------------

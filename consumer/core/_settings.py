@@ -385,6 +385,7 @@ class IngressSettings(_Frozen):
     @model_validator(mode="after")
     def _token_from_file(self) -> Self:
         if self.auth_token_file is None:
+            _not_empty(self.auth_token, "ingress.auth_token")
             return self
         try:
             text = self.auth_token_file.read_text().removesuffix("\n").removesuffix("\r")
@@ -393,7 +394,15 @@ class IngressSettings(_Frozen):
             msg = f"cannot read ingress.auth_token_file {self.auth_token_file}: {reason}"
             raise ValueError(msg) from None
         object.__setattr__(self, "auth_token", SecretStr(text))
+        _not_empty(self.auth_token, "ingress.auth_token_file")
         return self
+
+
+def _not_empty(token: SecretStr | None, setting: str) -> None:
+    """An empty token would turn the API's auth off (or let an empty one in): refused."""
+    if token is not None and not token.get_secret_value().strip():
+        msg = f"{setting} is empty: give a token, or unset it to run without auth"
+        raise ValueError(msg)
 
 
 class UiSettings(_Frozen):

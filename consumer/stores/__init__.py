@@ -10,7 +10,7 @@ from consumer.stores._idempotency import (
     MemoryIdempotencyStore,
 )
 from consumer.stores._keys import KeyBinding, KeyReservation, KeyState
-from consumer.stores._open import open_status, open_status_store, open_store
+from consumer.stores._open import open_status, open_status_store, open_store, store_refused
 from consumer.stores._status import (
     FINAL_STATES,
     WAITING_STATES,
@@ -49,5 +49,6 @@ __all__ = [
     "open_status",
     "open_status_store",
     "open_store",
+    "store_refused",
     "trace_id_now",
 ]

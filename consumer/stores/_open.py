@@ -7,6 +7,8 @@ imports nats-py.
 
 from __future__ import annotations
 
+import ssl
+
 from consumer.core import IdempotencySettings, Settings
 from consumer.stores._idempotency import IdempotencyStore, MemoryIdempotencyStore
 from consumer.stores._status import MemoryStatusStore, StatusStore
@@ -57,3 +59,31 @@ async def open_status(settings: Settings) -> StatusStore | None:
     if url is not None:
         url = with_password(url, status.password_file, "status.password_file")
     return await open_status_store(status.backend, url, status.namespace, status.retention_s)
+
+
+_REFUSALS = (
+    "password authentication failed",  # PostgreSQL
+    "no password supplied",  # PostgreSQL: the server wants one, the settings give none
+    "no pg_hba.conf entry",  # PostgreSQL: no rule lets this user, host or TLS state in
+    "pg_hba.conf rejects connection",  # PostgreSQL: a rule refuses it (e.g. without TLS)
+    "does not match host name",  # PostgreSQL: a certificate for another host
+    "root certificate file",  # PostgreSQL: `sslrootcert` missing or unreadable
+    "certificate verify failed",  # TLS: an untrusted certificate, or one for another host
+    "no certificate or crl found",  # Redis: `ssl_ca_certs` is not PEM
+    "invalid username-password pair",  # Redis AUTH
+    "invalid password",  # Redis AUTH (older servers)
+    "authentication required",  # Redis: the server wants a password, none was sent
+)
+
+
+def store_refused(error: BaseException) -> bool:
+    """Whether `error` is a store refusing the connection (credentials, certificate): no
+    retry cures it (docs/security.md)."""
+    seen: BaseException | None = error
+    while seen is not None:
+        if isinstance(seen, ssl.SSLCertVerificationError):
+            return True
+        if any(reason in str(seen).lower() for reason in _REFUSALS):
+            return True
+        seen = seen.__cause__ or seen.__context__
+    return False

@@ -9,7 +9,9 @@ from fastapi.responses import JSONResponse, PlainTextResponse, Response
 
 from consumer import Settings
 from consumer.stores import STORE_OUTAGES, StatusStore
+from jobstream._ingress_http import RequestIds
 from jobstream.ui._pages import Dashboard
+from producer import PublishError
 
 __all__ = ["answer_store_outages", "create_ui_app", "mount"]
 
@@ -24,7 +26,8 @@ def mount(app: FastAPI, settings: Settings, status: StatusStore) -> None:
 def answer_store_outages(app: FastAPI, retry_after_s: int) -> None:
     """A status store that cannot be reached, or does not answer in time, makes any route
     of `app` answer 503 with `Retry-After`: JSON for the API, a line of text for the
-    dashboard. Never a bare 500 (docs/http-api.md)."""
+    dashboard; so does a broker that fails a dashboard page (`PublishError`: down, or
+    refusing us). Never a bare 500 (docs/http-api.md)."""
     headers = {"Retry-After": str(retry_after_s)}
 
     async def unavailable(request: Request, error: Exception) -> Response:
@@ -40,12 +43,24 @@ def answer_store_outages(app: FastAPI, retry_after_s: int) -> None:
     for outage in STORE_OUTAGES:
         app.add_exception_handler(outage, unavailable)
 
+    async def broker_failed(request: Request, error: Exception) -> Response:
+        # The dead-letter pages read and replay through the broker: a broker that is down
+        # or refuses us (docs/security.md) is one line on the page, not a bare 500.
+        if not request.url.path.startswith("/ui"):
+            raise error  # the API answers its own publish errors (jobstream._ingress_answers)
+        log.warning("the broker failed %s %s: %s", request.method, request.url.path, error)
+        text = f"the broker is unavailable: {' '.join(str(error).split())}\n"
+        return PlainTextResponse(text, 503, headers=headers)
+
+    app.add_exception_handler(PublishError, broker_failed)
+
 
 def create_ui_app(settings: Settings, status: StatusStore) -> FastAPI:
     """An app serving the dashboard alone (`jobstream ui`), plus `/livez`."""
     app = FastAPI(title="jobstream dashboard", docs_url=None, redoc_url=None, openapi_url=None)
     mount(app, settings, status)
     answer_store_outages(app, settings.ingress.retry_after_s)
+    app.middleware("http")(RequestIds())  # request ids and the HTML security headers
 
     async def livez() -> Response:
         return Response("live\n")

@@ -26,7 +26,7 @@ from producer.kafka._options import kafka_client_options
 
 __all__ = ["raise_if_refused", "start_client"]
 
-_SASL_ERRORS = (SaslAuthenticationFailed, IllegalSaslStateError, UnsupportedSaslMechanismError)
+_SASL_ERRORS = (SaslAuthenticationFailed, IllegalSaslStateError)
 _CREDENTIALS = "kafka.sasl_username and kafka.sasl_password (or kafka.sasl_password_file)"
 
 
@@ -52,6 +52,12 @@ async def raise_if_refused(settings: KafkaSettings, timeout_s: float) -> None:
                 sasl_plain_username=options.get("sasl_plain_username"),
                 sasl_plain_password=options.get("sasl_plain_password"),
             )
+    except UnsupportedSaslMechanismError:
+        detail = (
+            f"the broker does not offer SASL mechanism {options.get('sasl_mechanism')} on this "
+            "listener; check kafka.sasl_mechanism (and kafka.security_protocol)"
+        )
+        raise BrokerRefused("kafka", first, detail) from None
     except _SASL_ERRORS as error:
         detail = f"the credentials were refused ({type(error).__name__}); check {_CREDENTIALS}"
         raise BrokerRefused("kafka", first, detail) from None

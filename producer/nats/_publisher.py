@@ -28,6 +28,7 @@ import math
 import ssl
 import time
 from collections.abc import AsyncIterator, Callable, Sequence
+from pathlib import Path
 from typing import Any
 
 import nats.errors
@@ -47,6 +48,7 @@ from producer._errors import (
     RecordTooLarge,
 )
 from producer._publisher import Receipt
+from producer._refusals import file_refused
 from producer._settings import NatsSettings, RoutingSettings, Transport, secret_text
 from producer.nats._provision import ensure_nats_stream
 from producer.nats._refusal import nats_refusal
@@ -455,8 +457,10 @@ def _connect_options(settings: NatsSettings) -> dict[str, Any]:
             )
             raise PublishError(msg)
         if settings.credentials_file:
+            _readable(settings.credentials_file, "nats.credentials_file")
             options["user_credentials"] = str(settings.credentials_file)
         if settings.nkey_seed_file:
+            _readable(settings.nkey_seed_file, "nats.nkey_seed_file")
             options["nkeys_seed"] = str(settings.nkey_seed_file)
     token = secret_text(settings.token, settings.token_file, "nats.token")
     if token is not None:
@@ -467,13 +471,29 @@ def _connect_options(settings: NatsSettings) -> dict[str, Any]:
         if password is not None:
             options["password"] = password
     if settings.tls_ca_file or settings.tls_cert_file:
-        context = ssl.create_default_context(
-            cafile=str(settings.tls_ca_file) if settings.tls_ca_file else None
-        )
+        try:
+            context = ssl.create_default_context(
+                cafile=str(settings.tls_ca_file) if settings.tls_ca_file else None
+            )
+        except (OSError, ssl.SSLError) as error:
+            raise file_refused(error, "nats.tls_ca_file", settings.tls_ca_file) from None
         if settings.tls_cert_file:
-            context.load_cert_chain(settings.tls_cert_file, settings.tls_key_file)
+            try:
+                context.load_cert_chain(settings.tls_cert_file, settings.tls_key_file)
+            except (OSError, ssl.SSLError) as error:
+                setting = "nats.tls_cert_file (and nats.tls_key_file)"
+                raise file_refused(error, setting, settings.tls_cert_file) from None
         options["tls"] = context
     return options
+
+
+def _readable(path: Path, setting: str) -> None:
+    """`ValueError` naming `setting` unless `path` can be read (nats-py reads it only once
+    connected, and its failure then looks like a broker that is down)."""
+    try:
+        path.read_bytes()
+    except OSError as error:
+        raise file_refused(error, setting, path) from None
 
 
 def _url(client: NatsClient) -> str:

@@ -267,7 +267,7 @@ drain, or jobs cut off by the kill are redelivered although they might have fini
 {{- fail "secrets.existingSecret and secrets.values are exclusive: put every secret setting into the existing Secret, or leave secrets.existingSecret empty." -}}
 {{- end -}}
 {{- range $v.extraEnv -}}
-{{- if hasPrefix "JOBSTREAM_" .name -}}
+{{- if hasPrefix "JOBSTREAM_" (upper .name) -}}{{- /* jobstream reads its variables in any case */ -}}
 {{- fail (printf "extraEnv sets %s: jobstream settings belong in `config` (or `secrets` / `secretFiles`), where the chart checks them; see values.yaml." .name) -}}
 {{- end -}}
 {{- end -}}
