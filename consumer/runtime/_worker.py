@@ -281,15 +281,18 @@ class Worker:
         """The transaction step when the app has transactional handlers (none otherwise:
         the chain stays as short as before); `WorkerError` with one line when the store
         cannot write a completion inside a transaction."""
-        transactional = [spec.name for spec in self.app if spec.transactional]
-        if not transactional:
+        if not any(spec.transactional for spec in self.app):
             return []
         if not isinstance(store, TransactionalStore):
             if own_store:
                 await store.close()
             self._let_go_of_pools()
-            backend = self.settings.idempotency.backend
-            raise WorkerError(transactional_problem(self.app, backend) or "")
+            problem = transactional_problem(self.app, self.settings.idempotency.backend)
+            raise WorkerError(
+                problem
+                or f"transactional handlers need an idempotency store that can complete a job"
+                f" inside a transaction (the postgres store), not {type(store).__name__}"
+            )
         return [TransactionStep(store, self.settings.idempotency.retention_s)]
 
     def _cron_scheduler(self, store: IdempotencyStore) -> CronScheduler | None:
