@@ -21,6 +21,8 @@ from pydantic_settings import (
     TomlConfigSettingsSource,
 )
 
+from producer.secrets import secret_text
+
 Transport = Literal["kafka", "nats", "memory"]
 Priority = Literal["high", "normal", "low"]
 PRIORITIES: tuple[Priority, ...] = ("high", "normal", "low")
@@ -142,23 +144,6 @@ def _one_of(value: SecretStr | None, file: Path | None, setting: str) -> None:
     if value is not None and file is not None:
         msg = f"give {setting} or {setting}_file, not both"
         raise ValueError(msg)
-
-
-def secret_text(value: SecretStr | None, file: Path | None, setting: str) -> str | None:
-    """The secret `value`, or the text of `file` without its trailing newline (how a
-    Kubernetes Secret mounted as a file, or `echo ... >file`, holds it), or None.
-    `ValueError` naming `<setting>_file` if the file cannot be read; the message never
-    holds the secret."""
-    if value is not None:
-        return value.get_secret_value()
-    if file is None:
-        return None
-    try:
-        return file.read_text().removesuffix("\n").removesuffix("\r")
-    except (OSError, UnicodeDecodeError) as error:
-        reason = error.strerror if isinstance(error, OSError) else "not UTF-8 text"
-        msg = f"cannot read {setting}_file {file}: {reason}; point it at a readable file"
-        raise ValueError(msg) from None
 
 
 class RoutingSettings(_Frozen):

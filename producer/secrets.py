@@ -1,8 +1,9 @@
 """Secrets read from files (a Kubernetes Secret mounted as a file, docs/security.md).
 
-`with_password` puts a password kept in a file into a store URL at connect time, so the
-URL setting itself holds none; every store and database connection jobstream opens
-(idempotency, status, unique keys, the outbox) goes through it.
+`read_secret_file` is the one reader of every `*_file` secret setting; `secret_text` picks
+a secret from its setting or its file; `with_password` puts a password kept in a file into
+a store URL at connect time, so the URL setting itself holds none (idempotency, status,
+unique keys, the outbox).
 """
 
 from __future__ import annotations
@@ -10,7 +11,29 @@ from __future__ import annotations
 from pathlib import Path
 from urllib.parse import quote, urlsplit, urlunsplit
 
-__all__ = ["with_password"]
+from pydantic import SecretStr
+
+__all__ = ["read_secret_file", "secret_text", "with_password"]
+
+
+def read_secret_file(file: Path, setting: str) -> str:
+    """The text of `file` without one trailing newline (how a Kubernetes Secret mounted as a
+    file, or `echo ... >file`, holds it). `ValueError` naming `setting` (the `*_file`
+    setting) if it cannot be read; the message never holds the secret."""
+    try:
+        return file.read_text().removesuffix("\n").removesuffix("\r")
+    except (OSError, UnicodeDecodeError) as error:
+        reason = error.strerror if isinstance(error, OSError) else "not UTF-8 text"
+        msg = f"cannot read {setting} {file}: {reason}; point it at a readable file"
+        raise ValueError(msg) from None
+
+
+def secret_text(value: SecretStr | None, file: Path | None, setting: str) -> str | None:
+    """The secret `value`, or the text of `file` (`read_secret_file`, `ValueError` naming
+    `<setting>_file`), or None when neither is given."""
+    if value is not None:
+        return value.get_secret_value()
+    return None if file is None else read_secret_file(file, f"{setting}_file")
 
 
 def with_password(url: str, password_file: Path | None, setting: str) -> str:
@@ -20,12 +43,7 @@ def with_password(url: str, password_file: Path | None, setting: str) -> str:
     `setting` if the file cannot be read; the message never holds the password."""
     if password_file is None:
         return url
-    try:
-        password = password_file.read_text().removesuffix("\n").removesuffix("\r")
-    except (OSError, UnicodeDecodeError) as error:
-        reason = error.strerror if isinstance(error, OSError) else "not UTF-8 text"
-        msg = f"cannot read {setting} {password_file}: {reason}; point it at a readable file"
-        raise ValueError(msg) from None
+    password = read_secret_file(password_file, setting)
     if "://" not in url:  # conninfo: key=value pairs, values quoted with '...'
         escaped = password.replace("\\", "\\\\").replace("'", "\\'")
         return f"{url} password='{escaped}'"

@@ -23,6 +23,7 @@ from pydantic import (
 )
 
 from producer import PRIORITIES, Priority, ProducerSettings
+from producer.secrets import read_secret_file
 
 OrderingMode = Literal["partition", "key", "none"]
 _URL_SCHEMES = {
@@ -387,12 +388,7 @@ class IngressSettings(_Frozen):
         if self.auth_token_file is None:
             _not_empty(self.auth_token, "ingress.auth_token")
             return self
-        try:
-            text = self.auth_token_file.read_text().removesuffix("\n").removesuffix("\r")
-        except (OSError, UnicodeDecodeError) as error:
-            reason = error.strerror if isinstance(error, OSError) else "not UTF-8 text"
-            msg = f"cannot read ingress.auth_token_file {self.auth_token_file}: {reason}"
-            raise ValueError(msg) from None
+        text = read_secret_file(self.auth_token_file, "ingress.auth_token_file")
         object.__setattr__(self, "auth_token", SecretStr(text))
         _not_empty(self.auth_token, "ingress.auth_token_file")
         return self

@@ -49,9 +49,10 @@ from producer._errors import (
 )
 from producer._publisher import Receipt
 from producer._refusals import file_refused
-from producer._settings import NatsSettings, RoutingSettings, Transport, secret_text
+from producer._settings import NatsSettings, RoutingSettings, Transport
 from producer.nats._provision import ensure_nats_stream
 from producer.nats._refusal import nats_refusal
+from producer.secrets import secret_text
 from schemas import JobMessage, to_nats
 
 __all__ = ["KEY_PARTITIONS_METADATA", "NatsPublisher", "connect_nats", "key_partition"]
